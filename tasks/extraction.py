@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from sparcom.config import ExtractionSettings, ModelSettings
+from sparcom.extract import extract_dataset
+
+
+@task(name="extract activation counts")
+def extract_activations(
+    model: ModelSettings, dataset_dir: Path, settings: ExtractionSettings, work_dir: Path, cache_dir: Path
+) -> Path:
+    artifact = create_progress_artifact(0.0, description=f"Counting FFN activations of {model.name}")
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / total)
+
+    store = extract_dataset(model, dataset_dir, settings, Path(work_dir) / "stores", cache_dir, report)
+    update_progress_artifact(artifact, 100.0)
+    return store
