@@ -1,0 +1,71 @@
+"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sparcom.models import default_model_file
+from sparcom.records import InstructionRecord
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sparcom-cache")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The default model's tokenizer (chat template included), read from its GGUF file."""
+    gguf = default_model_file()
+    directory = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A randomly initialised 3-layer LLaMA with the default tokenizer, saved like a hub model."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_record(i: int, category: str, instruction: str, input: str = "", response: str = "An answer.") -> InstructionRecord:
+    return InstructionRecord(
+        id=f"t-{i:03d}", category=category, origin="ai" if i % 2 else "human", source="tests",
+        instruction=instruction, input=input, response=response, license="CC0-1.0")
+
+
+SAMPLE_TEXTS = [
+    ("CLS", "Is this review positive or negative?", "The soup was cold and the waiter rude.", "Negative."),
+    ("CODE", "Write a Python function that reverses a string.", "", "def rev(s):\n    return s[::-1]"),
+    ("QA", "What is the capital of Peru?", "", "Lima."),
+    ("GEN", "Write a haiku about autumn rain falling on old stone steps.", "", "Grey rain on old steps,\nmoss drinks..."),
+    ("MATH", "What is 17 times 23?", "", "17 x 23 = 391.\nAnswer: 391"),
+    ("SUM", "Summarize in one sentence.", "The council met on Tuesday. It voted to repair the bridge, "
+     "to plant forty trees along the river and to open the library on Sundays from next spring.",
+     "The council approved a bridge repair, new trees and Sunday library hours."),
+    ("QA", "Why is the sky blue?", "", "Air scatters blue light more than red light."),
+    ("MATH", "Solve 2x + 6 = 14.", "", "2x = 8, so x = 4.\nAnswer: 4"),
+    ("CLS", "Label the topic: sports, politics or science.", "The striker scored twice in the final.", "sports"),
+    ("GEN", "Give me three names for a bakery.", "", "Rise & Shine; The Crumb Club; Flour Power"),
+    ("CODE", "Explain what this does.", "print(sum(range(10)))", "It prints 45, the sum of 0 to 9."),
+    ("SUM", "Give a headline.", "Scientists found that bees can count up to four.", "Bees can count to four"),
+]
+
+
+@pytest.fixture
+def sample_records() -> list[InstructionRecord]:
+    return [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]

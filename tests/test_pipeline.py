@@ -1,0 +1,91 @@
+"""The pipeline flow and the CLI on a tiny model: every stage runs and the results are on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparcom.cli import app
+from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
+from sparcom.store import is_complete, open_store
+
+
+def write_jsonl(records, path: Path) -> Path:
+    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_dir, cache_dir, sample_records):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.pipeline import sparcom_pipeline
+
+    dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
+    settings = PipelineSettings(model=ModelSettings(name=str(tiny_llama_dir)), dataset=DatasetSettings(path=dataset),
+                                work_dir=tmp_path / "work", cache_dir=cache_dir)
+    summary = sparcom_pipeline(settings)
+
+    assert summary["groups"] == ["CLS", "CODE", "GEN", "MATH", "QA", "SUM"]
+    assert summary["layers"] == 3 and summary["neurons_per_layer"] == 48
+    for file in ("report.md", "summary.json", "jaccard.png", "layers.png"):
+        assert Path(summary["files"][file]).is_file()
+    stores = list((tmp_path / "work" / "stores").glob("*.zarr"))
+    assert len(stores) == 1 and is_complete(stores[0])
+    assert open_store(stores[0]).sizes["instruction"] == len(sample_records)
+    assert json.loads(Path(summary["files"]["summary.json"]).read_text())["general_count"] == summary["general_count"]
+
+    async def findings():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparcom-findings"])),
+                flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                limit=5, sort=ArtifactSort.CREATED_DESC)
+
+    artifacts = asyncio.run(findings())
+    assert artifacts and "General neurons" in artifacts[0].data
+
+
+def test_cli_extract_then_identify(tmp_path, tiny_llama_dir, cache_dir, sample_records, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
+    dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
+    runner = CliRunner()
+    extracted = runner.invoke(app, ["extract", "--model", str(tiny_llama_dir), "--dataset", str(dataset),
+                                    "--out", str(tmp_path / "s.zarr"), "--dtype", "float64"])
+    assert extracted.exit_code == 0, extracted.output
+    assert open_store(tmp_path / "s.zarr").attrs["dtype"] == "float64"
+    identified = runner.invoke(app, ["identify", "--store", str(tmp_path / "s.zarr"), "--epsilon", "0.05",
+                                     "--out", str(tmp_path / "out")])
+    assert identified.exit_code == 0, identified.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["epsilon"] == 0.05 and summary["rule"] == "global_percentile"
+    assert "Jaccard" in identified.output
+
+
+@pytest.mark.parametrize("command", ["run", "extract", "identify"])
+def test_cli_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--config" in result.output
+
+
+def test_library_never_imports_prefect():
+    code = ("import pkgutil, importlib, sys, sparcom\n"
+            "for m in pkgutil.iter_modules(sparcom.__path__): importlib.import_module('sparcom.' + m.name)\n"
+            "print('prefect' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
