@@ -3,7 +3,7 @@
 from datetime import datetime
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from sparcom.config import PipelineSettings
 from tasks.analysis import analyze_generality
@@ -17,7 +17,7 @@ def new_run_dir(settings: PipelineSettings) -> Path:
     return Path(settings.work_dir).resolve() / "runs" / f"{stamp}-{Path(settings.model.name).name}"
 
 
-@flow(name="sparcom-pipeline", log_prints=True)
+@flow(name="sparcom-pipeline")
 def sparcom_pipeline(settings: PipelineSettings = PipelineSettings()) -> dict:
     run_dir = new_run_dir(settings)
     dataset = curate_dataset(settings.dataset, settings.work_dir)
@@ -25,6 +25,5 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings()) -> dict:
                                 settings.cache_dir)
     components = identify_components(store, settings.identification, run_dir)
     summary = analyze_generality(components, run_dir)
-    print(Path(summary["files"]["report.md"]).read_text())
-    print(f"Results are in {run_dir}")
+    get_run_logger().info("Results are in %s", run_dir)
     return summary

@@ -56,7 +56,9 @@ def run(
         work_dir=work_dir)
     from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
 
-    sparcom_pipeline(settings)
+    summary = sparcom_pipeline(settings)
+    typer.echo(Path(summary["files"]["report.md"]).read_text())
+    typer.echo(f"Results are in {Path(summary['files']['report.md']).parent}")
 
 
 @app.command()
