@@ -1,38 +1,55 @@
-"""Counting FFN activations inside the forward pass, keeping only integers (SPEC section 2).
+"""Counting activations inside the forward pass, keeping only integers (SPEC sections 2 and 3).
 
-- `FFNCounter(sites)`: a context manager whose hooks add, per batch row, the number of counted
-  tokens on which each neuron's activation is > 0. Hooks always remove themselves.
+- `FFNCounter(sites)`: a context manager whose hooks count, per batch row, the counted tokens on
+  which each component is active. Hooks always remove themselves.
 
-    with FFNCounter(dense_ffn_sites(model)) as counter:
-        counts = counter.count(model, input_ids, attention_mask, counted_mask)  # [batch, layer, neuron]
+    with FFNCounter(ffn_sites(model)) as counter:
+        counts = counter.count(model, input_ids, attention_mask, counted_mask)
+        counts["act_count"]  # [batch, layer, neuron] int32; MoE models add the expert counts
 
-The forward pass stops in the hook of the last layer: nothing after it (the rest of that MLP,
-the final norm, the LM head) runs, because extraction needs no logits.
+- Dense and shared-expert neurons: the hook reads the activation module's output, f(gate), as
+  the model computed it.
+- Routed experts: transformers 5 fuses a layer's experts into one module and dispatches its
+  forward to one of several implementations (eager, grouped_mm, batched_mm), so there is no
+  per-expert module to hook and no common intermediate to read. A pre-hook on the fused module
+  takes the router's top-k choice from its arguments and computes f(x W_gate[e]) for the tokens
+  routed to each expert e, the same arithmetic as the eager implementation, whichever one runs.
+  That repeats the gate projection of routed tokens (a third of the experts' matmul work).
+
+The forward pass stops after the last layer's MLP: the final norm and the LM head never run.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sparcom.architectures import DenseSites
+from sparcom.architectures import FFNSites, MoELayer
 
 
 class _LastLayerCounted(Exception):
-    """Raised from the last hook to skip the rest of the forward pass."""
+    """Raised after the last MLP to skip the rest of the forward pass."""
 
 
 class FFNCounter:
-    def __init__(self, sites: DenseSites):
+    def __init__(self, sites: FFNSites):
         self.sites = sites
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._counts: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None        # [batch, seq] counted and not padding
+        self._rows: torch.Tensor | None = None        # [batch * seq] batch row of each flat token
 
     def __enter__(self) -> FFNCounter:
-        last = len(self.sites.activations) - 1
-        for layer, module in enumerate(self.sites.activations):
-            self._handles.append(module.register_forward_hook(self._hook(layer, stop=layer == last)))
+        register = self._handles.append
+        for slot, module in enumerate(self.sites.dense_activations):
+            register(module.register_forward_hook(self._activation_hook("act_count", slot)))
+        for slot, layer in enumerate(self.sites.moe_layers):
+            register(layer.experts.register_forward_pre_hook(self._routing_hook(slot), with_kwargs=True))
+            if layer.shared_activation is not None:
+                register(layer.shared_activation.register_forward_hook(
+                    self._activation_hook("shared_act_count", slot)))
+        register(self.sites.last_mlp.register_forward_hook(self._stop))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -40,14 +57,65 @@ class FFNCounter:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, layer: int, stop: bool):
-        def count_positive(module: nn.Module, inputs, output: torch.Tensor):
-            active = (output > 0) & self._mask
-            self._counts[:, layer] = active.sum(dim=1, dtype=torch.int32)
-            if stop:
-                raise _LastLayerCounted
+    def _stop(self, module: nn.Module, inputs, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        # NaN propagates to the last layer, so one check here covers every counted activation.
+        if torch.isnan(hidden.reshape(*self._mask.shape, -1)[self._mask]).any():
+            raise FloatingPointError(
+                "the model produced NaN at counted tokens, so counts would be wrong. Known cause: "
+                "float64 with eager attention and left padding (the attention mask overflows); "
+                "use right padding or another dtype")
+        raise _LastLayerCounted
+
+    def _activation_hook(self, name: str, slot: int):
+        def count_positive(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            active = output.reshape(*self._mask.shape, -1) > 0
+            active &= self._mask.unsqueeze(-1)
+            self._buffers[name][:, slot] = active.sum(dim=1, dtype=torch.int32)
 
         return count_positive
+
+    def _routing_hook(self, slot: int):
+        layer: MoELayer = self.sites.moe_layers[slot]
+
+        def count_routed(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            top_k_index = top_k_index.reshape(hidden.shape[0], -1)
+            routed = (top_k_index < self.sites.experts) & self._mask.reshape(-1, 1)
+            token, choice = routed.nonzero(as_tuple=True)
+            expert = top_k_index[token, choice]
+            rows = self._rows[token]
+            self._buffers["expert_count"][:, slot].index_put_(
+                (rows, expert), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+            self._count_expert_neurons(layer.experts, slot, hidden, token, expert)
+
+        return count_routed
+
+    def _count_expert_neurons(self, experts: nn.Module, slot: int, hidden: torch.Tensor,
+                              token: torch.Tensor, expert: torch.Tensor) -> None:
+        width = self.sites.expert_neurons
+        bias = getattr(experts, "gate_up_proj_bias", None)
+        counts = self._buffers["expert_act_count"][:, slot]
+        for e in expert.unique().tolist():
+            tokens = token[expert == e]
+            gate = F.linear(hidden[tokens], experts.gate_up_proj[e, :width],
+                            None if bias is None else bias[e, :width])
+            counts[:, e].index_add_(0, self._rows[tokens], (experts.act_fn(gate) > 0).to(torch.int32))
+
+    def _allocate(self, batch: int, device: torch.device) -> None:
+        sites = self.sites
+        shapes = {}
+        if sites.dense_layers:
+            shapes["act_count"] = (batch, len(sites.dense_layers), sites.dense_neurons)
+        if sites.moe_layers:
+            shapes["expert_count"] = (batch, len(sites.moe_layers), sites.experts)
+            shapes["expert_act_count"] = (batch, len(sites.moe_layers), sites.experts, sites.expert_neurons)
+        if sites.has_shared_experts:
+            shapes["shared_act_count"] = (batch, len(sites.moe_layers), sites.shared_neurons)
+        self._buffers = {name: torch.zeros(shape, dtype=torch.int32, device=device)
+                         for name, shape in shapes.items()}
 
     @torch.inference_mode()
     def count(
@@ -56,13 +124,12 @@ class FFNCounter:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         counted_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Counts [batch, layer, neuron] (int32) over the tokens where counted_mask is true."""
-        batch = input_ids.shape[0]
-        self._counts = torch.zeros(
-            (batch, len(self.sites.activations), self.sites.neurons), dtype=torch.int32,
-            device=input_ids.device)
-        self._mask = (counted_mask & attention_mask.bool()).unsqueeze(-1)
+    ) -> dict[str, torch.Tensor]:
+        """Counts over the tokens where counted_mask is true, by variable name (SPEC section 7)."""
+        batch, seq = input_ids.shape
+        self._allocate(batch, input_ids.device)
+        self._mask = counted_mask & attention_mask.bool()
+        self._rows = torch.arange(batch, device=input_ids.device).repeat_interleave(seq)
         # Positions follow the real tokens, so left padding gives the same positions as no padding.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         try:
@@ -71,6 +138,6 @@ class FFNCounter:
         except _LastLayerCounted:
             pass
         else:
-            raise RuntimeError("the forward pass never reached the last counted layer")
-        counts, self._counts, self._mask = self._counts, None, None
+            raise RuntimeError("the forward pass never reached the last layer's MLP")
+        counts, self._buffers, self._mask, self._rows = self._buffers, {}, None, None
         return counts

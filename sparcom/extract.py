@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparcom import __version__
-from sparcom.architectures import dense_ffn_sites
+from sparcom.architectures import FFNSites, ffn_sites
 from sparcom.config import ExtractionSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.counting import FFNCounter
@@ -103,6 +103,23 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
     }
 
 
+def store_layout(sites: FFNSites) -> tuple[dict, dict]:
+    """The count variables (dims and sizes after `instruction`) and layer coordinates (SPEC 7)."""
+    variables, layer_coords = {}, {}
+    if sites.dense_layers:
+        variables["act_count"] = (("layer", "neuron"), (len(sites.dense_layers), sites.dense_neurons))
+        layer_coords["layer"] = sites.dense_layers
+    if sites.moe_layers:
+        n_moe = len(sites.moe_layers)
+        variables["expert_count"] = (("moe_layer", "expert"), (n_moe, sites.experts))
+        variables["expert_act_count"] = (
+            ("moe_layer", "expert", "expert_neuron"), (n_moe, sites.experts, sites.expert_neurons))
+        layer_coords["moe_layer"] = [layer.index for layer in sites.moe_layers]
+    if sites.has_shared_experts:
+        variables["shared_act_count"] = (("moe_layer", "shared_neuron"), (len(sites.moe_layers), sites.shared_neurons))
+    return variables, layer_coords
+
+
 def extract_to_store(
     loaded: LoadedModel,
     records: Sequence[InstructionRecord],
@@ -122,9 +139,10 @@ def extract_to_store(
                 "choose another path or delete it")
         if is_complete(store):
             return store
-    sites = dense_ffn_sites(loaded.model)
+    sites = ffn_sites(loaded.model)
     if not store.exists():
-        create_store(store, records, len(sites.activations), sites.neurons, settings.shard_size,
+        variables, layer_coords = store_layout(sites)
+        create_store(store, records, variables, layer_coords, settings.shard_size,
                      settings.layer_chunk, store_attributes(loaded, data_hash, settings, key))
 
     n_shards = shard_count(len(records), settings.shard_size)
@@ -145,19 +163,21 @@ def extract_to_store(
                 members = [indices[b] for b in batch]
                 ids, attention, counted = pad_batch(
                     [tokenized[i] for i in members], pad_id, settings.padding_side, loaded.device)
-                result = counter.count(loaded.model, ids, attention, counted).cpu().numpy()
-                counts.update(zip(members, result))
+                result = {name: values.cpu().numpy()
+                          for name, values in counter.count(loaded.model, ids, attention, counted).items()}
+                for row, i in enumerate(members):
+                    counts[i] = {name: values[row] for name, values in result.items()}
                 progress.update(len(members))
                 if on_progress:
                     on_progress(progress.n, len(records))
             for shard in window:
                 rows = _shard_range(shard, settings.shard_size, len(records))
-                write_shard(
-                    store, shard,
-                    np.stack([counts[i] for i in rows]).astype(np.uint32),
-                    np.array([sum(tokenized[i].counted) for i in rows], dtype=np.uint32))
+                arrays = {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
+                          for name in counts[rows[0]]}
+                arrays["token_count"] = np.array([sum(tokenized[i].counted) for i in rows], dtype=np.uint32)
+                write_shard(store, shard, arrays)
                 for i in rows:
-                    del tokenized[i]
+                    del tokenized[i], counts[i]
     progress.close()
     if len(finished_shards(store)) == n_shards:
         finalize_store(store)

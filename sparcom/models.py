@@ -156,9 +156,12 @@ def load_model(
     directory = _converted_copy(source, fingerprint, cache_dir) if source.kind == "gguf" else source.path
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    # Fused MoE experts default to grouped_mm, which refuses float64; eager is the one
+    # implementation that runs in every dtype. Counting does not depend on the choice.
+    options = {"experts_implementation": "eager"} if torch_dtype == torch.float64 else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            directory, dtype=torch_dtype, trust_remote_code=trust_remote_code, **options)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except ValueError as error:
         if "trust_remote_code" in str(error):

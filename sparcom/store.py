@@ -1,7 +1,7 @@
 """The activation-count store: Zarr v3, read with xarray (SPEC section 7).
 
 - `create_store(path, ...)`: the empty store, chunked by shard of instructions and by layers.
-- `write_shard(path, shard, act_count, token_count)`: one shard's counts, then its done flag.
+- `write_shard(path, shard, counts)`: one shard's arrays, then its done flag.
 - `finished_shards(path)`, `finalize_store(path)`: resume bookkeeping; the status attribute
   turns "complete" only when every shard is written, so a half-written store is never read.
 - `open_store(path)`: the finished store as an xarray Dataset (dask-backed), coordinates loaded.
@@ -14,6 +14,8 @@ processes can fill one store side by side.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -38,50 +40,63 @@ def shard_count(n_instructions: int, shard_size: int) -> int:
     return math.ceil(n_instructions / shard_size)
 
 
+# Chunks of about this size: large enough to read fast, small enough for bounded memory.
+CHUNK_BYTES = 32 * 2**20
+
+
 def create_store(
     path: Path,
     records: Sequence[InstructionRecord],
-    n_layers: int,
-    n_neurons: int,
+    variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
+    layer_coords: dict[str, Sequence[int]],
     shard_size: int,
     layer_chunk: int,
     attrs: dict,
 ) -> None:
+    """An empty store: `variables` maps each count variable to its dims and sizes after
+    `instruction`; `layer_coords` gives the true layer index along each layer dimension.
+
+    Written beside the target and renamed into place, so a store is never half-created."""
+    path = Path(path)
     n = len(records)
-    layer_chunk = min(layer_chunk, n_layers)
     strings = lambda values: np.array(values, dtype=object)  # noqa: E731 - variable-length strings
+    data_vars = {"token_count": (("instruction",), da.zeros(n, dtype=np.uint32, chunks=shard_size))}
+    for name, (dims, sizes) in variables.items():
+        per_layer_bytes = shard_size * 4 * math.prod(sizes[1:])
+        layers = min(layer_chunk, sizes[0], max(1, CHUNK_BYTES // per_layer_bytes))
+        data_vars[name] = (("instruction", *dims), da.zeros(
+            (n, *sizes), dtype=np.uint32, chunks=(shard_size, layers, *sizes[1:])))
     dataset = xr.Dataset(
-        {
-            "act_count": (
-                ("instruction", "layer", "neuron"),
-                da.zeros((n, n_layers, n_neurons), dtype=np.uint32,
-                         chunks=(shard_size, layer_chunk, n_neurons)),
-            ),
-            "token_count": (("instruction",), da.zeros(n, dtype=np.uint32, chunks=shard_size)),
-        },
+        data_vars,
         coords={
             "instruction_id": ("instruction", strings([r.id for r in records])),
             "category": ("instruction", strings([r.category for r in records])),
             "origin": ("instruction", strings([r.origin for r in records])),
-            "layer": ("layer", np.arange(n_layers, dtype=np.int32)),
+            **{dim: (dim, np.asarray(indices, dtype=np.int32)) for dim, indices in layer_coords.items()},
         },
         attrs={**attrs, STATUS: "writing", "shard_size": shard_size},
     )
-    dataset.to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
-    zarr.open_group(path, mode="r+").create_array(
+    partial = path.with_name(f"{path.name}.{os.getpid()}.creating")
+    shutil.rmtree(partial, ignore_errors=True)
+    dataset.to_zarr(partial, mode="w", compute=False, zarr_format=3, consolidated=False)
+    zarr.open_group(partial, mode="r+").create_array(
         PROGRESS, shape=(shard_count(n, shard_size),), chunks=(1,), dtype="uint8", fill_value=0)
+    try:
+        partial.rename(path)
+    except OSError:  # another process created it first: use theirs
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def store_attrs(path: Path) -> dict:
     return dict(zarr.open_group(path, mode="r").attrs)
 
 
-def write_shard(path: Path, shard: int, act_count: np.ndarray, token_count: np.ndarray) -> None:
+def write_shard(path: Path, shard: int, counts: dict[str, np.ndarray]) -> None:
+    """Write one shard's arrays (token_count and every count variable), then mark it done."""
     group = zarr.open_group(path, mode="r+")
-    size = group.attrs["shard_size"]
-    start = shard * size
-    group["act_count"][start:start + len(act_count)] = act_count
-    group["token_count"][start:start + len(token_count)] = token_count
+    start = shard * group.attrs["shard_size"]
+    for name, values in counts.items():
+        group[name][start:start + len(values)] = values
     group[PROGRESS][shard] = 1
 
 
