@@ -6,6 +6,7 @@
   several processes (or GPUs) can fill one store side by side.
 - `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
 - `extraction_key(...)`: the hash of everything the counts depend on.
+- `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
   pipeline runs it: the store is named by its extraction key, and a finished one is reused
   without loading the model.
@@ -54,18 +55,27 @@ def extraction_key(fingerprint: str, data_hash: str, settings: ExtractionSetting
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped longest first; each batch's padded size (rows x longest) fits the budget."""
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_batch_size: int, max_padding: float = 0.05
+) -> list[list[int]]:
+    """Indices grouped longest first. A batch closes when its padded size (rows x longest) would
+    pass the token budget, or its padded-token fraction would pass `max_padding`."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    real = 0
     for index in order:
         if batches:
             current = batches[-1]
-            rows_allowed = min(max_batch_size, batch_tokens // lengths[current[0]])
-            if len(current) < rows_allowed:
+            longest = lengths[current[0]]
+            rows = len(current) + 1
+            fits = rows <= min(max_batch_size, batch_tokens // longest)
+            padding = 1 - (real + lengths[index]) / (rows * longest)
+            if fits and padding <= max_padding:
                 current.append(index)
+                real += lengths[index]
                 continue
         batches.append([index])
+        real = lengths[index]
     return batches
 
 
@@ -159,7 +169,8 @@ def extract_to_store(
                 tokenized[i] = tokenize_instruction(records[i], loaded.tokenizer, settings.span)
             counts = {}
             lengths = [len(tokenized[i]) for i in indices]
-            for batch in plan_batches(lengths, settings.batch_tokens, settings.max_batch_size):
+            for batch in plan_batches(lengths, settings.batch_tokens, settings.max_batch_size,
+                                      settings.max_padding):
                 members = [indices[b] for b in batch]
                 ids, attention, counted = pad_batch(
                     [tokenized[i] for i in members], pad_id, settings.padding_side, loaded.device)
@@ -182,6 +193,17 @@ def extract_to_store(
     if len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store
+
+
+def parse_shards(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]."""
+    shards: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"shards: {part!r} is neither N nor N-M")
+        shards.extend(range(int(first), int(last or first) + 1))
+    return shards
 
 
 def _shard_range(shard: int, shard_size: int, n: int) -> range:
