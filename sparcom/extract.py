@@ -9,7 +9,8 @@
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
   pipeline runs it: the store is named by its extraction key, and a finished one is reused
-  without loading the model.
+  without loading the model. Records counted before for the same model, span and dtype (in any
+  finished store beside it) are copied, so adding ten instructions counts only those ten.
 """
 
 from __future__ import annotations
@@ -34,16 +35,22 @@ from sparcom.models import (
     LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
-from sparcom.records import InstructionRecord, dataset_hash
+from sparcom.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.store import (
-    StoreError, create_store, finalize_store, finished_shards, is_complete, shard_count, store_attrs,
-    write_shard,
+    StoreError, create_store, finalize_store, finished_shards, is_complete, open_store, shard_count,
+    store_attrs, write_shard,
 )
 
 # Instructions sorted together by length: larger windows pad less, smaller ones lose less on a kill.
 SORT_WINDOW_SHARDS = 8
 
 ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
+
+
+def counts_key(fingerprint: str, span: str, dtype: torch.dtype) -> str:
+    """What one instruction's counts depend on: rows of stores with equal keys are interchangeable."""
+    parts = {"fingerprint": fingerprint, "span": span, "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def extraction_key(fingerprint: str, data_hash: str, settings: ExtractionSettings, dtype: torch.dtype) -> str:
@@ -109,6 +116,7 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "dataset_hash": data_hash,
         "sparcom_version": __version__,
         "extraction_key": key,
+        "counts_key": counts_key(loaded.fingerprint, settings.span, loaded.dtype),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -137,7 +145,10 @@ def extract_to_store(
     settings: ExtractionSettings,
     shards: Iterable[int] | None = None,
     on_progress: ProgressCallback | None = None,
+    donors: Sequence[Path] = (),
 ) -> Path:
+    """Count every record into `store`. Records already counted in one of the `donors`
+    (finished stores of the same model, span and dtype) are copied from there, not recounted."""
     store = Path(store)
     data_hash = dataset_hash(records)
     key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
@@ -152,47 +163,85 @@ def extract_to_store(
     sites = ffn_sites(loaded.model)
     if not store.exists():
         variables, layer_coords = store_layout(sites)
-        create_store(store, records, variables, layer_coords, settings.shard_size,
-                     settings.layer_chunk, store_attributes(loaded, data_hash, settings, key))
+        create_store(store, records, variables, layer_coords, settings.shard_size, settings.layer_chunk,
+                     store_attributes(loaded, data_hash, settings, key))
 
     n_shards = shard_count(len(records), settings.shard_size)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
-    tokenized = {}
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    reusable = DonorRows(donors, counts_key(loaded.fingerprint, settings.span, loaded.dtype))
     done_before = len(records) - sum(len(_shard_range(s, settings.shard_size, len(records))) for s in wanted)
     progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting")
+
+    def advance(n: int) -> None:
+        progress.update(n)
+        if on_progress:
+            on_progress(progress.n, len(records))
+
     with FFNCounter(sites) as counter:
         for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
             window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
             indices = [i for s in window for i in _shard_range(s, settings.shard_size, len(records))]
-            for i in indices:
-                tokenized[i] = tokenize_instruction(records[i], loaded.tokenizer, settings.span)
-            counts = {}
-            lengths = [len(tokenized[i]) for i in indices]
-            for batch in plan_batches(lengths, settings.batch_tokens, settings.max_batch_size,
-                                      settings.max_padding):
-                members = [indices[b] for b in batch]
-                ids, attention, counted = pad_batch(
-                    [tokenized[i] for i in members], pad_id, settings.padding_side, loaded.device)
-                result = {name: values.cpu().numpy()
-                          for name, values in counter.count(loaded.model, ids, attention, counted).items()}
-                for row, i in enumerate(members):
-                    counts[i] = {name: values[row] for name, values in result.items()}
-                progress.update(len(members))
-                if on_progress:
-                    on_progress(progress.n, len(records))
+            counts = reusable.take({i: record_hash(records[i]) for i in indices})
+            advance(len(counts))
+            fresh = [i for i in indices if i not in counts]
+            counts.update(_count(counter, loaded, [records[i] for i in fresh], fresh, settings, advance))
             for shard in window:
                 rows = _shard_range(shard, settings.shard_size, len(records))
-                arrays = {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
-                          for name in counts[rows[0]]}
-                arrays["token_count"] = np.array([sum(tokenized[i].counted) for i in rows], dtype=np.uint32)
-                write_shard(store, shard, arrays)
-                for i in rows:
-                    del tokenized[i], counts[i]
+                write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
+                                           for name in counts[rows[0]]})
     progress.close()
     if len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store
+
+
+def _count(
+    counter: FFNCounter,
+    loaded: LoadedModel,
+    records: Sequence[InstructionRecord],
+    indices: Sequence[int],
+    settings: ExtractionSettings,
+    advance: Callable[[int], None],
+) -> dict[int, dict[str, np.ndarray]]:
+    """Counts per record index: every store variable of one row, token_count included."""
+    tokenized = [tokenize_instruction(record, loaded.tokenizer, settings.span) for record in records]
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    counts: dict[int, dict[str, np.ndarray]] = {}
+    for batch in plan_batches([len(t) for t in tokenized], settings.batch_tokens,
+                              settings.max_batch_size, settings.max_padding):
+        ids, attention, counted = pad_batch(
+            [tokenized[b] for b in batch], pad_id, settings.padding_side, loaded.device)
+        result = {name: values.cpu().numpy()
+                  for name, values in counter.count(loaded.model, ids, attention, counted).items()}
+        for row, b in enumerate(batch):
+            counts[indices[b]] = {name: values[row] for name, values in result.items()}
+            counts[indices[b]]["token_count"] = np.uint32(sum(tokenized[b].counted))
+        advance(len(batch))
+    return counts
+
+
+class DonorRows:
+    """Rows of finished stores that a new store can copy, found by record content hash."""
+
+    def __init__(self, stores: Sequence[Path], key: str):
+        self._where: dict[str, tuple[Path, int]] = {}
+        for path in stores:
+            if not is_complete(path) or store_attrs(path).get("counts_key") != key:
+                continue
+            for row, digest in enumerate(open_store(path).record_hash.values):
+                self._where.setdefault(str(digest), (Path(path), row))
+
+    def take(self, wanted: dict[int, str]) -> dict[int, dict[str, np.ndarray]]:
+        found = {i: self._where[digest] for i, digest in wanted.items() if digest in self._where}
+        rows: dict[int, dict[str, np.ndarray]] = {}
+        for path in {path for path, _ in found.values()}:
+            mine = {i: row for i, (p, row) in found.items() if p == path}
+            dataset = open_store(path)
+            names = [n for n in dataset.data_vars]
+            values = dataset[names].isel(instruction=list(mine.values())).compute()
+            for position, i in enumerate(mine):
+                rows[i] = {name: values[name].values[position] for name in names}
+        return rows
 
 
 def parse_shards(text: str) -> list[int]:
@@ -227,4 +276,5 @@ def extract_dataset(
     if is_complete(store):
         return store
     loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
-    return extract_to_store(loaded, records, store, settings, on_progress=on_progress)
+    donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))
+    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors)

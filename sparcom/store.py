@@ -26,7 +26,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from sparcom.records import InstructionRecord
+from sparcom.records import InstructionRecord, record_hash
 
 STATUS = "sparcom_status"
 PROGRESS = "progress/shard_done"
@@ -72,6 +72,7 @@ def create_store(
             "instruction_id": ("instruction", strings([r.id for r in records])),
             "category": ("instruction", strings([r.category for r in records])),
             "origin": ("instruction", strings([r.origin for r in records])),
+            "record_hash": ("instruction", strings([record_hash(r) for r in records])),
             **{dim: (dim, np.asarray(indices, dtype=np.int32)) for dim, indices in layer_coords.items()},
         },
         attrs={**attrs, STATUS: "writing", "shard_size": shard_size},

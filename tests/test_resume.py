@@ -106,3 +106,28 @@ def test_parse_shards():
     assert parse_shards("0-3,8") == [0, 1, 2, 3, 8]
     with pytest.raises(ValueError, match="'x'"):
         parse_shards("1,x")
+
+
+def test_added_records_are_the_only_ones_counted(tmp_path, tiny_llama_dir, cache_dir, sample_records, monkeypatch):
+    from sparcom.counting import FFNCounter
+
+    loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float64", device="cpu")
+    settings = ExtractionSettings(shard_size=4)
+    first = extract_to_store(loaded, sample_records[:8], tmp_path / "first.zarr", settings)
+    other_span = extract_to_store(loaded, sample_records, tmp_path / "response.zarr",
+                                  ExtractionSettings(shard_size=4, span="response"))
+
+    counted_rows = []
+    original = FFNCounter.count
+
+    def spy(self, model, input_ids, *args):
+        counted_rows.append(input_ids.shape[0])
+        return original(self, model, input_ids, *args)
+
+    monkeypatch.setattr(FFNCounter, "count", spy)
+    grown = extract_to_store(loaded, list(reversed(sample_records)), tmp_path / "grown.zarr", settings,
+                             donors=[first, other_span])
+    assert sum(counted_rows) == 4  # the 4 new records; the span-mismatched store is not a donor
+    monkeypatch.setattr(FFNCounter, "count", original)
+    fresh = extract_to_store(loaded, list(reversed(sample_records)), tmp_path / "fresh.zarr", settings)
+    xr.testing.assert_identical(open_store(grown).drop_attrs(), open_store(fresh).drop_attrs())
