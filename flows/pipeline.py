@@ -1,15 +1,15 @@
-"""The SPARCOM pipeline: curate -> extract -> identify -> analyse."""
+"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> compare with a fine-tune."""
 
 from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.compare import compare_with_tuned
+from flows.identify import identify_components
 from sparcom.config import PipelineSettings
-from tasks.analysis import analyze_generality
 from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
-from tasks.identification import identify_components
 
 
 def new_run_dir(settings: PipelineSettings) -> Path:
@@ -23,7 +23,8 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings()) -> dict:
     dataset = curate_dataset(settings.dataset, settings.work_dir)
     store = extract_activations(settings.model, dataset, settings.extraction, settings.work_dir,
                                 settings.cache_dir)
-    components = identify_components(store, settings.identification, run_dir)
-    summary = analyze_generality(components, run_dir)
+    summary = identify_components(store, run_dir, settings.identification, settings.dask)
+    if settings.comparison.enabled:
+        summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir)
     get_run_logger().info("Results are in %s", run_dir)
     return summary

@@ -1,6 +1,7 @@
 """Typed settings for every stage, with defaults that a YAML file or command-line flags override.
 
-- `PipelineSettings`: the whole pipeline (model, dataset, extraction, identification, folders).
+- `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
+  fine-tune and the before/after comparison, folders).
 - `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
   such as {"identification.epsilon": 0.02}.
 """
@@ -14,9 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparcom.sources import SourceSpec, default_sources
+
 TokenSpan = Literal["prompt", "content", "response"]
 DType = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 SelectionRule = Literal["global_percentile", "threshold", "layer_percentile"]
+Category = Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
 
 
 def default_cache_dir() -> Path:
@@ -39,12 +43,28 @@ class DatasetSettings(StrictModel):
     path: Path | None = Field(None, description="JSONL file or saved dataset; none: the starter set")
 
 
+class CurationSettings(StrictModel):
+    authored: bool = Field(True, description="include the shipped AI-authored half")
+    inputs: list[Path] = Field([], description="user datasets: JSONL, CSV, Parquet or saved folders")
+    sources: list[SourceSpec] = Field(default_factory=default_sources, description="public sets")
+    per_group: int | None = Field(100, gt=0, description="records kept per category x origin; none: all")
+    seed: int = Field(0, description="seed of the balanced sampling")
+    on_error: Literal["raise", "quarantine"] = Field("raise", description="bad user records")
+    tokenizer: str = Field("default", description="tokenizer of the length limits: model name or path")
+    max_prompt_tokens: int | None = Field(1024, gt=0, description="chat-templated prompt; none: no limit")
+    max_response_tokens: int | None = Field(1024, gt=0, description="reference response; none: no limit")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="word-shingle Jaccard")
+    shingle_words: int = Field(3, gt=0, description="words per shingle")
+    out: Path | None = Field(None, description="output folder; none: work_dir/datasets/<hash>")
+
+
 class ExtractionSettings(StrictModel):
     span: TokenSpan = "prompt"
     dtype: DType = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
     batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward pass")
     max_batch_size: int = Field(64, gt=0)
+    max_padding: float = Field(0.05, ge=0, lt=1, description="padded-token fraction allowed per batch")
     padding_side: Literal["right", "left"] = "right"
     shard_size: int = Field(32, gt=0, description="instructions per shard and per store chunk")
     layer_chunk: int = Field(8, gt=0, description="layers per store chunk")
@@ -57,11 +77,53 @@ class IdentificationSettings(StrictModel):
     group_by: Literal["category", "origin", "instruction"] = "category"
 
 
+class DaskSettings(StrictModel):
+    address: str | None = Field(None, description="an existing Dask scheduler; none: a local cluster")
+    n_workers: int | None = Field(None, gt=0, description="local cluster workers; none: one per core")
+    threads_per_worker: int = Field(1, gt=0, description="threads of each local worker")
+    memory_limit: str = Field("auto", description="per local worker, e.g. '2GB'; auto: RAM / workers")
+
+
+class FinetuneSettings(StrictModel):
+    """Defaults finish on 2 CPU cores in a few minutes on the default model; `epochs` and a
+    larger `max_tokens` give real training lengths on a GPU."""
+
+    categories: list[Category] = Field(
+        ["CODE", "MATH"], description="categories trained on (HexaInst or the user dataset); []: all")
+    dataset: Path | None = Field(None, description="JSONL or saved dataset; none: shipped HexaInst")
+    method: Literal["full", "lora"] = "full"
+    steps: int = Field(60, gt=0, description="optimizer steps, unless `epochs` is set")
+    epochs: float | None = Field(None, gt=0, description="passes over the data (overrides steps)")
+    batch_size: int = Field(4, gt=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    max_tokens: int = Field(128, gt=1, description="prompt + response tokens per example, cut at the end")
+    learning_rate: float | None = Field(None, gt=0, description="none: 1e-4 for full, 5e-4 for LoRA")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: float = Field(32.0, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    dtype: DType = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+
+
+class ComparisonSettings(StrictModel):
+    enabled: bool = Field(True, description="the pipeline compares the model with a tuned one")
+    tuned: ModelSettings | None = Field(None, description="the tuned model; none: fine-tune the model")
+    top_movers: int = Field(10, gt=0, description="components listed per group as moving most")
+
+
 class PipelineSettings(StrictModel):
     model: ModelSettings = ModelSettings()
     dataset: DatasetSettings = DatasetSettings()
+    curation: CurationSettings = CurationSettings()
     extraction: ExtractionSettings = ExtractionSettings()
     identification: IdentificationSettings = IdentificationSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    comparison: ComparisonSettings = ComparisonSettings()
+    dask: DaskSettings = DaskSettings()
     work_dir: Path = Field(Path("sparcom-work"), description="datasets, stores and run reports")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models")
 

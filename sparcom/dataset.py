@@ -1,9 +1,11 @@
 """Dataset artifacts on disk: a Hugging Face `datasets` directory plus a manifest (SPEC section 1).
 
-- `save_dataset(records, directory)`: writes `data/` (Arrow), `records.jsonl` and `manifest.json`.
-- `load_records(path)`: records from a saved dataset directory or a JSONL file.
+- `save_dataset(records, directory, settings, report, attachments)`: writes `data/` (Arrow),
+  the `records.jsonl` and `records.parquet` exports, `manifest.json` and any attached files.
+- `load_records(path)`: records from a saved dataset folder, a JSONL, CSV or Parquet file.
 - `prepare_dataset(path, datasets_dir)`: the records (or the starter set) saved under their hash.
-- `Manifest`: per-record content hashes, the dataset hash, counts per category x origin.
+- `Manifest`: per-record content hashes, the dataset hash, counts per category x origin, sources
+  and licenses, the settings used and the curation report.
 """
 
 from __future__ import annotations
@@ -11,19 +13,18 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
 from pydantic import BaseModel
 
 from sparcom.hexainst import starter_set
-from sparcom.records import (
-    RECORD_FIELDS, InstructionRecord, RecordError, check_unique_ids, dataset_hash, parse_record,
-    read_jsonl, record_hash,
-)
+from sparcom.record_files import read_records
+from sparcom.records import RECORD_FIELDS, InstructionRecord, check_unique_ids, dataset_hash, record_hash
 
 MANIFEST_NAME = "manifest.json"
+FEATURES = datasets.Features({name: datasets.Value("string") for name in RECORD_FIELDS})
 
 
 class Manifest(BaseModel):
@@ -34,9 +35,12 @@ class Manifest(BaseModel):
     licenses: dict[str, int]
     record_hashes: dict[str, str]
     settings: dict = {}
+    report: dict = {}
 
 
-def build_manifest(records: Sequence[InstructionRecord], settings: dict | None = None) -> Manifest:
+def build_manifest(
+    records: Sequence[InstructionRecord], settings: dict | None = None, report: dict | None = None
+) -> Manifest:
     counts: dict[str, dict[str, int]] = {}
     for (category, origin), n in sorted(Counter((r.category, r.origin) for r in records).items()):
         counts.setdefault(category, {})[origin] = n
@@ -48,26 +52,36 @@ def build_manifest(records: Sequence[InstructionRecord], settings: dict | None =
         licenses=dict(sorted(Counter(r.license for r in records).items())),
         record_hashes={r.id: record_hash(r) for r in records},
         settings=settings or {},
+        report=report or {},
     )
 
 
 def save_dataset(
-    records: Sequence[InstructionRecord], directory: Path, settings: dict | None = None
+    records: Sequence[InstructionRecord],
+    directory: Path,
+    settings: dict | None = None,
+    report: dict | None = None,
+    attachments: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """Write the dataset atomically: a reader never sees a half-written directory."""
+    """Write the dataset atomically: a reader never sees a half-written directory.
+
+    `attachments` maps file names to text written alongside (a curation report, quarantine).
+    """
     check_unique_ids(records, str(directory))
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     rows = [r.model_dump() for r in records]
-    table = datasets.Dataset.from_list(rows, features=datasets.Features(
-        {name: datasets.Value("string") for name in RECORD_FIELDS}))
+    table = datasets.Dataset.from_list(rows, features=FEATURES)
     table.save_to_disk(str(partial / "data"))
+    table.to_parquet(str(partial / "records.parquet"))
     with open(partial / "records.jsonl", "w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    manifest = build_manifest(records, settings)
+    for name, text in (attachments or {}).items():
+        (partial / name).write_text(text, encoding="utf-8")
+    manifest = build_manifest(records, settings, report)
     (partial / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
@@ -75,17 +89,8 @@ def save_dataset(
 
 
 def load_records(path: Path) -> list[InstructionRecord]:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "data").is_dir():
-            raise RecordError(f"{path}: not a saved dataset (no data/ folder inside)")
-        table = datasets.load_from_disk(str(path / "data"))
-        records = [parse_record(row, f"{path} row {i}") for i, row in enumerate(table)]
-        check_unique_ids(records, str(path))
-        return records
-    if path.suffix == ".jsonl":
-        return read_jsonl(path)
-    raise RecordError(f"{path}: expected a .jsonl file or a saved dataset directory")
+    """Every record of the file or folder; the first bad one raises a RecordError naming it."""
+    return read_records(Path(path), "raise")[0]
 
 
 def prepare_dataset(path: Path | None, datasets_dir: Path) -> Path:

@@ -1,118 +1,269 @@
-"""The findings a person reads: summary JSON, a markdown report and plots.
+"""The findings a person reads: summary JSON, tables, a markdown report and plots.
 
-- `summarize(components, analysis)`: the headline figures as plain data.
-- `markdown_report(summary)`: set sizes, general and unique counts, the Jaccard matrix.
-- `write_report(components, analysis, out_dir)`: all of it on disk, data included (Zarr).
-- `report_generality(components_path, out_dir)`: the stage: analysis of saved components, reported.
+- `summarize(components, analysis)`: the headline figures as plain data, per component family
+  (`summary["families"]`); the dense family's figures also at the top level.
+- `markdown_report(summary)`: per family the general count, set sizes and unique counts, counts
+  per layer, the distribution over experts and the Jaccard matrix.
+- `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts).
+- `write_report(components, analysis, out_dir)`: all of it on disk: `generality.zarr`, Parquet
+  tables under `tables/`, `summary.json`, `report.md`, `jaccard.png`, `layers.png` and, for MoE
+  stores, `experts.png`.
+- `report_generality(components_path, out_dir)`: the stage: analysis of saved components,
+  reported; the big arrays are computed and written chunk by chunk on the current Dask scheduler.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from sparcom.analysis import generality
-from sparcom.identify import GROUP
+from sparcom.analysis import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
+from sparcom.identify import GROUP, Family
 from sparcom.store import save_zarr
 
-
-def summarize(components: xr.Dataset, analysis: xr.Dataset) -> dict:
-    groups = [str(g) for g in components[GROUP].values]
-    jaccard = analysis.jaccard.values
-    return {
-        **{k: v for k, v in components.attrs.items()},
-        "groups": groups,
-        "layers": int(components.sizes["layer"]),
-        "neurons_per_layer": int(components.sizes["neuron"]),
-        "set_size": dict(zip(groups, analysis.set_size.values.tolist())),
-        "unique_count": dict(zip(groups, analysis.unique_count.values.tolist())),
-        "general_count": int(analysis.general_count),
-        "general_per_layer": analysis.general_per_layer.values.tolist(),
-        "jaccard": {a: {b: _rounded(jaccard[i, j]) for j, b in enumerate(groups)}
-                    for i, a in enumerate(groups)},
-    }
+TITLES = {
+    "neurons": ("neurons", "Neurons of dense FFN layers"),
+    "experts": ("experts", "Routed experts"),
+    "expert_neurons": ("expert neurons", "Neurons of routed experts"),
+    "shared_neurons": ("shared-expert neurons", "Neurons of shared experts"),
+}
+# Tables and plots with a column or a line per group stay readable up to this many groups.
+MAX_GROUPS_SHOWN = 12
+# Per-group arrays too big to load for a report; they stay in generality.zarr.
+LARGE = ("general", "unique", "membership")
 
 
 def _rounded(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 4)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def _per_group(values: xr.DataArray, groups: list[str]) -> dict:
+    return dict(zip(groups, values.transpose(GROUP, ...).values.tolist()))
+
+
+def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, groups: list[str]) -> dict:
+    dims = [d for d in components[family.selected].dims if d != GROUP]
+    summary = {
+        "title": TITLES[family.name][1],
+        "dims": {d: int(components.sizes[d]) for d in dims},
+        "layer_dim": family.layer_dim,
+        "layer_index": components[family.layer_dim].values.tolist(),
+        "set_size": _per_group(part.set_size, groups),
+        "unique_count": _per_group(part.unique_count, groups),
+        "general_count": int(part.general_count),
+        "set_size_per_layer": _per_group(part.set_size_per_layer, groups),
+        "unique_per_layer": _per_group(part.unique_per_layer, groups),
+        "general_per_layer": part.general_per_layer.values.tolist(),
+        "jaccard": None,
+    }
+    if "jaccard" in part:
+        values = part.jaccard.transpose(GROUP, OTHER).values
+        summary["jaccard"] = {a: {b: _rounded(values[i, j]) for j, b in enumerate(groups)}
+                              for i, a in enumerate(groups)}
+    if "set_size_per_expert" in part:
+        summary["set_size_per_expert"] = _per_group(part.set_size_per_expert, groups)
+    return summary
+
+
+def summarize(components: xr.Dataset, analysis: xr.Dataset) -> dict:
+    groups = [str(g) for g in components[GROUP].values]
+    families = {f.name: _family_summary(f, components, family_part(analysis, f), groups)
+                for f in analyzed_families(analysis)}
+    summary = {**analysis.attrs, "groups": groups, "families": families}
+    if "neurons" in families:  # the dense headline, where the pipeline's readers expect it
+        dense = families["neurons"]
+        summary.update({
+            "layers": dense["dims"]["layer"], "neurons_per_layer": dense["dims"]["neuron"],
+            **{k: dense[k] for k in ("set_size", "unique_count", "general_count",
+                                      "general_per_layer", "jaccard")}})
+    return summary
+
+
+def _table(header: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _family_markdown(name: str, family: dict, groups: list[str]) -> str:
+    plural, title = TITLES[name]
+    layer_dim = family["layer_dim"]
+    shape = " x ".join(f"{size:,} {dim}" for dim, size in family["dims"].items())
+    sections = [
+        f"## {title}",
+        f"{shape}. **General {plural}** (in every group's set): **{family['general_count']}**.",
+        _table(["group", "set size", "unique"],
+               [[g, family["set_size"][g], family["unique_count"][g]] for g in groups]),
+    ]
+    if len(groups) <= MAX_GROUPS_SHOWN:
+        sections.append(f"Set size per {layer_dim} (unique in brackets), and the general {plural}:\n\n" + _table(
+            [layer_dim] + groups + ["general"],
+            [[layer] + [f"{family['set_size_per_layer'][g][i]} ({family['unique_per_layer'][g][i]})"
+                        for g in groups] + [family["general_per_layer"][i]]
+             for i, layer in enumerate(family["layer_index"])]))
+        if "set_size_per_expert" in family:
+            experts = range(family["dims"][EXPERT])
+            sections.append(f"Distribution over experts (set members per expert, all {layer_dim}s):\n\n" + _table(
+                ["expert"] + groups, [[e] + [family["set_size_per_expert"][g][e] for g in groups]
+                                      for e in experts]))
+        if family["jaccard"] is not None:
+            sections.append("Jaccard overlap between groups:\n\n" + _table([""] + groups, [
+                [a] + ["-" if family["jaccard"][a][b] is None else f"{family['jaccard'][a][b]:.3f}"
+                       for b in groups] for a in groups]))
+    else:
+        sections.append(f"{len(groups)} groups: the per-layer, per-expert and Jaccard tables are "
+                        "in `tables/` and `generality.zarr`.")
+    return "\n\n".join(sections)
 
 
 def markdown_report(summary: dict) -> str:
     groups = summary["groups"]
     rule = summary["rule"]
     parameter = f"tau = {summary['tau']}" if rule == "threshold" else f"epsilon = {summary['epsilon']}"
-    sizes = _table(["group", "set size", "unique"],
-                   [[g, summary["set_size"][g], summary["unique_count"][g]] for g in groups])
-    jaccard = _table([""] + groups, [
-        [a] + ["-" if summary["jaccard"][a][b] is None else f"{summary['jaccard'][a][b]:.3f}" for b in groups]
-        for a in groups])
-    return "\n\n".join([
-        "# SPARCOM: instruction-specific neurons",
+    header = [
+        "# SPARCOM: instruction-specific components",
         f"Model `{summary.get('model')}` (fingerprint `{str(summary.get('model_fingerprint'))[:12]}`), "
-        f"dataset `{str(summary.get('dataset_hash'))[:12]}`, span `{summary.get('token_span')}`, "
-        f"{summary['layers']} layers x {summary['neurons_per_layer']} neurons.",
-        f"Selection: `{rule}`, {parameter}, grouped by {summary['group_by']}.",
-        f"**General neurons** (in every group's set): **{summary['general_count']}**.",
-        "## Set sizes and unique neurons\n\n" + sizes,
-        "## Jaccard overlap between groups\n\n" + jaccard,
-    ]) + "\n"
+        f"dataset `{str(summary.get('dataset_hash'))[:12]}`, span `{summary.get('token_span')}`.",
+        f"Selection: `{rule}`, {parameter}, grouped by {summary['group_by']} ({len(groups)} groups).",
+    ]
+    left_out = [f"Left out: {v}." for k, v in summary.items() if k.endswith("jaccard_left_out")]
+    families = [_family_markdown(name, family, groups) for name, family in summary["families"].items()]
+    return "\n\n".join(header + left_out + families) + "\n"
 
 
-def plot_jaccard(analysis: xr.Dataset, path: Path) -> None:
-    groups = [str(g) for g in analysis[GROUP].values]
-    figure = Figure(figsize=(5.5, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    image = axes.imshow(analysis.jaccard.values, vmin=0, vmax=1, cmap="viridis")
-    axes.set_xticks(range(len(groups)), groups, rotation=45)
-    axes.set_yticks(range(len(groups)), groups)
-    for (i, j), value in np.ndenumerate(analysis.jaccard.values):
-        if not np.isnan(value):
-            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white")
-    axes.set_title("Jaccard overlap of ISN sets")
-    figure.colorbar(image, ax=axes)
+def artifact_tables(summary: dict) -> dict[str, dict]:
+    """key -> {"table": rows, "description": text} for each family's sets and Jaccard matrix."""
+    tables = {}
+    for name, family in summary["families"].items():
+        key = "sparcom-" + name.replace("_", "-")
+        tables[f"{key}-sets"] = {
+            "description": f"{TITLES[name][1]}: set size and unique count per group "
+                           f"(general: {family['general_count']})",
+            "table": [{"group": g, "set size": family["set_size"][g], "unique": family["unique_count"][g]}
+                      for g in summary["groups"]]}
+        if family["jaccard"] is not None and len(summary["groups"]) <= MAX_GROUPS_SHOWN:
+            tables[f"{key}-jaccard"] = {
+                "description": f"{TITLES[name][1]}: Jaccard overlap between groups",
+                "table": [{"group": a, **row} for a, row in family["jaccard"].items()]}
+    return tables
+
+
+def write_tables(analysis: xr.Dataset, families: list[Family], out_dir: Path) -> dict[str, str]:
+    """Long-format Parquet tables of every per-group figure; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for family in families:
+        part = family_part(analysis, family)
+        frames = {
+            "sets": xr.Dataset({"set_size": part.set_size, "unique_count": part.unique_count}),
+            "layers": xr.Dataset({"set_size": part.set_size_per_layer, "unique": part.unique_per_layer,
+                                  "general": part.general_per_layer, "share": part.layer_distribution}),
+        }
+        if "jaccard" in part:
+            frames["jaccard"] = xr.Dataset({"jaccard": part.jaccard})
+        if "set_size_per_expert" in part:
+            frames["experts"] = xr.Dataset({"set_size": part.set_size_per_expert,
+                                            "share": part.expert_distribution})
+        for kind, frame in frames.items():
+            path = out_dir / f"{family.name}_{kind}.parquet"
+            frame.to_dataframe().reset_index().to_parquet(path, index=False)
+            written[path.name] = str(path)
+    return written
+
+
+def _grid(count: int, width: float, height: float) -> tuple[Figure, list]:
+    columns = min(count, 2)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    return figure, [figure.add_subplot(rows, columns, k + 1) for k in range(count)]
+
+
+def plot_jaccard(parts: dict[str, xr.Dataset], path: Path) -> None:
+    shown = {name: part for name, part in parts.items() if "jaccard" in part}
+    figure, axes_list = _grid(max(1, len(shown)), 5.5, 4.5)
+    for axes, (name, part) in zip(axes_list, shown.items()):
+        groups = [str(g) for g in part[GROUP].values]
+        values = part.jaccard.transpose(GROUP, OTHER).values
+        image = axes.imshow(values, vmin=0, vmax=1, cmap="viridis")
+        if len(groups) <= MAX_GROUPS_SHOWN:
+            axes.set_xticks(range(len(groups)), groups, rotation=45)
+            axes.set_yticks(range(len(groups)), groups)
+            for (i, j), value in np.ndenumerate(values):
+                if not np.isnan(value):
+                    axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white")
+        axes.set_title(f"Jaccard overlap: {TITLES[name][0]}")
+        figure.colorbar(image, ax=axes)
+    if not shown:
+        axes_list[0].text(0.5, 0.5, "Jaccard matrix left out (too many groups)", ha="center")
+        axes_list[0].set_axis_off()
     figure.savefig(path, dpi=120)
 
 
-def plot_layers(analysis: xr.Dataset, path: Path) -> None:
-    figure = Figure(figsize=(8, 4), layout="constrained")
-    axes = figure.add_subplot()
-    layers = analysis.layer.values
-    for group in analysis[GROUP].values:
-        axes.plot(layers, analysis.set_size_per_layer.sel({GROUP: group}).values, label=str(group))
-    axes.bar(layers, analysis.general_per_layer.values, color="lightgray", label="general")
-    axes.set_xlabel("layer")
-    axes.set_ylabel("neurons in the set")
-    axes.set_title("Instruction-specific neurons per layer")
-    axes.legend(ncols=4, fontsize=8)
+def plot_layers(parts: dict[str, xr.Dataset], path: Path) -> None:
+    figure, axes_list = _grid(len(parts), 8, 4)
+    for axes, (name, part) in zip(axes_list, parts.items()):
+        layer_dim = next(d for d in part.set_size_per_layer.dims if d != GROUP)
+        layers = part[layer_dim].values
+        if part.sizes[GROUP] <= MAX_GROUPS_SHOWN:
+            for group in part[GROUP].values:
+                axes.plot(layers, part.set_size_per_layer.sel({GROUP: group}).values, label=str(group))
+        else:
+            axes.plot(layers, part.set_size_per_layer.mean(GROUP).values, label="mean over groups")
+            axes.plot(layers, part.unique_per_layer.sum(GROUP).values, label="unique (all groups)")
+        axes.bar(layers, part.general_per_layer.values, color="lightgray", label="general")
+        axes.set_xlabel(layer_dim)
+        axes.set_ylabel(f"{TITLES[name][0]} in the set")
+        axes.set_title(f"Instruction-specific {TITLES[name][0]} per layer")
+        axes.legend(ncols=4, fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+def plot_experts(parts: dict[str, xr.Dataset], path: Path) -> None:
+    """Per MoE family: set members in each (layer, expert), summed over groups."""
+    figure, axes_list = _grid(len(parts), 6, 4.5)
+    for axes, (name, part) in zip(axes_list, parts.items()):
+        counts = part.set_size_per_layer_expert.sum(GROUP)
+        layer_dim = next(d for d in counts.dims if d != EXPERT)
+        image = axes.imshow(counts.transpose(layer_dim, EXPERT).values, aspect="auto", cmap="magma",
+                            interpolation="nearest")
+        axes.set_xlabel(EXPERT)
+        axes.set_ylabel(f"{layer_dim} (row)")
+        axes.set_title(f"{TITLES[name][1]}: selections over all groups")
+        figure.colorbar(image, ax=axes)
     figure.savefig(path, dpi=120)
 
 
 def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) -> dict:
-    """Write data, summary, report and plots; return the summary with the files' paths."""
+    """Write data, tables, summary, report and plots; return the summary with the files' paths.
+    `components` and `analysis` may be lazy: the large arrays are written chunk by chunk."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_zarr(analysis, out_dir / "generality.zarr")
-    summary = summarize(components, analysis)
-    files = {name: str(out_dir / name) for name in
-             ("summary.json", "report.md", "jaccard.png", "layers.png", "generality.zarr")}
+    families = analyzed_families(analysis)
+    stored = xr.open_zarr(out_dir / "generality.zarr")
+    small = stored.drop_vars([prefix(f) + name for f in families for name in LARGE]).load()
+    parts = {f.name: family_part(small, f) for f in families}
+    summary = summarize(components, small)
+    files = {name: str(out_dir / name) for name in ("summary.json", "report.md", "jaccard.png",
+                                                     "layers.png", "generality.zarr")}
+    moe = {name: part for name, part in parts.items() if "set_size_per_layer_expert" in part}
+    if moe:
+        files["experts.png"] = str(out_dir / "experts.png")
+        plot_experts(moe, out_dir / "experts.png")
+    files.update(write_tables(small, families, out_dir / "tables"))
     summary["files"] = files
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.md").write_text(markdown_report(summary))
-    plot_jaccard(analysis, out_dir / "jaccard.png")
-    plot_layers(analysis, out_dir / "layers.png")
+    plot_jaccard(parts, out_dir / "jaccard.png")
+    plot_layers(parts, out_dir / "layers.png")
     return summary
 
 
 def report_generality(components_path: Path, out_dir: Path) -> dict:
-    components = xr.open_zarr(components_path).load()
-    return write_report(components, generality(components.isn), out_dir)
+    components = xr.open_zarr(components_path)
+    return write_report(components, analyze(components), out_dir)

@@ -6,6 +6,7 @@ from sparcom.config import IdentificationSettings
 from sparcom.identify import identify_store
 
 
-@task(name="identify instruction-specific neurons")
+@task(name="identify instruction-specific components")
 def identify_components(store: Path, settings: IdentificationSettings, run_dir: Path) -> Path:
+    """components.zarr, computed on the Dask scheduler the calling flow opened."""
     return identify_store(store, settings, run_dir)

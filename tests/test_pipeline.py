@@ -46,8 +46,12 @@ def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_di
     for file in ("report.md", "summary.json", "jaccard.png", "layers.png"):
         assert Path(summary["files"][file]).is_file()
     stores = list((tmp_path / "work" / "stores").glob("*.zarr"))
-    assert len(stores) == 1 and is_complete(stores[0])
-    assert open_store(stores[0]).sizes["instruction"] == len(sample_records)
+    assert len(stores) == 2 and all(is_complete(s) for s in stores)  # the model and its fine-tune
+    assert all(open_store(s).sizes["instruction"] == len(sample_records) for s in stores)
+    comparison = summary["comparison"]
+    assert comparison["focus_groups"] == ["CODE", "MATH"] and comparison["focus_verdict"] is not None
+    assert Path(comparison["files"]["comparison.md"]).is_file()
+    assert "Before and after fine-tuning" in Path(summary["files"]["report.md"]).read_text()
     assert json.loads(Path(summary["files"]["summary.json"]).read_text())["general_count"] == summary["general_count"]
 
     async def findings():
@@ -77,7 +81,7 @@ def test_cli_extract_then_identify(tmp_path, tiny_llama_dir, cache_dir, sample_r
     assert "Jaccard" in identified.output
 
 
-@pytest.mark.parametrize("command", ["run", "extract", "identify"])
+@pytest.mark.parametrize("command", ["run", "extract", "identify", "compare", "finetune"])
 def test_cli_help(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "--config" in result.output

@@ -1,0 +1,27 @@
+"""Identification on its own: a count store in, components and their generality analysis out,
+computed on a Dask cluster (a local one sized to the machine, or the scheduler at `dask.address`)."""
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from sparcom.cluster import dask_cluster
+from sparcom.config import DaskSettings, IdentificationSettings
+from tasks.analysis import analyze_generality
+from tasks.identification import identify_components as select_components
+
+
+@flow(name="sparcom-identify")
+def identify_components(
+    store: Path,
+    out_dir: Path,
+    settings: IdentificationSettings = IdentificationSettings(),
+    dask: DaskSettings = DaskSettings(),
+) -> dict:
+    with dask_cluster(dask) as client:
+        get_run_logger().info("Dask scheduler %s, %d workers", client.scheduler.address,
+                              len(client.scheduler_info()["workers"]))
+        components = select_components(store, settings, out_dir)
+        summary = analyze_generality(components, out_dir)
+    get_run_logger().info("Components and their analysis are in %s", out_dir)
+    return summary

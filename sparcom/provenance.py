@@ -1,0 +1,82 @@
+"""Content keys: what each stage's result depends on, for caching and for naming outputs.
+
+- `code_version(stage)`: a hash of the source of the modules a stage runs, so editing the
+  extraction code invalidates extractions and nothing else.
+- `input_fingerprint(path)`: a hash of a file's or a directory tree's content.
+- `curation_key`, `extraction_cache_key`, `identification_key`: one key per stage, computed
+  without running the stage (extraction's needs the weights' fingerprint, not the model).
+- `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from sparcom import __version__
+
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
+    "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
+    "identify": ("identify", "store", "cluster"),
+    "analyse": ("analysis", "report"),
+}
+
+
+def _digest(*parts: object) -> str:
+    text = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def code_version(stage: str) -> str:
+    digest = hashlib.sha256(__version__.encode())
+    for name in STAGE_MODULES[stage]:
+        try:
+            module = importlib.import_module(f"sparcom.{name}")
+        except ModuleNotFoundError:
+            continue
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def input_fingerprint(path: Path) -> str:
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def curation_key(source: Path | None, settings: BaseModel | None = None) -> str:
+    from sparcom.hexainst import AUTHORED_DIR
+
+    content = input_fingerprint(AUTHORED_DIR if source is None else source)
+    return _digest("curate", content, settings, code_version("curate"))
+
+
+def extraction_cache_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
+    from sparcom.dataset import MANIFEST_NAME
+    from sparcom.models import model_fingerprint, resolve_model
+
+    source = resolve_model(model.name, model.revision, model.trust_remote_code)
+    manifest = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
+    return _digest("extract", model_fingerprint(source, cache_dir), manifest["dataset_hash"], settings,
+                   code_version("extract"))
+
+
+def identification_key(store: Path, settings: BaseModel) -> str:
+    from sparcom.store import store_attrs
+
+    return _digest("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
+
+
+def results_dir(work_dir: Path, store: Path, settings: BaseModel) -> Path:
+    """Same counts and identification settings, same folder: a cached rerun points at real files."""
+    return Path(work_dir).resolve() / "runs" / f"{Path(store).stem}-{identification_key(store, settings)[:12]}"

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from sparcom.compare import check_stores_compatible
+from sparcom.compare_report import link_into_report, report_comparison
+from sparcom.store import open_store
+
+
+@task(name="check the two stores are comparable")
+def check_comparable(base_store: Path, tuned_store: Path) -> None:
+    check_stores_compatible(open_store(base_store), open_store(tuned_store))
+
+
+@task(name="compare base and tuned components")
+def compare_checkpoints(
+    base_components: Path, tuned_components: Path, out_dir: Path, focus_groups: list[str],
+    top_movers: int = 10, run_report: Path | None = None,
+) -> dict:
+    """The comparison report; with `run_report`, its headline is added to that report.md."""
+    summary = report_comparison(base_components, tuned_components, out_dir, focus_groups, top_movers)
+    if run_report is not None:
+        link_into_report(run_report, summary)
+    create_markdown_artifact(
+        Path(summary["files"]["comparison.md"]).read_text(), key="sparcom-comparison",
+        description="Before/after: kept, gained and lost components, layer shift, frequency change")
+    return summary

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from sparcom.config import FinetuneSettings, ModelSettings
+from sparcom.dataset import load_records
+from sparcom.finetune import finetune, read_provenance
+
+
+@task(name="fine-tune model")
+def finetune_model(
+    model: ModelSettings, settings: FinetuneSettings, work_dir: Path, cache_dir: Path,
+    held_out_dataset: Path | None = None,
+) -> ModelSettings:
+    """The tuned model (a cached checkpoint directory); records of `held_out_dataset` are not trained on."""
+    artifact = create_progress_artifact(0.0, description=f"Fine-tuning {model.name}")
+
+    def report(step: int, steps: int, loss: float) -> None:
+        update_progress_artifact(artifact, 100.0 * step / steps)
+
+    held_out = {r.id for r in load_records(held_out_dataset)} if held_out_dataset else frozenset()
+    checkpoint = finetune(model, settings, Path(work_dir) / "checkpoints", cache_dir, held_out, report)
+    update_progress_artifact(artifact, 100.0)
+    provenance = read_provenance(checkpoint)
+    create_markdown_artifact(
+        f"Checkpoint `{checkpoint}`: {provenance['settings']['method']} fine-tune of "
+        f"`{provenance['base_model']}` (fingerprint `{provenance['base_fingerprint'][:12]}`), "
+        f"{provenance['steps']} steps on {provenance['training_data']['records']} records "
+        f"{provenance['training_data']['per_category']}; loss {provenance['loss_first']:.3f} -> "
+        f"{provenance['loss_last']:.3f}; {provenance['wall_seconds']} s.",
+        key="sparcom-finetune", description="The fine-tuned checkpoint and how it was trained")
+    return ModelSettings(name=str(checkpoint))

@@ -1,0 +1,167 @@
+"""Identification on real Dask clusters: a `dask scheduler` and a `dask worker` started as
+processes on 127.0.0.1, and the local cluster; the results equal the in-process computation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, get_task_stream
+from typer.testing import CliRunner
+
+from sparcom.cli import app
+from sparcom.cluster import dask_cluster
+from sparcom.config import DaskSettings, IdentificationSettings
+from sparcom.identify import identify_store
+from sparcom.report import report_generality
+from test_identify import CATEGORIES, assert_components_match, moe_store, write_store
+
+DASK = str(Path(sys.executable).with_name("dask"))
+START_TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def scheduler_address(tmp_path_factory):
+    """tcp://127.0.0.1:PORT of a scheduler with one worker, both separate processes."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    logs = tmp_path_factory.mktemp("dask-logs")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+             "--no-dashboard", "--no-show"],
+            stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"), env=env))
+        processes.append(subprocess.Popen(
+            [DASK, "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "2",
+             "--memory-limit", "2GB", "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=(logs / "worker.log").open("w"), env=env))
+        with Client(address, timeout=START_TIMEOUT) as client:
+            client.wait_for_workers(1, timeout=START_TIMEOUT)
+        yield address
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    return write_store(moe_store(31, CATEGORIES, experts=5), tmp_path_factory.mktemp("store") / "s.zarr")
+
+
+def run_identification(store: Path, out: Path, settings: IdentificationSettings) -> tuple[xr.Dataset, dict]:
+    components = identify_store(store, settings, out)
+    return xr.open_zarr(components).load(), report_generality(components, out)
+
+
+def assert_same_results(a: tuple[xr.Dataset, dict], b: tuple[xr.Dataset, dict]) -> None:
+    xr.testing.assert_identical(a[0], b[0])
+    assert {k: v for k, v in a[1].items() if k != "files"} == {k: v for k, v in b[1].items() if k != "files"}
+
+
+@pytest.mark.parametrize("group_by", ["category", "instruction"])
+def test_external_scheduler_and_worker(scheduler_address, moe_path, tmp_path, group_by):
+    settings = IdentificationSettings(epsilon=0.1, group_by=group_by)
+    in_process = run_identification(moe_path, tmp_path / "threads", settings)
+    with dask_cluster(DaskSettings(address=scheduler_address)) as client:
+        with get_task_stream(client) as stream:
+            on_cluster = run_identification(moe_path, tmp_path / "cluster", settings)
+    assert len(stream.data) > 0  # the worker did the work
+    assert client.status == "closed"
+    assert_same_results(on_cluster, in_process)
+    assert_components_match(on_cluster[0], xr.open_zarr(moe_path).load(), settings)
+    with Client(scheduler_address, timeout=10) as still_there:  # a borrowed scheduler stays up
+        assert len(still_there.scheduler_info()["workers"]) == 1
+
+
+def test_local_cluster_is_sized_and_always_closed(moe_path, tmp_path):
+    settings = IdentificationSettings(rule="layer_percentile", epsilon=0.2)
+    in_process = run_identification(moe_path, tmp_path / "threads", settings)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dask_cluster(DaskSettings(n_workers=2, memory_limit="1GB")) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+            on_cluster = run_identification(moe_path, tmp_path / "cluster", settings)
+            cluster = client.cluster
+            raise RuntimeError("boom")
+    assert client.status == "closed" and cluster.status.name == "closed"
+    assert_same_results(on_cluster, in_process)
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Dask scheduler answers at {address}"):
+        with dask_cluster(DaskSettings(address=address), connect_timeout="2s"):
+            pass
+    assert time.monotonic() - started < 30
+
+
+def test_cli_identify_on_the_external_scheduler(scheduler_address, moe_path, tmp_path):
+    result = CliRunner().invoke(app, ["identify", "--store", str(moe_path), "--out", str(tmp_path / "out"),
+                                      "--epsilon", "0.1", "--dask-address", scheduler_address])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["epsilon"] == 0.1 and "General experts" in result.output
+    in_process = run_identification(moe_path, tmp_path / "threads", IdentificationSettings(epsilon=0.1))
+    assert summary["families"] == json.loads(json.dumps(in_process[1]["families"]))
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_identify_flow_on_the_external_scheduler(prefect_harness, scheduler_address, moe_path, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.identify import identify_components
+
+    summary = identify_components(moe_path, tmp_path / "out", IdentificationSettings(epsilon=0.1),
+                                  DaskSettings(address=scheduler_address))
+    assert summary["rule"] == "global_percentile" and Path(summary["files"]["experts.png"]).is_file()
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                    any_=["sparcom-findings", "sparcom-experts-sets", "sparcom-experts-jaccard"])),
+                flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                limit=10, sort=ArtifactSort.CREATED_DESC)
+
+    found = {}
+    for artifact in asyncio.run(artifacts()):  # newest first
+        found.setdefault(artifact.key, artifact)
+    assert set(found) == {"sparcom-findings", "sparcom-experts-sets", "sparcom-experts-jaccard"}
+    rows = json.loads(found["sparcom-experts-sets"].data)
+    assert {r["group"]: r["set size"] for r in rows} == summary["families"]["experts"]["set_size"]
+    assert np.isclose(json.loads(found["sparcom-experts-jaccard"].data)[0]["CLS"], 1.0)
