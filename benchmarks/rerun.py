@@ -14,7 +14,6 @@ import argparse
 import os
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 
@@ -27,10 +26,8 @@ def main() -> None:
     # Prefect reads its settings at import: isolate results and history before importing it.
     os.environ.setdefault("PREFECT_HOME", str(work_dir / "prefect"))
 
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.pipeline import sparcom_pipeline
+    from flows.runs import state_counts, task_run_states
     from sparcom.config import load_settings
     from sparcom.hexainst import authored_records, starter_set
 
@@ -50,34 +47,13 @@ def main() -> None:
         start = time.perf_counter()
         state = sparcom_pipeline(load_settings(None, overrides), return_state=True)
         seconds = time.perf_counter() - start
-        rows.append((label, seconds, task_states(get_client, FlowRunFilter, FlowRunFilterId,
-                                                 state.state_details.flow_run_id)))
+        rows.append((label, seconds, state_counts(task_run_states(state.state_details.flow_run_id))))
     first = rows[0][1]
     print(f"work folder {work_dir}")
     print(f"{'run':<32}{'seconds':>9}{'of first':>10}  task states")
     for label, seconds, states in rows:
         summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         print(f"{label:<32}{seconds:>9.1f}{seconds / first:>10.1%}  {summary}")
-
-
-def task_states(get_client, FlowRunFilter, FlowRunFilterId, flow_run_id) -> Counter:
-    """Task run states of a flow run and of its subflows."""
-    import asyncio
-
-    from prefect.client.schemas.filters import TaskRunFilter
-
-    async def read() -> Counter:
-        async with get_client() as client:
-            flow_runs = [flow_run_id]
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id={"any_": [flow_run_id]}))
-            flow_runs += [child.id for child in children]
-            task_runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_runs)),
-                task_run_filter=TaskRunFilter())
-            return Counter(run.state.name for run in task_runs if run.state)
-
-    return asyncio.run(read())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from flows.identify import identify_components
 from sparcom.config import ModelSettings, PipelineSettings
 from sparcom.records import CATEGORIES
+from tasks.caching import Stage, refreshed
 from tasks.comparison import check_comparable, compare_checkpoints
 from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
@@ -56,14 +57,16 @@ def compare_models(
 
 
 @flow(name="sparcom-compare-with-tuned")
-def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Path, run_dir: Path) -> dict:
+def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Path, run_dir: Path,
+                       refresh: list[Stage] = []) -> dict:  # noqa: B006
     """`run_dir` holds the base model's components and report; the comparison goes beside them."""
-    tuned = settings.comparison.tuned or finetune_model(
+    tuned = settings.comparison.tuned or refreshed(finetune_model, "finetune", refresh)(
         settings.model, settings.finetune, settings.work_dir, settings.cache_dir, held_out_dataset=dataset)
-    tuned_store = extract_activations(tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+    tuned_store = refreshed(extract_activations, "extract", refresh)(
+        tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
     check_comparable(base_store, tuned_store)
-    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask)
-    return compare_checkpoints(run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
+    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh)
+    return refreshed(compare_checkpoints, "compare", refresh)(run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
                                fine_tuned_groups(settings), settings.comparison.top_movers,
                                run_report=run_dir / "report.md")
 

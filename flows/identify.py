@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from tasks.analysis import analyze_generality
+from tasks.caching import Stage, refreshed
 from tasks.identification import identify_components as select_components
 
 
@@ -17,11 +18,12 @@ def identify_components(
     out_dir: Path,
     settings: IdentificationSettings = IdentificationSettings(),
     dask: DaskSettings = DaskSettings(),
+    refresh: list[Stage] = [],  # noqa: B006
 ) -> dict:
     with dask_cluster(dask) as client:
         get_run_logger().info("Dask scheduler %s, %d workers", client.scheduler.address,
                               len(client.scheduler_info()["workers"]))
-        components = select_components(store, settings, out_dir)
-        summary = analyze_generality(components, out_dir)
+        components = refreshed(select_components, "identify", refresh)(store, settings, out_dir)
+        summary = refreshed(analyze_generality, "analyse", refresh)(components, out_dir)
     get_run_logger().info("Components and their analysis are in %s", out_dir)
     return summary

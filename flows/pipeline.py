@@ -1,30 +1,25 @@
 """The SPARCOM pipeline: curate -> extract -> identify -> analyse -> compare with a fine-tune."""
 
-from datetime import datetime
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
 from flows.compare import compare_with_tuned
 from flows.identify import identify_components
 from sparcom.config import PipelineSettings
+from sparcom.provenance import results_dir
+from tasks.caching import Stage, refreshed
 from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
 
 
-def new_run_dir(settings: PipelineSettings) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(settings.work_dir).resolve() / "runs" / f"{stamp}-{Path(settings.model.name).name}"
-
-
 @flow(name="sparcom-pipeline")
-def sparcom_pipeline(settings: PipelineSettings = PipelineSettings()) -> dict:
-    run_dir = new_run_dir(settings)
-    dataset = curate_dataset(settings.dataset, settings.work_dir)
-    store = extract_activations(settings.model, dataset, settings.extraction, settings.work_dir,
-                                settings.cache_dir)
-    summary = identify_components(store, run_dir, settings.identification, settings.dask)
+def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: list[Stage] = []) -> dict:  # noqa: B006
+    """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
+    dataset = refreshed(curate_dataset, "curate", refresh)(settings.dataset, settings.work_dir)
+    store = refreshed(extract_activations, "extract", refresh)(
+        settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+    run_dir = results_dir(settings.work_dir, store, settings.identification)
+    summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.comparison.enabled:
-        summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir)
+        summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
     get_run_logger().info("Results are in %s", run_dir)
     return summary

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from prefect import get_client
 from prefect.client.schemas.objects import StateType
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.urls import url_for
 
 UNSUCCESSFUL = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
@@ -98,8 +98,14 @@ async def _trigger(deployment_name, overrides, wait, timeout, poll_seconds, repo
         except ObjectNotFound:
             raise LookupError(f"no deployment {deployment_name!r} at {client.api_url} "
                               "(`prefect deployment ls` lists them)") from None
-        flow_run = await client.create_flow_run_from_deployment(
-            deployment.id, parameters=merge_parameters(deployment.parameters, overrides))
+        try:
+            flow_run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters=merge_parameters(deployment.parameters, overrides))
+        except PrefectHTTPStatusError as error:  # the server checks parameters against the flow's schema
+            if error.response.status_code not in (409, 422):
+                raise
+            raise ValueError(f"{deployment_name} refused the parameters: "
+                             f"{error.response.json().get('detail', error.response.text)}") from None
         url = url_for(flow_run)
         report(f"flow run {flow_run.name!r} ({flow_run.id}) of {deployment_name}" + (f": {url}" if url else ""))
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -58,6 +58,9 @@ def run(
     dask_address: DaskAddressOption = None,
     compare: Annotated[Optional[bool], typer.Option(
         "--compare/--no-compare", help="end with the comparison against a (cached) fine-tune")] = None,
+    refresh: Annotated[Optional[list[str]], typer.Option(
+        help="recompute this stage even if cached: curate, extract, identify, analyse, finetune, "
+             "compare (repeatable)")] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: curate, extract, identify, analyse, compare."""
     settings = _settings(
@@ -67,7 +70,7 @@ def run(
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare)
     from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
 
-    summary = sparcom_pipeline(settings)
+    summary = sparcom_pipeline(settings, refresh=refresh or [])
     typer.echo(Path(summary["files"]["report.md"]).read_text())
     typer.echo(f"Results are in {Path(summary['files']['report.md']).parent}")
 
@@ -356,9 +359,9 @@ def trigger(
     if not wait:
         return
     if not run.finished:
-        typer.echo(f"flow run {run.id} is still {run.state_name} after {timeout} s", err=True)
+        typer.echo(f"flow run {run.name!r} ({run.id}) is still {run.state_name} after {timeout} s", err=True)
         raise typer.Exit(124)
-    typer.echo(f"flow run {run.id} ended {run.state_name}")
+    typer.echo(f"flow run {run.name!r} ({run.id}) ended {run.state_name}")
     if not run.succeeded:
         raise typer.Exit(1)
 

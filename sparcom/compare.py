@@ -214,6 +214,8 @@ def compare_components(base: xr.Dataset, tuned: xr.Dataset) -> xr.Dataset:
     """The whole comparison of two identification results (refused if they do not match)."""
     check_components_compatible(base, tuned)
     families = families_in(base)
+    if not families:
+        raise ComparisonError("neither result holds component sets (isn, ise, expert_isn, shared_isn)")
     parts = [compare_family(base, tuned, family) for family in families]
     if "expert_frequency" in base:
         selection = jensen_shannon(base.expert_frequency, tuned.expert_frequency, "expert")

@@ -3,8 +3,9 @@
 - `code_version(stage)`: a hash of the source of the modules a stage runs, so editing the
   extraction code invalidates extractions and nothing else.
 - `input_fingerprint(path)`: a hash of a file's or a directory tree's content.
-- `curation_key`, `extraction_cache_key`, `identification_key`: one key per stage, computed
-  without running the stage (extraction's needs the weights' fingerprint, not the model).
+- `curation_key`, `extraction_cache_key`, `identification_key`, `finetune_cache_key`,
+  `result_key`: one key per stage, computed without running the stage (extraction's needs the
+  weights' fingerprint, not the model).
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings.
 """
 
@@ -24,6 +25,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
     "identify": ("identify", "store", "cluster"),
     "analyse": ("analysis", "report"),
+    "finetune": ("finetune", "models"),
+    "compare": ("compare", "compare_report"),
 }
 
 
@@ -75,6 +78,26 @@ def identification_key(store: Path, settings: BaseModel) -> str:
     from sparcom.store import store_attrs
 
     return _digest("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
+
+
+def finetune_cache_key(model: BaseModel, settings: BaseModel, held_out_dataset: Path | None,
+                       cache_dir: Path) -> str:
+    from sparcom.dataset import MANIFEST_NAME
+    from sparcom.models import model_fingerprint, resolve_model
+
+    source = resolve_model(model.name, model.revision, model.trust_remote_code)
+    held_out = (json.loads((Path(held_out_dataset) / MANIFEST_NAME).read_text())["dataset_hash"]
+                if held_out_dataset else None)
+    return _digest("finetune", model_fingerprint(source, cache_dir), settings, held_out,
+                   code_version("finetune"))
+
+
+def result_key(stage: str, *inputs: object) -> str:
+    """For stages whose inputs are earlier results on disk: the folders' paths and write times
+    (a rewritten input is a new input), the stage's other inputs and its code."""
+    marks = [(str(i), (Path(i) / "zarr.json").stat().st_mtime_ns if (Path(i) / "zarr.json").exists() else None)
+             if isinstance(i, Path) else i for i in inputs]
+    return _digest(stage, marks, code_version(stage))
 
 
 def results_dir(work_dir: Path, store: Path, settings: BaseModel) -> Path:

@@ -3,10 +3,13 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from sparcom.provenance import result_key
 from sparcom.report import artifact_tables, report_generality
+from tasks.caching import cached
 
 
-@task(name="analyse generality and uniqueness")
+@task(name="analyse generality and uniqueness", **cached(lambda components, run_dir: (
+    result_key("analyse", Path(components), str(run_dir)))))
 def analyze_generality(components: Path, run_dir: Path) -> dict:
     summary = report_generality(components, run_dir)
     create_markdown_artifact(

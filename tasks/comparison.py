@@ -5,15 +5,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from sparcom.compare import check_stores_compatible
 from sparcom.compare_report import link_into_report, report_comparison
+from sparcom.provenance import result_key
 from sparcom.store import open_store
+from tasks.caching import cached
 
 
-@task(name="check the two stores are comparable")
+@task(name="check the two stores are comparable", **cached(lambda base_store, tuned_store: (
+    result_key("compare", Path(base_store), Path(tuned_store)))))
 def check_comparable(base_store: Path, tuned_store: Path) -> None:
     check_stores_compatible(open_store(base_store), open_store(tuned_store))
 
 
-@task(name="compare base and tuned components")
+@task(name="compare base and tuned components", **cached(
+    lambda base_components, tuned_components, out_dir, focus_groups, top_movers=10, run_report=None: (
+        result_key("compare", Path(base_components), Path(tuned_components), str(out_dir), focus_groups,
+                   top_movers, str(run_report)))))
 def compare_checkpoints(
     base_components: Path, tuned_components: Path, out_dir: Path, focus_groups: list[str],
     top_movers: int = 10, run_report: Path | None = None,

@@ -1,6 +1,9 @@
 from pathlib import Path
 
 from prefect import get_run_logger, task
+
+from sparcom.provenance import curation_key
+from tasks.caching import cached
 from prefect.artifacts import create_markdown_artifact
 
 from sparcom.config import CurationSettings, DatasetSettings
@@ -12,7 +15,8 @@ from sparcom.records import OnError, Pool
 from sparcom.sources import SourceSpec, source_pool
 
 
-@task(name="curate dataset")
+@task(name="curate dataset", **cached(lambda settings, work_dir: (
+    curation_key(settings.path), str(Path(work_dir).resolve()))))
 def curate_dataset(settings: DatasetSettings, work_dir: Path) -> Path:
     return prepare_dataset(settings.path, Path(work_dir) / "datasets")
 

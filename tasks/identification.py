@@ -4,9 +4,12 @@ from prefect import task
 
 from sparcom.config import IdentificationSettings
 from sparcom.identify import identify_store
+from sparcom.provenance import identification_key
+from tasks.caching import cached
 
 
-@task(name="identify instruction-specific components")
+@task(name="identify instruction-specific components", **cached(lambda store, settings, run_dir: (
+    identification_key(store, settings), str(run_dir))))
 def identify_components(store: Path, settings: IdentificationSettings, run_dir: Path) -> Path:
     """components.zarr, computed on the Dask scheduler the calling flow opened."""
     return identify_store(store, settings, run_dir)

@@ -482,3 +482,20 @@ def test_cli_compare_stores_and_refusal(tmp_path, prefect_harness, two_stores, c
     assert neither.exit_code == 2 and "--tuned" in neither.output
     unknown = runner.invoke(app, ["compare", "--pair", "gpt-9", "--work-dir", str(tmp_path)])
     assert unknown.exit_code == 2 and "unknown model pair 'gpt-9'" in unknown.output
+
+
+def test_compare_flow_on_two_models(tmp_path, prefect_harness, two_stores, tiny_llama_dir, cache_dir, sample_records):
+    from flows.compare import compare_models
+    from sparcom.config import DatasetSettings, IdentificationSettings, ModelSettings, PipelineSettings
+
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(r.model_dump_json() + "\n" for r in sample_records))
+    perturbed = two_stores[1].parent / "perturbed"
+    settings = PipelineSettings(work_dir=tmp_path / "work", cache_dir=cache_dir, dataset=DatasetSettings(path=dataset),
+                                identification=IdentificationSettings(epsilon=0.05))
+    summary = compare_models(settings, base=ModelSettings(name=str(tiny_llama_dir)),
+                             tuned=ModelSettings(name=str(perturbed)), focus_groups=["CODE", "MATH"])
+    assert summary["base_model"] == str(tiny_llama_dir) and summary["tuned_model"] == str(perturbed)
+    assert summary["groups"] == ["CLS", "CODE", "GEN", "MATH", "QA", "SUM"]
+    assert summary["focus_verdict"]["focus"] == ["CODE", "MATH"]
+    assert len(list((tmp_path / "work" / "stores").glob("*.zarr"))) == 2

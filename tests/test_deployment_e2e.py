@@ -266,7 +266,7 @@ def test_pipeline_deployment_completes_with_findings(server, pipeline_runs):
     assert findings["type"] == "markdown" and "General neurons" in findings["data"]
     assert [a["key"] for a in artifacts].count("sparcom-findings") == 2  # the model and its fine-tune
     [comparison] = [a for a in artifacts if a["key"] == "sparcom-comparison"]
-    assert "Before and after fine-tuning" in comparison["data"]
+    assert "SPARCOM: before and after fine-tuning" in comparison["data"]
     assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 3  # 2 extractions, fine-tune
     assert any(a["type"] == "table" for a in artifacts)
 
@@ -297,10 +297,14 @@ def test_trigger_fails_when_the_run_fails(server, deployed, tmp_path):
     assert "ended Failed" in triggered.stdout
 
 
-def test_trigger_refuses_an_unknown_deployment(server, deployed):
-    triggered = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", "sparcom-pipeline/nonexistent")
-    assert triggered.returncode == 2
-    assert "no deployment 'sparcom-pipeline/nonexistent'" in triggered.stderr
+def test_trigger_refuses_an_unknown_deployment_and_bad_parameters(server, deployed):
+    unknown = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", "sparcom-pipeline/nonexistent")
+    assert unknown.returncode == 2
+    assert "no deployment 'sparcom-pipeline/nonexistent'" in unknown.stderr
+    out_of_range = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", PIPELINE,
+                              "--set", "settings.identification.epsilon=7")
+    assert out_of_range.returncode == 2, out_of_range.stdout + out_of_range.stderr
+    assert "refused the parameters" in out_of_range.stderr and "7" in out_of_range.stderr
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

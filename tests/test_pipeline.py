@@ -93,3 +93,33 @@ def test_library_never_imports_prefect():
             "print('prefect' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_reruns_recompute_only_what_changed(tmp_path, prefect_harness, tiny_llama_dir, cache_dir, sample_records):
+    from flows.pipeline import sparcom_pipeline
+    from flows.runs import task_run_states
+
+    dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
+    settings = PipelineSettings(model=ModelSettings(name=str(tiny_llama_dir)), dataset=DatasetSettings(path=dataset),
+                                work_dir=tmp_path / "work", cache_dir=cache_dir)
+    settings.comparison.enabled = False
+
+    def states(run_settings, refresh=()):
+        state = sparcom_pipeline(run_settings, refresh=list(refresh), return_state=True)
+        assert state.is_completed()
+        return {name.rsplit("-", 1)[0]: s for name, s in task_run_states(state.state_details.flow_run_id).items()}
+
+    first = states(settings)
+    assert all(s == ["Completed"] for s in first.values()), first
+    assert states(settings) == {name: ["Cached"] for name in first}
+
+    stricter = settings.model_copy(deep=True)
+    stricter.identification.epsilon = 0.05
+    changed = states(stricter)
+    assert changed["curate dataset"] == changed["extract activation counts"] == ["Cached"]
+    assert changed["identify instruction-specific components"] == ["Completed"]
+    assert changed["analyse generality and uniqueness"] == ["Completed"]
+
+    refreshed = states(settings, refresh=["extract"])
+    assert refreshed["extract activation counts"] == ["Completed"]
+    assert refreshed["curate dataset"] == ["Cached"]
