@@ -48,8 +48,10 @@ def compare_models(
         base_store = base_store or stores.pop(0)
         tuned_store = tuned_store or stores.pop(0)
     check_comparable(base_store, tuned_store)
-    identify_components(base_store, run_dir / "base", settings.identification, settings.dask)
-    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask)
+    identify_components(base_store, run_dir / "base", settings.identification, settings.dask,
+                        artifact_prefix="sparcom-base")
+    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask,
+                        artifact_prefix="sparcom-tuned")
     summary = compare_checkpoints(run_dir / "base" / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir,
                                   focus_groups or [], settings.comparison.top_movers)
     get_run_logger().info("Comparison is in %s", run_dir)
@@ -65,7 +67,8 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     tuned_store = refreshed(extract_activations, "extract", refresh)(
         tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
     check_comparable(base_store, tuned_store)
-    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh)
+    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh,
+                        artifact_prefix="sparcom-tuned")
     return refreshed(compare_checkpoints, "compare", refresh)(run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
                                fine_tuned_groups(settings), settings.comparison.top_movers,
                                run_report=run_dir / "report.md")

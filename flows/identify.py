@@ -19,11 +19,12 @@ def identify_components(
     settings: IdentificationSettings = IdentificationSettings(),
     dask: DaskSettings = DaskSettings(),
     refresh: list[Stage] = [],  # noqa: B006
+    artifact_prefix: str = "sparcom",
 ) -> dict:
     with dask_cluster(dask) as client:
         get_run_logger().info("Dask scheduler %s, %d workers", client.scheduler.address,
                               len(client.scheduler_info()["workers"]))
         components = refreshed(select_components, "identify", refresh)(store, settings, out_dir)
-        summary = refreshed(analyze_generality, "analyse", refresh)(components, out_dir)
+        summary = refreshed(analyze_generality, "analyse", refresh)(components, out_dir, artifact_prefix)
     get_run_logger().info("Components and their analysis are in %s", out_dir)
     return summary

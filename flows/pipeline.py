@@ -4,6 +4,7 @@ from prefect import flow, get_run_logger
 
 from flows.compare import compare_with_tuned
 from flows.identify import identify_components
+from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.provenance import results_dir
 from tasks.caching import Stage, refreshed
@@ -11,7 +12,7 @@ from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
 
 
-@flow(name="sparcom-pipeline")
+@flow(name="sparcom-pipeline", flow_run_name=run_name)
 def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: list[Stage] = []) -> dict:  # noqa: B006
     """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
     dataset = refreshed(curate_dataset, "curate", refresh)(settings.dataset, settings.work_dir)

@@ -1,20 +1,24 @@
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from sparcom.provenance import result_key
 from sparcom.report import artifact_tables, report_generality
 from tasks.caching import cached
 
 
-@task(name="analyse generality and uniqueness", **cached(lambda components, run_dir: (
-    result_key("analyse", Path(components), str(run_dir)))))
-def analyze_generality(components: Path, run_dir: Path) -> dict:
+@task(name="analyse generality and uniqueness", **cached(lambda components, run_dir, prefix="sparcom": (
+    result_key("analyse", Path(components), str(run_dir), prefix))))
+def analyze_generality(components: Path, run_dir: Path, prefix: str = "sparcom") -> dict:
+    """The report, published as `<prefix>-findings` (markdown), tables and a link to the files."""
     summary = report_generality(components, run_dir)
+    files = "\n".join(f"- [{name}]({Path(path).resolve().as_uri()})" for name, path in summary["files"].items())
     create_markdown_artifact(
-        Path(summary["files"]["report.md"]).read_text(), key="sparcom-findings",
+        Path(summary["files"]["report.md"]).read_text() + f"\n## Files\n\n{files}\n", key=f"{prefix}-findings",
         description="Instruction-specific components: set sizes, general and unique counts, Jaccard")
     for key, table in artifact_tables(summary).items():
-        create_table_artifact(table["table"], key=key, description=table["description"])
+        create_table_artifact(table["table"], key=key.replace("sparcom", prefix, 1), description=table["description"])
+    create_link_artifact(Path(run_dir).resolve().as_uri(), link_text=str(Path(run_dir).resolve()),
+                         key=f"{prefix}-results", description="The folder with the report, plots and data")
     return summary

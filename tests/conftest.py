@@ -66,6 +66,25 @@ SAMPLE_TEXTS = [
 ]
 
 
+def reference_tokens(record: InstructionRecord, tokenizer, span: str) -> tuple[list[int], int]:
+    """The unpadded token ids a naive reference feeds the model, and the first counted position."""
+    prompt = list(tokenizer.apply_chat_template(
+        [{"role": "user", "content": record.user_turn()}], add_generation_prompt=True)["input_ids"])
+    if span == "response":
+        return prompt + tokenizer(record.response, add_special_tokens=False)["input_ids"], len(prompt)
+    return prompt, 0
+
+
+def forward_with_hooks(model, ids: list[int], hooks: list) -> None:
+    """One unpadded forward pass of the full model; the hooks are removed even on error."""
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @pytest.fixture
 def sample_records() -> list[InstructionRecord]:
     return [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]

@@ -15,6 +15,8 @@ from sparcom.extract import extract_to_store
 from sparcom.models import load_model, resolve_model
 from sparcom.store import open_store
 
+from conftest import forward_with_hooks, reference_tokens
+
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=2048)
 MOE = dict(num_experts_per_tok=2)
@@ -89,12 +91,7 @@ def naive_counts(model, ids: list[int], first_counted: int) -> dict[str, np.ndar
         else:
             projection = getattr(mlp, GATE_PROJECTION.get(family, "gate_proj"))
             hooks.append(projection.register_forward_hook(lambda m, a, out, i=index: gates.__setitem__(i, out)))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with_hooks(model, ids, hooks)
     counted = slice(first_counted, len(ids))
     result = {}
     if gates:
@@ -137,14 +134,6 @@ def naive_counts(model, ids: list[int], first_counted: int) -> dict[str, np.ndar
     return result
 
 
-def tokens_of(record, tokenizer, span):
-    prompt = list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": record.user_turn()}], add_generation_prompt=True)["input_ids"])
-    if span == "response":
-        return prompt + tokenizer(record.response, add_special_tokens=False)["input_ids"], len(prompt)
-    return prompt, 0
-
-
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_counts_are_exact_for_every_family(tmp_path, tiny_models, cache_dir, sample_records, family):
     directory = tiny_models(family)
@@ -161,7 +150,7 @@ def test_counts_are_exact_for_every_family(tmp_path, tiny_models, cache_dir, sam
                                           shard_size=5)
             store = open_store(extract_to_store(
                 loaded, sample_records, tmp_path / f"{span}-{max_batch_size}.zarr", settings))
-            expected = [naive_counts(model, *tokens_of(r, tokenizer, span)) for r in sample_records]
+            expected = [naive_counts(model, *reference_tokens(r, tokenizer, span)) for r in sample_records]
             assert set(expected[0]) == set(store.data_vars) - {"token_count"}
             for name in expected[0]:
                 np.testing.assert_array_equal(

@@ -49,9 +49,9 @@ class Services:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = (self.log_dir / f"{name}.log").open("w")
-        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        with (self.log_dir / f"{name}.log").open("w") as log:
+            process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = process
         return process
 
@@ -246,7 +246,7 @@ def tree_artifacts(api: httpx.Client, run_id: str) -> list[dict]:
 
 
 def model_findings(artifacts: list[dict], model_dir: Path) -> dict:
-    """The pipeline identifies the model and its fine-tune, and both publish `sparcom-findings`."""
+    """The model's findings; its fine-tune's are published as `sparcom-tuned-findings`."""
     [findings] = [a for a in artifacts if a["key"] == "sparcom-findings" and f"`{model_dir}`" in a["data"]]
     return findings
 
@@ -264,7 +264,8 @@ def test_pipeline_deployment_completes_with_findings(server, pipeline_runs):
     assert all(t["state_name"] == "Completed" for t in task_runs)
     findings = model_findings(artifacts, pipeline_runs.model_dir)
     assert findings["type"] == "markdown" and "General neurons" in findings["data"]
-    assert [a["key"] for a in artifacts].count("sparcom-findings") == 2  # the model and its fine-tune
+    keys = [a["key"] for a in artifacts]
+    assert keys.count("sparcom-findings") == keys.count("sparcom-tuned-findings") == 1
     [comparison] = [a for a in artifacts if a["key"] == "sparcom-comparison"]
     assert "SPARCOM: before and after fine-tuning" in comparison["data"]
     assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 3  # 2 extractions, fine-tune

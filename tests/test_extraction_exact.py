@@ -17,24 +17,15 @@ from sparcom.extract import extract_to_store
 from sparcom.models import load_model, resolve_model
 from sparcom.store import StoreError, open_store
 
+from conftest import forward_with_hooks, reference_tokens
+
 
 def naive_counts(model, tokenizer, record, span: str) -> tuple[np.ndarray, int]:
     """Counts [layer, neuron] and T for one record, straight from transformers."""
-    messages = [{"role": "user", "content": record.user_turn()}]
-    prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
-    ids, first_counted = prompt, 0
-    if span == "response":
-        ids = prompt + tokenizer(record.response, add_special_tokens=False)["input_ids"]
-        first_counted = len(prompt)
+    ids, first_counted = reference_tokens(record, tokenizer, span)
     gates = []
-    hooks = [layer.mlp.gate_proj.register_forward_hook(lambda m, i, out: gates.append(out[0]))
-             for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with_hooks(model, ids, [layer.mlp.gate_proj.register_forward_hook(
+        lambda m, i, out: gates.append(out[0])) for layer in model.model.layers])
     counts = np.stack([(F.silu(g[first_counted:]) > 0).sum(0).numpy() for g in gates])
     return counts, len(ids) - first_counted
 
