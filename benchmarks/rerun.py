@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="default: a new temporary folder")
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="sparcom-rerun-"))
+    work_dir = (args.work_dir or Path(tempfile.mkdtemp(prefix="sparcom-rerun-"))).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
     # Prefect reads its settings at import: isolate results and history before importing it.
     os.environ.setdefault("PREFECT_HOME", str(work_dir / "prefect"))
 
