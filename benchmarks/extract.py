@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from sparcom.config import ExtractionSettings, default_cache_dir
-from sparcom.counting import FFNCounter  # noqa: F401  (imported so every mode pays the same imports)
-from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store, pad_batch, plan_batches
+from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store, padded_batches
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, resolve_model
 from sparcom.prompts import tokenize_instruction
@@ -35,12 +34,10 @@ def batches_of(loaded, records, settings: ExtractionSettings):
     """The batches extraction forms: sort windows of shards, token budget inside each."""
     tokenized = [tokenize_instruction(r, loaded.tokenizer, settings.span) for r in records]
     window = settings.shard_size * SORT_WINDOW_SHARDS
-    pad_id = loaded.tokenizer.pad_token_id or 0
     for start in range(0, len(tokenized), window):
-        items = tokenized[start:start + window]
-        for batch in plan_batches([len(t) for t in items], settings.batch_tokens,
-                                  settings.max_batch_size, settings.max_padding):
-            yield pad_batch([items[i] for i in batch], pad_id, settings.padding_side, loaded.device)
+        for _, *tensors in padded_batches(tokenized[start:start + window], loaded.tokenizer, settings,
+                                          loaded.device):
+            yield tensors
 
 
 def run_mode(mode: str, model: str, n_records: int, device: str) -> dict:

@@ -5,6 +5,7 @@
   finished store is returned as it is. `shards=` restricts one process to some shards so that
   several processes (or GPUs) can fill one store side by side.
 - `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
+- `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
 - `extraction_key(...)`: the hash of everything the counts depend on.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
@@ -15,16 +16,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from sparcom import __version__
 from sparcom.architectures import FFNSites, ffn_sites
@@ -35,6 +35,7 @@ from sparcom.models import (
     LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
+from sparcom.provenance import content_hash
 from sparcom.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.store import (
     StoreError, create_store, finalize_store, finished_shards, is_complete, open_store, shard_count,
@@ -49,17 +50,15 @@ ProgressCallback = Callable[[int, int], None]  # (instructions done, instruction
 
 def counts_key(fingerprint: str, span: str, dtype: torch.dtype) -> str:
     """What one instruction's counts depend on: rows of stores with equal keys are interchangeable."""
-    parts = {"fingerprint": fingerprint, "span": span, "dtype": str(dtype)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return content_hash({"fingerprint": fingerprint, "span": span, "dtype": str(dtype)})
 
 
 def extraction_key(fingerprint: str, data_hash: str, settings: ExtractionSettings, dtype: torch.dtype) -> str:
     """What the counts depend on. Batching and device only move float rounding (SPEC section 7)."""
-    parts = {
+    return content_hash({
         "fingerprint": fingerprint, "dataset_hash": data_hash, "span": settings.span,
         "dtype": str(dtype), "shard_size": settings.shard_size, "layer_chunk": settings.layer_chunk,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    })
 
 
 def plan_batches(
@@ -99,6 +98,17 @@ def pad_batch(
         attention[row, span] = 1
         counted[row, span] = torch.tensor(item.counted)
     return ids.to(device), attention.to(device), counted.to(device)
+
+
+def padded_batches(
+    tokenized: Sequence[TokenizedInstruction], tokenizer: PreTrainedTokenizerBase, settings: ExtractionSettings,
+    device: torch.device,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(positions in `tokenized`, input ids, attention mask, counted mask) per planned batch."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for batch in plan_batches([len(t) for t in tokenized], settings.batch_tokens,
+                              settings.max_batch_size, settings.max_padding):
+        yield (batch, *pad_batch([tokenized[b] for b in batch], pad_id, settings.padding_side, device))
 
 
 def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
@@ -205,12 +215,8 @@ def _count(
 ) -> dict[int, dict[str, np.ndarray]]:
     """Counts per record index: every store variable of one row, token_count included."""
     tokenized = [tokenize_instruction(record, loaded.tokenizer, settings.span) for record in records]
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     counts: dict[int, dict[str, np.ndarray]] = {}
-    for batch in plan_batches([len(t) for t in tokenized], settings.batch_tokens,
-                              settings.max_batch_size, settings.max_padding):
-        ids, attention, counted = pad_batch(
-            [tokenized[b] for b in batch], pad_id, settings.padding_side, loaded.device)
+    for batch, ids, attention, counted in padded_batches(tokenized, loaded.tokenizer, settings, loaded.device):
         result = {name: values.cpu().numpy()
                   for name, values in counter.count(loaded.model, ids, attention, counted).items()}
         for row, b in enumerate(batch):

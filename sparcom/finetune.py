@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, model_fingerprint, resolve_model
 from sparcom.prompts import prompt_ids
+from sparcom.provenance import content_hash
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"
@@ -139,8 +139,7 @@ def batch_order(n_examples: int, batch_size: int, n_batches: int, seed: int) -> 
 
 def finetune_key(base_fingerprint: str, data_hash: str, settings: FinetuneSettings) -> str:
     training = settings.model_dump(mode="json", exclude=PLACEMENT_FIELDS | {"dataset", "categories"})
-    parts = {"base_fingerprint": base_fingerprint, "dataset_hash": data_hash, "settings": training}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return content_hash({"base_fingerprint": base_fingerprint, "dataset_hash": data_hash, "settings": training})
 
 
 def checkpoint_path(checkpoints_dir: Path, model_name: str, key: str) -> Path:

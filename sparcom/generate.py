@@ -18,7 +18,6 @@ deserve the hand check the paper gave its own.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import random
 import re
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sparcom.dedup import canonical_text, jaccard, shingles
+from sparcom.provenance import content_hash
 from sparcom.records import InstructionRecord, record_problem
 
 ChatFunction = Callable[[list[dict[str, str]]], str]
@@ -165,7 +165,7 @@ def _shipped_examples(category: str) -> list[InstructionRecord]:
 
 
 def _record(fields: dict[str, str], category: str, source: str, license: str) -> InstructionRecord:
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    digest = content_hash(fields)[:12]
     record, problem = record_problem({"id": f"gen-{category.lower()}-{digest}", "category": category,
                                       "origin": "ai", "source": source, "license": license, **fields})
     if record is None:

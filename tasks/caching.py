@@ -8,12 +8,12 @@ set as `PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`), so a rerun in a new process is 
     @task(name="extract activation counts", **cached(lambda model, dataset_dir, ...: (...)))
 """
 
-import hashlib
-import json
 from collections.abc import Callable
 from typing import Literal
 
 from prefect import Task
+
+from sparcom.provenance import content_hash
 
 Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare"]
 
@@ -22,7 +22,7 @@ def cached(key: Callable[..., object]) -> dict:
     """Task options: cache under a hash of key(**the task's parameters), persist the result."""
 
     def cache_key(context, parameters: dict) -> str:
-        return hashlib.sha256(json.dumps(key(**parameters), default=str).encode()).hexdigest()
+        return content_hash(key(**parameters))
 
     return {"cache_key_fn": cache_key, "persist_result": True}
 
