@@ -28,7 +28,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(work_dir / "prefect"))
 
     from flows.pipeline import sparcom_pipeline
-    from flows.runs import state_counts, task_run_states
+    from cli.runs import state_counts, task_run_states
     from sparcom.config import load_settings
     from sparcom.hexainst import authored_records, starter_set
 

@@ -465,7 +465,7 @@ def test_compare_flow_on_two_stores(tmp_path, prefect_harness, two_stores, cache
 
 
 def test_cli_compare_stores_and_refusal(tmp_path, prefect_harness, two_stores, cache_dir, monkeypatch):
-    from sparcom.cli import app
+    from cli.app import app
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     base_store, tuned_store, deeper_store = two_stores

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from sparcom import sources
-from sparcom.cli import app
+from cli.app import app
 from sparcom.config import CurationSettings, PipelineSettings
 from sparcom.curation import (
     STAGES, balance_markdown, curate, normalise, prompt_token_counts, save_curation,

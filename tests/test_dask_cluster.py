@@ -18,7 +18,7 @@ import xarray as xr
 from distributed import Client, get_task_stream
 from typer.testing import CliRunner
 
-from sparcom.cli import app
+from cli.app import app
 from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from sparcom.identify import identify_store

@@ -205,7 +205,7 @@ def pipeline_runs(server, deployed, tmp_path_factory, tiny_llama_dir) -> Pipelin
     overrides = {"model.name": tiny_llama_dir, "dataset.path": dataset, "work_dir": work / "work",
                  "cache_dir": work / "cache", "finetune.steps": 2, "dask.n_workers": 1}
     started = time.monotonic()
-    triggered = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", PIPELINE, "--wait", "--poll", "1",
+    triggered = server.cli(sys.executable, "-m", "cli.app", "trigger", PIPELINE, "--wait", "--poll", "1",
                            "--timeout", str(RUN_SECONDS),
                            *[f"--set=settings.{key}={value}" for key, value in overrides.items()],
                            timeout=RUN_SECONDS + 60)
@@ -289,7 +289,7 @@ def test_rerun_is_all_cache_hits(server, pipeline_runs):
 
 
 def test_trigger_fails_when_the_run_fails(server, deployed, tmp_path):
-    triggered = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", "sparcom-identify/identify",
+    triggered = server.cli(sys.executable, "-m", "cli.app", "trigger", "sparcom-identify/identify",
                            "--params", json.dumps({"store": str(tmp_path / "missing.zarr"),
                                                    "out_dir": str(tmp_path / "out")}),
                            "--set", "dask.n_workers=1", "--wait", "--poll", "1", "--timeout", str(RUN_SECONDS),
@@ -299,10 +299,10 @@ def test_trigger_fails_when_the_run_fails(server, deployed, tmp_path):
 
 
 def test_trigger_refuses_an_unknown_deployment_and_bad_parameters(server, deployed):
-    unknown = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", "sparcom-pipeline/nonexistent")
+    unknown = server.cli(sys.executable, "-m", "cli.app", "trigger", "sparcom-pipeline/nonexistent")
     assert unknown.returncode == 2
     assert "no deployment 'sparcom-pipeline/nonexistent'" in unknown.stderr
-    out_of_range = server.cli(sys.executable, "-m", "sparcom.cli", "trigger", PIPELINE,
+    out_of_range = server.cli(sys.executable, "-m", "cli.app", "trigger", PIPELINE,
                               "--set", "settings.identification.epsilon=7")
     assert out_of_range.returncode == 2, out_of_range.stdout + out_of_range.stderr
     assert "refused the parameters" in out_of_range.stderr and "7" in out_of_range.stderr

@@ -192,7 +192,7 @@ def test_read_provenance_of_a_plain_model(tiny_llama_dir):
 def test_cli_finetune(tiny_llama_dir, tmp_path, cache_dir, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
-    from sparcom.cli import app
+    from cli.app import app
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     with prefect_test_harness(server_startup_timeout=120):

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.app import app
+from cli.trigger import merge_parameters, parse_assignments
 from flows.naming import describe, model_label
-from flows.trigger import merge_parameters, parse_assignments
-from sparcom.cli import app
 from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sparcom.cli import app
+from cli.app import app
 from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
 from sparcom.store import is_complete, open_store
 
@@ -96,8 +96,8 @@ def test_library_never_imports_prefect():
 
 
 def test_reruns_recompute_only_what_changed(tmp_path, prefect_harness, tiny_llama_dir, cache_dir, sample_records):
+    from cli.runs import task_run_states
     from flows.pipeline import sparcom_pipeline
-    from flows.runs import task_run_states
 
     dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
     settings = PipelineSettings(model=ModelSettings(name=str(tiny_llama_dir)), dataset=DatasetSettings(path=dataset),

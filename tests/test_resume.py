@@ -29,7 +29,7 @@ def many_records():
 
 
 def extract_command(model_dir, dataset, store, config, *extra):
-    return [sys.executable, "-m", "sparcom.cli", "extract", "--model", str(model_dir), "--dataset",
+    return [sys.executable, "-m", "cli.app", "extract", "--model", str(model_dir), "--dataset",
             str(dataset), "--out", str(store), "--config", str(config), *extra]
 
 

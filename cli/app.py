@@ -343,7 +343,7 @@ def trigger(
     exit 1 when the run ends Failed, Crashed or Cancelled."""
     import yaml
 
-    from flows.trigger import merge_parameters, parse_assignments, trigger as trigger_run  # Prefect only here
+    from cli.trigger import merge_parameters, parse_assignments, trigger as trigger_run  # Prefect only here
 
     try:
         _settings(config)  # a bad file is refused here, not on the worker
