@@ -7,8 +7,8 @@ from prefect import flow, get_run_logger
 
 from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
-from tasks.analysis import analyze_generality
 from tasks.caching import Stage, refreshed
+from tasks.generality import analyze_generality
 from tasks.identification import identify_components as select_components
 
 

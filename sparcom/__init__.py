@@ -2,7 +2,7 @@
 
 The library behind the pipeline, one module per stage; it knows nothing of Prefect:
 records/hexainst/dataset (curation), models/prompts/architectures/counting/extract/store
-(extraction), identify (selection rules), analysis and report (generality and uniqueness),
+(extraction), identify (selection rules), generality and report (generality and uniqueness),
 finetune, compare and compare_report (before and after fine-tuning).
 """
 

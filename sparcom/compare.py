@@ -24,7 +24,7 @@ import xarray as xr
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from sparcom.analysis import generality
+from sparcom.generality import generality
 from sparcom.identify import FAMILIES, GROUP, Family
 from sparcom.identify import families_in as identified_families
 

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from sparcom.analysis import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
+from sparcom.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
 from sparcom.identify import GROUP, Family
 from sparcom.store import save_zarr
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from sparcom.analysis import analyze, family_part, generality
 from sparcom.config import IdentificationSettings
+from sparcom.generality import analyze, family_part, generality
 from sparcom.identify import FAMILIES, group_frequencies, identify, identify_store, select, top_fraction_threshold
 from sparcom.report import report_generality
 
@@ -379,9 +379,9 @@ def test_report_of_a_moe_store_matches_set_arithmetic(tmp_path):
 
 
 def test_analysis_leaves_out_an_unaffordable_jaccard_matrix(monkeypatch):
-    import sparcom.analysis
+    import sparcom.generality
 
-    monkeypatch.setattr(sparcom.analysis, "JACCARD_MAX_WORK", 10)
+    monkeypatch.setattr(sparcom.generality, "JACCARD_MAX_WORK", 10)
     isn = xr.DataArray(np.ones((3, 2, 2), bool), dims=("group", "layer", "neuron"),
                        coords={"group": ["a", "b", "c"]})
     result = analyze(xr.Dataset({"isn": isn}))
