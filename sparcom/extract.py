@@ -35,7 +35,7 @@ from sparcom.models import (
     LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
-from sparcom.provenance import content_hash
+from sparcom.hashing import content_hash
 from sparcom.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.store import (
     StoreError, create_store, finalize_store, finished_shards, is_complete, open_store, shard_count,

@@ -36,7 +36,7 @@ from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, model_fingerprint, resolve_model
 from sparcom.prompts import prompt_ids
-from sparcom.provenance import content_hash
+from sparcom.hashing import content_hash
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"

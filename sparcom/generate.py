@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sparcom.dedup import canonical_text, jaccard, shingles
-from sparcom.provenance import content_hash
+from sparcom.hashing import content_hash
 from sparcom.records import InstructionRecord, record_problem
 
 ChatFunction = Callable[[list[dict[str, str]]], str]

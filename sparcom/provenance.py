@@ -1,10 +1,7 @@
 """Content keys: what each stage's result depends on, for caching and for naming outputs.
 
-- `content_hash(*parts)`: the sha256 of parts (settings models, strings, numbers) as sorted JSON.
-- `file_sha256(path)`: a file's sha256, read in blocks.
 - `code_version(stage)`: a hash of the source of the modules a stage runs, so editing the
   extraction code invalidates extractions and nothing else.
-- `input_fingerprint(path)`: a hash of a file's or a directory tree's content.
 - `curation_key`, `extraction_cache_key`, `identification_key`, `finetune_cache_key`,
   `result_key`: one key per stage, computed without running the stage (extraction's needs the
   weights' fingerprint, not the model).
@@ -21,29 +18,16 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from sparcom import __version__
+from sparcom.hashing import content_hash, input_fingerprint
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
     "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
     "identify": ("identify", "store", "cluster"),
-    "analyse": ("analysis", "report"),
+    "analyse": ("generality", "report"),
     "finetune": ("finetune", "models"),
     "compare": ("compare", "compare_report"),
 }
-
-
-def content_hash(*parts: object) -> str:
-    text = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version(stage: str) -> str:
@@ -54,16 +38,6 @@ def code_version(stage: str) -> str:
         except ModuleNotFoundError:
             continue
         digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()
-
-
-def input_fingerprint(path: Path) -> str:
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        digest.update(file_sha256(file).encode())
     return digest.hexdigest()
 
 

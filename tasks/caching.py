@@ -13,7 +13,7 @@ from typing import Literal
 
 from prefect import Task
 
-from sparcom.provenance import content_hash
+from sparcom.hashing import content_hash
 
 Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare"]
 
