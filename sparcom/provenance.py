@@ -25,8 +25,8 @@ from sparcom import __version__
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
     "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
-    "identify": ("identify", "store", "cluster"),
-    "analyse": ("analysis", "report"),
+    "identify": ("identify", "rules", "split_half", "template", "store", "cluster"),
+    "analyse": ("analysis", "split_half", "report"),
     "finetune": ("finetune", "models"),
     "compare": ("compare", "compare_report"),
 }

@@ -14,6 +14,7 @@
   and a group with fewer than m non-zero values selects just those.
 - `select_by(frequency, settings, layer_dim)`: the same, with the rule and parameters of settings.
 - `check_rule(settings, groups)`: refuse a rule that compares groups when there is only one.
+- `parameter_names(rule)`, `rule_parameters(settings or attrs)`: the parameters a rule uses.
 
 Works on numpy- and Dask-backed arrays alike; on Dask every result stays lazy except lape's three
 global scalars (k-th values over all groups and components), computed by a tree of top-k's.
@@ -185,11 +186,12 @@ def check_rule(settings, groups) -> None:
                          f"{settings.group_by!r} gives {len(groups)} group(s): {list(groups)}")
 
 
+def parameter_names(rule: str) -> tuple[str, ...]:
+    """The parameters a rule uses; the others are inert for it."""
+    return {"threshold": ("tau",), "lape": ("top_rate", "filter_rate", "bar_ratio")}.get(rule, ("epsilon",))
+
+
 def rule_parameters(settings) -> dict:
-    """The parameters the rule uses (the others are inert): for attributes, reports, comparisons."""
-    if settings.rule == "threshold":
-        return {"tau": settings.tau}
-    if settings.rule == "lape":
-        return {"top_rate": settings.top_rate, "filter_rate": settings.filter_rate,
-                "bar_ratio": settings.bar_ratio}
-    return {"epsilon": settings.epsilon}
+    """The rule's parameters and their values, from settings or from a result's attributes."""
+    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    return {name: get(name) for name in parameter_names(get("rule"))}

@@ -1,7 +1,7 @@
 """The chat template's share of the counted tokens: how much of a set can come from the tokens
 every prompt shares (the system prompt, role markers, the generation prompt).
 
-- `template_tokens(model_path)`: the tokens the chat template adds to a prompt (the prompt span
+- `template_tokens(path)`: the tokens the chat template adds to a prompt (the prompt span
   minus the content span, SPEC 2), the fewest over a few sample messages, from the tokenizer
   saved with the model.
 - `template_share(attrs, labels, token_total)`: template_share[group] = template tokens x the
@@ -13,20 +13,33 @@ every prompt shares (the system prompt, role markers, the generation prompt).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import xarray as xr
 
+from sparcom.config import default_cache_dir
 from sparcom.records import InstructionRecord
 
 SAMPLES = ("Summarize the text.", "What is 12 times 7?", "Write a Python function that adds two numbers.")
 
 
-def template_tokens(model_path: str) -> int:
+def _tokenizer_path(attrs: dict) -> Path:
+    """The model's own path, or for a .gguf file the converted copy extraction left in the
+    default cache (reading the tokenizer out of a GGUF file takes half a minute)."""
+    path = Path(attrs["model_path"])
+    converted = default_cache_dir() / "converted" / str(attrs.get("model_fingerprint"))[:16]
+    return converted if path.suffix == ".gguf" and (converted / "tokenizer_config.json").is_file() else path
+
+
+def template_tokens(model_path: Path) -> int:
     from transformers import AutoTokenizer
 
     from sparcom.prompts import tokenize_instruction
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    path = Path(model_path)
+    tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"
+                 else AutoTokenizer.from_pretrained(path))
     counts = []
     for k, text in enumerate(SAMPLES):
         record = InstructionRecord(id=f"template-{k}", category="QA", origin="ai", source="sample",
@@ -47,7 +60,7 @@ def template_share(attrs: dict, labels: np.ndarray, token_total: xr.DataArray
     if not attrs.get("chat_template", False):
         return None, {"template_share_left_out": "the model has no chat template (or the store does not say)"}
     try:
-        per_prompt = template_tokens(attrs["model_path"])
+        per_prompt = template_tokens(_tokenizer_path(attrs))
     except Exception as error:  # a moved model, a .gguf file, no tokenizer: say so, do not fail
         return None, {"template_share_left_out": f"tokenizer at {attrs.get('model_path')!r} "
                                                  f"not usable: {type(error).__name__}: {error}"}
