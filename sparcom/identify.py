@@ -89,9 +89,10 @@ def _contract(counts: xr.DataArray, one_hot: xr.DataArray) -> xr.DataArray:
     """sum over instructions of one_hot[instruction, x] * counts[instruction, ...], exact: float64
     holds every integer below 2**53. With Dask each chunk of the counts gives a partial sum and
     the partials are added in a tree, so memory is a few chunks whatever the store's size."""
+    counts = _plain(counts)
     if counts.chunks:
         one_hot = one_hot.chunk({INSTRUCTION: counts.chunksizes[INSTRUCTION]})
-    return xr.dot(one_hot, _plain(counts).astype(np.float64), dim=INSTRUCTION, optimize=True)
+    return xr.dot(one_hot, counts.astype(np.float64), dim=INSTRUCTION, optimize=True)
 
 
 def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:

@@ -34,7 +34,7 @@ def half_assignment(labels: np.ndarray, origins: np.ndarray | None, seeds: int
     if sizes.min() < MIN_GROUP_SIZE:
         small = groups[sizes < MIN_GROUP_SIZE]
         return None, (f"{len(small)} of {len(groups)} groups have fewer than {MIN_GROUP_SIZE} "
-                      f"instructions (e.g. {small[0]!r}: {sizes.min()}), too few to split in halves")
+                      f"instructions (e.g. {str(small[0])!r}: {sizes.min()}), too few to split in halves")
     strata = origins if origins is not None else np.zeros(len(labels), dtype=str)
     in_a = np.zeros((seeds, len(labels)), dtype=bool)
     for seed in range(seeds):
