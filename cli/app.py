@@ -28,9 +28,15 @@ ModelOption = Annotated[Optional[str], typer.Option(help="'default', hub id, dir
 SpanOption = Annotated[Optional[str], typer.Option(help="prompt, content or response")]
 DtypeOption = Annotated[Optional[str], typer.Option(help="auto, float32, float64, bfloat16, float16")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")]
-RuleOption = Annotated[Optional[str], typer.Option(help="global_percentile, layer_percentile or threshold")]
-EpsilonOption = Annotated[Optional[float], typer.Option(help="fraction kept by the percentile rules")]
+RuleOption = Annotated[Optional[str], typer.Option(
+    help="global_percentile, layer_percentile, threshold, lape or contrastive")]
+EpsilonOption = Annotated[Optional[float], typer.Option(
+    help="fraction kept by the percentile rules and contrastive, in (0, 1]")]
 TauOption = Annotated[Optional[float], typer.Option(help="frequency threshold of the threshold rule")]
+TopRateOption = Annotated[Optional[float], typer.Option(help="lape: fraction kept by entropy, in (0, 1)")]
+FilterRateOption = Annotated[Optional[float], typer.Option(help="lape: candidate quantile, in (0, 1)")]
+BarRatioOption = Annotated[Optional[float], typer.Option(help="lape: membership quantile, in (0, 1)")]
+SplitSeedsOption = Annotated[Optional[int], typer.Option(help="split-half reliability seeds (0: off)")]
 GroupOption = Annotated[Optional[str], typer.Option("--group-by", help="category, origin or instruction")]
 DaskAddressOption = Annotated[Optional[str], typer.Option(
     "--dask-address", help="an existing Dask scheduler (tcp://host:port); default: a local cluster")]
@@ -53,6 +59,10 @@ def run(
     rule: RuleOption = None,
     epsilon: EpsilonOption = None,
     tau: TauOption = None,
+    top_rate: TopRateOption = None,
+    filter_rate: FilterRateOption = None,
+    bar_ratio: BarRatioOption = None,
+    split_half_seeds: SplitSeedsOption = None,
     group_by: GroupOption = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="datasets, stores and run reports")] = None,
     dask_address: DaskAddressOption = None,
@@ -67,6 +77,8 @@ def run(
         config, model__name=model, dataset__path=dataset, extraction__span=span,
         extraction__dtype=dtype, extraction__device=device, identification__rule=rule,
         identification__epsilon=epsilon, identification__tau=tau, identification__group_by=group_by,
+        identification__top_rate=top_rate, identification__filter_rate=filter_rate,
+        identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare)
     from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
 
@@ -116,6 +128,10 @@ def identify(
     rule: RuleOption = None,
     epsilon: EpsilonOption = None,
     tau: TauOption = None,
+    top_rate: TopRateOption = None,
+    filter_rate: FilterRateOption = None,
+    bar_ratio: BarRatioOption = None,
+    split_half_seeds: SplitSeedsOption = None,
     group_by: GroupOption = None,
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,
@@ -128,6 +144,9 @@ def identify(
 
     settings = _settings(config, identification__rule=rule, identification__epsilon=epsilon,
                          identification__tau=tau, identification__group_by=group_by,
+                         identification__top_rate=top_rate, identification__filter_rate=filter_rate,
+                         identification__bar_ratio=bar_ratio,
+                         identification__split_half_seeds=split_half_seeds,
                          dask__address=dask_address, dask__n_workers=dask_workers)
     with dask_cluster(settings.dask):
         components = identify_store(store, settings.identification, out)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from sparcom.generality import generality
 from sparcom.identify import FAMILIES, GROUP, Family
 from sparcom.identify import families_in as identified_families
+from sparcom.rules import parameter_names
 
 PAIRS_FILE = Path(__file__).parent / "data" / "model_pairs.yaml"
 STATUS_MEANINGS = "absent kept gained lost"  # codes 0..3 of the `<set>_status` variables
@@ -106,9 +107,8 @@ def check_components_compatible(base: xr.Dataset, tuned: xr.Dataset) -> None:
     names = {"architecture": "architecture", "dataset_hash": "dataset hash",
              "token_span": "token span", "group_by": "grouping", "rule": "selection rule"}
     rule = base.attrs.get("rule")
-    if rule == tuned.attrs.get("rule"):  # the parameter the rule uses; the other one is inert
-        parameter = "tau" if rule == "threshold" else "epsilon"
-        names[parameter] = parameter
+    if rule == tuned.attrs.get("rule"):  # the parameters the rule uses; the others are inert
+        names.update({parameter: parameter for parameter in parameter_names(rule)})
     differences = _attribute_differences(base, tuned, names)
     differences += _shape_differences(base, tuned, tuple(f.selected for f in FAMILIES))
     if not np.array_equal(base[GROUP].values, tuned[GROUP].values):
@@ -223,7 +223,8 @@ def compare_components(base: xr.Dataset, tuned: xr.Dataset) -> xr.Dataset:
         parts.append(xr.Dataset({"expert_selection_js": selection}))
     parts.append(xr.Dataset({"token_total_base": base.token_total, "token_total_tuned": tuned.token_total}))
     result = xr.merge(parts, combine_attrs="drop")
-    shared = ("dataset_hash", "token_span", "group_by", "rule", "epsilon", "tau", "architecture")
+    shared = ("dataset_hash", "token_span", "group_by", "rule", "epsilon", "tau", "top_rate", "filter_rate",
+              "bar_ratio", "architecture")
     result.attrs = {
         **{key: base.attrs[key] for key in shared if key in base.attrs},
         **{f"base_{key}": base.attrs.get(key, "") for key in ("model", "model_fingerprint")},

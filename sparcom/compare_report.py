@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from sparcom.compare import compare_components, families_in, top_movers
 from sparcom.identify import GROUP, Family
+from sparcom.rules import rule_parameters
 from sparcom.store import save_zarr
 
 MEASURES = {
@@ -226,7 +227,7 @@ def markdown_comparison(summary: dict) -> str:
         f"Base `{summary.get('base_model')}` (fingerprint `{str(summary.get('base_model_fingerprint'))[:12]}`) "
         f"vs tuned `{summary.get('tuned_model')}` (fingerprint `{str(summary.get('tuned_model_fingerprint'))[:12]}`); "
         f"dataset `{str(summary.get('dataset_hash'))[:12]}`, span `{summary.get('token_span')}`, "
-        f"rule `{summary.get('rule')}` (epsilon {summary.get('epsilon')}, tau {summary.get('tau')}), "
+        f"rule `{summary.get('rule')}` ({', '.join(f'{k} {v}' for k, v in rule_parameters(summary).items())}), "
         f"grouped by {summary.get('group_by')}.",
         "**What changed.** " + summary["note"],
     ]

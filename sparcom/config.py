@@ -19,7 +19,7 @@ from sparcom.sources import SourceSpec, default_sources
 
 TokenSpan = Literal["prompt", "content", "response"]
 DType = Literal["auto", "float32", "float64", "bfloat16", "float16"]
-SelectionRule = Literal["global_percentile", "threshold", "layer_percentile"]
+SelectionRule = Literal["global_percentile", "threshold", "layer_percentile", "lape", "contrastive"]
 Category = Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
 
 
@@ -74,7 +74,12 @@ class IdentificationSettings(StrictModel):
     rule: SelectionRule = "global_percentile"
     epsilon: float = Field(0.01, gt=0, le=1, description="fraction kept by the percentile rules")
     tau: float = Field(0.5, gt=0, le=1, description="frequency threshold of the 'threshold' rule")
+    # lape's three rates, defaults as in the released identify.py of Tang et al. 2024 (SPEC 4a)
+    top_rate: float = Field(0.01, gt=0, lt=1, description="lape: fraction of components kept by entropy")
+    filter_rate: float = Field(0.95, gt=0, lt=1, description="lape: quantile a candidate's frequency exceeds")
+    bar_ratio: float = Field(0.95, gt=0, lt=1, description="lape: quantile a member's frequency exceeds")
     group_by: Literal["category", "origin", "instruction"] = "category"
+    split_half_seeds: int = Field(5, ge=0, description="split-half reliability: seeds (0: off)")
 
 
 class DaskSettings(StrictModel):

@@ -6,7 +6,11 @@
   set's distribution over layers and, where there is an `expert` dim, over experts.
 - `analyze(components)`: `generality` of every component family in a components dataset, merged
   into one dataset whose names carry the family's name (`neurons_general`, `experts_jaccard`,
-  `expert_neurons_unique`, ...). Lazy (Dask) when the components are.
+  `expert_neurons_unique`, ...). Lazy (Dask) when the components are. Where identification
+  split the groups in halves, also the split-half reliability (`neurons_split_within[group]`,
+  `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, SPEC 4b), and
+  where the template's share of the counted tokens is known, `neurons_template_level[group]`:
+  set members whose frequency is at or below it (they could owe their place to the template).
 - `family_part(analysis, family)`: one family's variables back under their own names.
 """
 
@@ -16,8 +20,8 @@ import numpy as np
 import xarray as xr
 
 from sparcom.identify import FAMILIES, GROUP, Family, families_in
+from sparcom.split_half import OTHER, SPLIT_JACCARD, cross_jaccard, reliability
 
-OTHER = "other_group"
 EXPERT = "expert"
 # The Jaccard matrix costs groups^2 x components multiply-adds; above this (per-instruction sets
 # of a large model) it is left out and the analysis says so in its attributes.
@@ -26,12 +30,7 @@ JACCARD_MAX_WORK = 2e11
 
 def jaccard_matrix(selected: xr.DataArray, component_dims: list[str]) -> xr.DataArray:
     """|A & B| / |A | B| for every pair of groups; NaN where both sets are empty."""
-    members = selected.astype(np.float64)  # exact: counts stay far below 2**53
-    other = members.rename({GROUP: OTHER})
-    intersection = xr.dot(members, other, dim=component_dims, optimize=True)
-    sizes = members.sum(component_dims)
-    union = sizes + sizes.rename({GROUP: OTHER}) - intersection
-    return intersection / union.where(union > 0)
+    return cross_jaccard(selected, selected, component_dims)
 
 
 def _share(part: xr.DataArray, whole: xr.DataArray) -> xr.DataArray:
@@ -96,6 +95,12 @@ def analyze(components: xr.Dataset) -> xr.Dataset:
         selected = components[family.selected].reset_coords(drop=True)
         dims = tuple(d for d in selected.dims if d != GROUP)
         part = generality(selected, dims, family.layer_dim)
+        if f"{family.name}_{SPLIT_JACCARD}" in components:
+            part = part.merge(reliability(components[f"{family.name}_{SPLIT_JACCARD}"]))
+        if "template_share" in components:
+            at_template_level = components[family.frequency] <= components.template_share
+            part["template_level"] = (selected & at_template_level.reset_coords(drop=True)).sum(
+                dims, dtype=np.int64)
         attrs.update({prefix(family) + key: value for key, value in part.attrs.items()})
         parts.append(part.rename({name: prefix(family) + name for name in part.data_vars}))
     return xr.merge(parts, combine_attrs="drop").assign_attrs(attrs)

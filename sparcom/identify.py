@@ -1,42 +1,44 @@
-"""Instruction-specific components: frequencies per group and the selection rules (SPEC 2, 3).
+"""Instruction-specific components: frequencies per group, the sets, their split-half reliability
+(SPEC 2, 3, 4a, 4b).
 
 - `FAMILIES`: the component families a store may hold (dense neurons, routed experts, neurons of
   routed experts, neurons of shared experts) and the names of their outputs (naming contract).
 - `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
   tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
   contract a one-hot group matrix with the counts one chunk at a time, so memory stays bounded.
-- `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
-- `select(frequency, rule, epsilon, tau, layer_dim)`: the boolean sets and their thresholds.
-  global_percentile: per group, keep p >= the m-th largest of all layers' frequencies, ties
-                     included (the paper's rule); layer_percentile: the same within each layer;
-  threshold:         p >= tau.
-  A group (or, per layer, a layer) whose frequencies are all zero selects nothing.
-- `identify(store, settings)`: every family, rule and store provenance in the attributes (lazy).
-- `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` chunk by
-  chunk on the current Dask scheduler (see `sparcom.cluster`); frequencies first, then the
+- `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
+  the counts: per group, and per split-half seed each group's half A (half B is the rest).
+- The selection rules live in `sparcom.rules` (`select`, `top_fraction_threshold`).
+- `identify(store, settings)`: every family's frequencies, sets and thresholds, the split-half
+  Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`), the template's share of the counted
+  tokens where it is known, with the rule, its parameters and the store's provenance in the
+  attributes. Grouped by category or origin everything after the one pass is small and in
+  memory; grouped by instruction the frequencies are the counts themselves and stay lazy.
+- `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` on the
+  current Dask scheduler (see `sparcom.cluster`); per instruction, frequencies first, then the
   selection from the written frequencies, so no step holds more than one group's components.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import xarray as xr
 import zarr
 
 from sparcom.config import IdentificationSettings
+from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401
+from sparcom.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
 from sparcom.store import open_store
+from sparcom.template import template_share
 
-GROUP = "group"
 INSTRUCTION = "instruction"
-EPSILON_TOLERANCE = 1e-9
-# Selection reads whole groups (all components of a group, or of a group's layer) in blocks of
-# about this size.
-SELECTION_BLOCK_BYTES = 64 * 2**20
+COLUMN = "sum_column"
+ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
 
@@ -79,18 +81,26 @@ def _group_labels(store: xr.Dataset, by: str) -> np.ndarray:
     return labels
 
 
-def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
-    """Summed counts per group (groups sorted), exact: float64 holds every integer below 2**53.
+def _one_hot(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    return labels[:, None] == groups[None, :]
 
-    A one-hot matrix one_hot[instruction, group], chunked like the counts, is contracted with
-    them; with Dask each chunk gives a partial sum per group and the partials are added in a
-    tree, so memory is a few chunks whatever the store's size."""
-    groups = np.unique(labels)
-    one_hot = xr.DataArray((labels[:, None] == groups[None, :]).astype(np.float64),
-                           dims=(INSTRUCTION, GROUP), coords={GROUP: groups.astype(object)})
+
+def _contract(counts: xr.DataArray, one_hot: xr.DataArray) -> xr.DataArray:
+    """sum over instructions of one_hot[instruction, x] * counts[instruction, ...], exact: float64
+    holds every integer below 2**53. With Dask each chunk of the counts gives a partial sum and
+    the partials are added in a tree, so memory is a few chunks whatever the store's size."""
+    counts = _plain(counts)
     if counts.chunks:
-        one_hot = one_hot.chunk({INSTRUCTION: counts.chunksizes[INSTRUCTION], GROUP: -1})
-    return xr.dot(one_hot, _plain(counts).astype(np.float64), dim=INSTRUCTION, optimize=True)
+        one_hot = one_hot.chunk({INSTRUCTION: counts.chunksizes[INSTRUCTION]})
+    return xr.dot(one_hot, counts.astype(np.float64), dim=INSTRUCTION, optimize=True)
+
+
+def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
+    """Summed counts per group (groups sorted), lazy when the counts are."""
+    groups = np.unique(labels)
+    one_hot = xr.DataArray(_one_hot(labels, groups).astype(np.float64), dims=(INSTRUCTION, GROUP),
+                           coords={GROUP: groups.astype(object)})
+    return _contract(counts, one_hot)
 
 
 def _per_instruction(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
@@ -103,15 +113,18 @@ def _plain(counts: xr.DataArray) -> xr.DataArray:
     return counts.drop_vars([c for c in counts.coords if INSTRUCTION in counts[c].dims])
 
 
+def _frequency(sums: xr.DataArray, tokens: xr.DataArray) -> xr.DataArray:
+    return (sums / tokens.where(tokens > 0)).fillna(0.0)
+
+
 def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
     """token_total[group] and, per family in the store, frequency[group, ...] (lazy)."""
     labels = _group_labels(store, by)
     sums = _per_instruction if by == INSTRUCTION else group_sums
     token_total = sums(store.token_count, labels).compute()
     result = xr.Dataset({"token_total": token_total.astype(np.uint64)})
-    denominator = token_total.where(token_total > 0)
     for family in families_in(store):
-        frequency = (sums(store[family.count], labels) / denominator).fillna(0.0)
+        frequency = _frequency(sums(store[family.count], labels), token_total)
         result[family.frequency] = frequency.transpose(GROUP, *family.component_dims(store))
     if by == INSTRUCTION:
         result = result.assign_coords({c: (GROUP, store[c].values) for c in ("category", "origin")
@@ -119,70 +132,58 @@ def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
     return result
 
 
-def top_fraction_threshold(values: np.ndarray, epsilon: float) -> float:
-    """The m-th largest value of `values` (flattened), m = max(1, ceil(epsilon * N - 1e-9))."""
-    return float(_row_thresholds(np.reshape(values, (1, -1)), epsilon)[0])
+def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray | None) -> xr.Dataset:
+    """In memory, from one read of every count variable: `token_total[group]` and per family
+    `<count>[group, ...]`; with halves (in_half_a[split_seed, instruction]) also
+    `half_tokens[split_seed, group]` and `<count>_half_a[split_seed, group, ...]`.
 
-
-def _row_thresholds(rows: np.ndarray, epsilon: float) -> np.ndarray:
-    n = rows.shape[-1]
-    m = max(1, math.ceil(epsilon * n - EPSILON_TOLERANCE))
-    return np.partition(rows, n - m, axis=-1)[..., n - m]
-
-
-def _select_block(block: np.ndarray, n_core: int, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
-    """Selection within every run of the last `n_core` axes of a block: (selected, threshold)."""
-    leading = block.shape[:block.ndim - n_core]
-    rows = block.reshape(*leading, -1)
-    threshold = _row_thresholds(rows, epsilon)
-    selected = (rows >= threshold[..., None]) & (rows.max(axis=-1, initial=0.0) > 0)[..., None]
-    return selected.reshape(block.shape), threshold
-
-
-def _whole_along(frequency: xr.DataArray, core: list[str]) -> xr.DataArray:
-    """Rechunk so each block holds whole runs of the core dims, about SELECTION_BLOCK_BYTES."""
-    if not frequency.chunks:
-        return frequency
-    run_bytes = frequency.dtype.itemsize * math.prod(frequency.sizes[d] for d in core)
-    leading = [d for d in frequency.dims if d not in core]
-    runs_per_block = max(1, SELECTION_BLOCK_BYTES // run_bytes)
-    chunks = {d: -1 for d in core}
-    for dim in reversed(leading):  # fill the innermost leading dims first
-        chunks[dim] = min(frequency.sizes[dim], runs_per_block)
-        runs_per_block = max(1, runs_per_block // frequency.sizes[dim])
-    return frequency.chunk(chunks)
-
-
-def select(frequency: xr.DataArray, rule: str, epsilon: float = 0.01, tau: float = 0.5,
-           layer_dim: str = "layer") -> xr.Dataset:
-    """`selected` (boolean, like `frequency`) and `threshold` (per group; per group and layer
-    for layer_percentile). Lazy when `frequency` is."""
-    component_dims = [d for d in frequency.dims if d != GROUP]
-    if rule == "threshold":
-        first = frequency[{d: 0 for d in component_dims}].drop_vars(component_dims, errors="ignore")
-        return xr.Dataset({"selected": frequency >= tau,
-                           "threshold": xr.full_like(first, tau, dtype=np.float64)})
-    if rule == "global_percentile":
-        core = component_dims
-    elif rule == "layer_percentile":
-        core = [d for d in component_dims if d != layer_dim]
-    else:
-        raise ValueError(f"unknown selection rule {rule!r}")
-    selected, threshold = xr.apply_ufunc(
-        _select_block, _whole_along(frequency, core), kwargs={"n_core": len(core), "epsilon": epsilon},
-        input_core_dims=[core], output_core_dims=[core, []], dask="parallelized",
-        output_dtypes=[bool, np.float64])
-    return xr.Dataset({"selected": selected.transpose(*frequency.dims), "threshold": threshold})
+    One matrix [instruction, column] holds a column per group and, per seed, a column per
+    group's half A, so the counts are contracted once for all of them."""
+    groups = np.unique(labels)
+    member = _one_hot(labels, groups)
+    seeds = 0 if in_half_a is None else len(in_half_a)
+    matrix = np.concatenate([member] + [member & in_a[:, None] for in_a in (in_half_a if seeds else [])],
+                            axis=1).astype(np.float64)
+    coords = {GROUP: groups.astype(object)}
+    tokens = matrix.T @ store.token_count.values.astype(np.float64)
+    one_hot = xr.DataArray(matrix, dims=(INSTRUCTION, COLUMN))
+    families = families_in(store)
+    computed = dask.compute(*[_contract(store[f.count], one_hot) for f in families])
+    result = xr.Dataset({"token_total": (GROUP, tokens[:len(groups)])}, coords=coords)
+    if seeds:
+        result["half_tokens"] = ((SEED, GROUP), tokens[len(groups):].reshape(seeds, len(groups)))
+    for family, sums in zip(families, computed):
+        sums = sums.transpose(COLUMN, ...)
+        dims = sums.dims[1:]
+        result[family.count] = ((GROUP, *dims), sums.values[:len(groups)])
+        if seeds:
+            result[f"{family.count}_half_a"] = (
+                (SEED, GROUP, *dims), sums.values[len(groups):].reshape(seeds, len(groups), *sums.shape[1:]))
+    return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 
 def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
     result = xr.Dataset()
     for family in families_in(frequencies, by="frequency"):
-        chosen = select(frequencies[family.frequency], settings.rule, settings.epsilon, settings.tau,
-                        family.layer_dim)
+        chosen = select_by(frequencies[family.frequency], settings, family.layer_dim)
         result[family.selected] = chosen.selected
         result[family.threshold] = chosen.threshold
     return result.reset_coords(drop=True)  # leave the non-index coordinates where they are
+
+
+def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSettings) -> xr.DataArray:
+    """J(g_A, h_B)[split_seed, group, other_group]: each half selected with the same rule, all
+    groups' A halves together (the rules that compare groups compare halves with halves)."""
+    whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
+    dims = [d for d in whole.dims if d != GROUP]
+    per_seed = []
+    for seed in range(sums.sizes[SEED]):
+        a_tokens = sums.half_tokens.isel({SEED: seed}, drop=True)
+        a = select_by(_frequency(half_a.isel({SEED: seed}, drop=True), a_tokens), settings, family.layer_dim)
+        b = select_by(_frequency(whole - half_a.isel({SEED: seed}, drop=True), sums.token_total - a_tokens),
+                      settings, family.layer_dim)
+        per_seed.append(cross_jaccard(a.selected, b.selected, dims))
+    return xr.concat(per_seed, SEED)
 
 
 def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
@@ -192,6 +193,10 @@ def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
         "rule": settings.rule,
         "epsilon": settings.epsilon,
         "tau": settings.tau,
+        "top_rate": settings.top_rate,
+        "filter_rate": settings.filter_rate,
+        "bar_ratio": settings.bar_ratio,
+        "split_half_seeds": settings.split_half_seeds,
     }
 
 
@@ -202,13 +207,40 @@ def _check_store(store: xr.Dataset, where: object) -> None:
         raise ValueError(f"{where}: no token_count variable")
 
 
+def _checked_labels(store: xr.Dataset, settings: IdentificationSettings, where: object) -> np.ndarray:
+    """The group labels, after every check that needs no counts: bad input fails before work."""
+    _check_store(store, where)
+    labels = _group_labels(store, settings.group_by)
+    check_rule(settings, np.unique(labels))
+    return labels
+
+
 def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
-    """Frequencies, sets and thresholds of every family in the store (lazy when it is)."""
-    _check_store(store, "store")
-    frequencies = group_frequencies(store, settings.group_by)
+    """Frequencies, sets and thresholds of every family, and their split-half Jaccard values
+    (lazy only when grouped by instruction)."""
+    labels = _checked_labels(store, settings, "store")
+    attrs = _attrs(store, settings)
+    if settings.group_by == INSTRUCTION:
+        frequencies = group_frequencies(store, INSTRUCTION)
+        attrs["split_half_left_out"] = ONE_PER_GROUP
+        return xr.merge([frequencies, _selection(frequencies, settings)]).assign_attrs(attrs)
+    origins = _group_labels(store, "origin") if "origin" in store.coords else None
+    in_half_a, left_out = half_assignment(labels, origins, settings.split_half_seeds)
+    sums = one_pass_sums(store, labels, in_half_a)
+    families = families_in(store)
+    frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
+        f.frequency: _frequency(sums[f.count], sums.token_total) for f in families}})
     result = xr.merge([frequencies, _selection(frequencies, settings)])
-    result.attrs = _attrs(store, settings)
-    return result
+    if left_out:
+        attrs["split_half_left_out"] = left_out
+    else:
+        for family in families:
+            result[f"{family.name}_{SPLIT_JACCARD}"] = _split_jaccard(sums, family, settings)
+    share, reason = template_share(store.attrs, labels, sums.token_total)
+    if share is not None:
+        result["template_share"] = share
+    attrs.update(reason)
+    return result.assign_attrs(attrs)
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
@@ -222,14 +254,17 @@ def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
 def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: Path) -> Path:
     """Write `out_dir/components.zarr`; computes on the current Dask scheduler."""
     store = open_store(store_path)
-    _check_store(store, store_path)
+    _checked_labels(store, settings, store_path)
     path = Path(out_dir) / "components.zarr"
     path.parent.mkdir(parents=True, exist_ok=True)
-    frequencies = group_frequencies(store, settings.group_by)
-    frequencies.attrs = _attrs(store, settings)
-    _write_zarr(frequencies, path, mode="w")
-    written = xr.open_zarr(path, consolidated=False)
-    _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+    if settings.group_by == INSTRUCTION:
+        frequencies = group_frequencies(store, settings.group_by)
+        frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
+        _write_zarr(frequencies, path, mode="w")
+        written = xr.open_zarr(path, consolidated=False)
+        _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+    else:
+        _write_zarr(identify(store, settings), path, mode="w")
     with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
         warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(path)

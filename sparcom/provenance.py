@@ -23,8 +23,8 @@ from sparcom.hashing import content_hash, input_fingerprint
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
     "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
-    "identify": ("identify", "store", "cluster"),
-    "analyse": ("generality", "report"),
+    "identify": ("identify", "rules", "split_half", "template", "store", "cluster"),
+    "analyse": ("generality", "split_half", "report"),
     "finetune": ("finetune", "models"),
     "compare": ("compare", "compare_report"),
 }

@@ -3,11 +3,12 @@
 - `summarize(components, analysis)`: the headline figures as plain data, per component family
   (`summary["families"]`); the dense family's figures also at the top level.
 - `markdown_report(summary)`: per family the general count, set sizes and unique counts, counts
-  per layer, the distribution over experts and the Jaccard matrix.
+  per layer, the distribution over experts, the Jaccard matrix and the split-half reliability
+  ("is this set specific to its group?"), with the template's share of the counted tokens.
 - `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts).
 - `write_report(components, analysis, out_dir)`: all of it on disk: `generality.zarr`, Parquet
-  tables under `tables/`, `summary.json`, `report.md`, `jaccard.png`, `layers.png` and, for MoE
-  stores, `experts.png`.
+  tables under `tables/`, `summary.json`, `report.md`, `jaccard.png`, `layers.png`,
+  `split_half.png` where the groups were split and, for MoE stores, `experts.png`.
 - `report_generality(components_path, out_dir)`: the stage: analysis of saved components,
   reported; the big arrays are computed and written chunk by chunk on the current Dask scheduler.
 """
@@ -24,6 +25,7 @@ from matplotlib.figure import Figure
 
 from sparcom.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
 from sparcom.identify import GROUP, Family
+from sparcom.rules import rule_parameters
 from sparcom.store import save_zarr
 
 TITLES = {
@@ -67,6 +69,13 @@ def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, gr
                               for i, a in enumerate(groups)}
     if "set_size_per_expert" in part:
         summary["set_size_per_expert"] = _per_group(part.set_size_per_expert, groups)
+    if "specificity_gap" in part:
+        summary["split_half"] = {g: {"within": _rounded(part.split_within.sel({GROUP: g})),
+                                     "cross": _rounded(part.split_cross.sel({GROUP: g}).mean(OTHER)),
+                                     "gap": _rounded(part.specificity_gap.sel({GROUP: g}))}
+                                 for g in groups}
+    if "template_level" in part:
+        summary["template_level"] = _per_group(part.template_level, groups)
     return summary
 
 
@@ -75,6 +84,9 @@ def summarize(components: xr.Dataset, analysis: xr.Dataset) -> dict:
     families = {f.name: _family_summary(f, components, family_part(analysis, f), groups)
                 for f in analyzed_families(analysis)}
     summary = {**analysis.attrs, "groups": groups, "families": families}
+    if "template_share" in components:
+        summary["template_share"] = {g: _rounded(v) for g, v in
+                                     _per_group(components.template_share.load(), groups).items()}
     if "neurons" in families:  # the dense headline, where the pipeline's readers expect it
         dense = families["neurons"]
         summary.update({
@@ -118,13 +130,48 @@ def _family_markdown(name: str, family: dict, groups: list[str]) -> str:
     else:
         sections.append(f"{len(groups)} groups: the per-layer, per-expert and Jaccard tables are "
                         "in `tables/` and `generality.zarr`.")
+    if "split_half" in family:
+        sections.append(_split_half_markdown(plural, family, groups))
     return "\n\n".join(sections)
+
+
+def _split_half_markdown(plural: str, family: dict, groups: list[str]) -> str:
+    """Is this set specific to its group? Within-group against cross-group split-half Jaccard."""
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [[g, cell(r["within"]), cell(r["cross"]), cell(r["gap"]),
+             "-" if r["gap"] is None else ("yes" if r["gap"] > 0 else "**no**")]
+            for g, r in family["split_half"].items()]
+    return (f"Is this set specific to its group? Split-half reliability: each group's instructions in "
+            f"two halves (by seed, stratified by origin), {plural} selected on each half with the same "
+            "rule; within = J(g_A, g_B), cross = mean J(g_A, h_B) over the other groups, gap = within "
+            "- cross, averaged over seeds. A gap not above 0 means the set is not specific to its "
+            "group, whatever its size.\n\n" + _table(["group", "within", "cross", "gap", "specific"], rows))
+
+
+def _template_markdown(summary: dict) -> str | None:
+    """How much of each set the template tokens (shared by every prompt) could account for."""
+    if "template_share" not in summary:
+        reason = summary.get("template_share_left_out")
+        return f"Template share: not known ({reason})." if reason else None
+    groups = summary["groups"]
+    names = [n for n, f in summary["families"].items() if "template_level" in f]
+    rows = [[g, f"{summary['template_share'][g]:.3f}"]
+            + [f"{summary['families'][n]['template_level'][g]} of {summary['families'][n]['set_size'][g]}"
+               for n in names] for g in groups]
+    return (f"Template share: the chat template adds {summary['template_tokens_per_prompt']} tokens to "
+            "every prompt, this share of each group's counted tokens. A component active on every "
+            "template token and on nothing else has exactly that frequency, so set members at or "
+            "below it could owe their place to the template alone; members above it are active on "
+            "the instructions' own text.\n\n"
+            + _table(["group", "template share"] + [f"{TITLES[n][0]} at or below it" for n in names], rows))
 
 
 def markdown_report(summary: dict) -> str:
     groups = summary["groups"]
     rule = summary["rule"]
-    parameter = f"tau = {summary['tau']}" if rule == "threshold" else f"epsilon = {summary['epsilon']}"
+    parameter = ", ".join(f"{k} = {v}" for k, v in rule_parameters(summary).items())
     header = [
         "# SPARCOM: instruction-specific components",
         f"Model `{summary.get('model')}` (fingerprint `{str(summary.get('model_fingerprint'))[:12]}`), "
@@ -132,8 +179,11 @@ def markdown_report(summary: dict) -> str:
         f"Selection: `{rule}`, {parameter}, grouped by {summary['group_by']} ({len(groups)} groups).",
     ]
     left_out = [f"Left out: {v}." for k, v in summary.items() if k.endswith("jaccard_left_out")]
+    if "split_half_left_out" in summary:
+        left_out.append(f"Split-half reliability left out: {summary['split_half_left_out']}.")
+    template = [t for t in [_template_markdown(summary)] if t]
     families = [_family_markdown(name, family, groups) for name, family in summary["families"].items()]
-    return "\n\n".join(header + left_out + families) + "\n"
+    return "\n\n".join(header + left_out + template + families) + "\n"
 
 
 def artifact_tables(summary: dict) -> dict[str, dict]:
@@ -169,6 +219,8 @@ def write_tables(analysis: xr.Dataset, families: list[Family], out_dir: Path) ->
         if "set_size_per_expert" in part:
             frames["experts"] = xr.Dataset({"set_size": part.set_size_per_expert,
                                             "share": part.expert_distribution})
+        if "specificity_gap" in part:
+            frames["split_half"] = xr.Dataset({"within": part.split_within, "specificity_gap": part.specificity_gap})
         for kind, frame in frames.items():
             path = out_dir / f"{family.name}_{kind}.parquet"
             frame.to_dataframe().reset_index().to_parquet(path, index=False)
@@ -238,6 +290,23 @@ def plot_experts(parts: dict[str, xr.Dataset], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_split_half(parts: dict[str, xr.Dataset], path: Path) -> None:
+    """Per family and group: within-group against mean cross-group split-half Jaccard."""
+    figure, axes_list = _grid(len(parts), 6, 4)
+    for axes, (name, part) in zip(axes_list, parts.items()):
+        groups = [str(g) for g in part[GROUP].values]
+        where = np.arange(len(groups))
+        axes.bar(where - 0.2, part.split_within.values, 0.4, label="within: J(g_A, g_B)")
+        axes.bar(where + 0.2, part.split_cross.mean(OTHER).values, 0.4, label="cross: mean J(g_A, h_B)")
+        if len(groups) <= MAX_GROUPS_SHOWN:
+            axes.set_xticks(where, groups, rotation=45)
+        axes.set_ylim(0, 1)
+        axes.set_ylabel("Jaccard of the halves' sets")
+        axes.set_title(f"Is the set specific to its group? {TITLES[name][0]}")
+        axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
 def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) -> dict:
     """Write data, tables, summary, report and plots; return the summary with the files' paths.
     `components` and `analysis` may be lazy: the large arrays are written chunk by chunk."""
@@ -251,6 +320,10 @@ def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) ->
     summary = summarize(components, small)
     files = {name: str(out_dir / name) for name in ("summary.json", "report.md", "jaccard.png",
                                                      "layers.png", "generality.zarr")}
+    split = {name: part for name, part in parts.items() if "specificity_gap" in part}
+    if split:
+        files["split_half.png"] = str(out_dir / "split_half.png")
+        plot_split_half(split, out_dir / "split_half.png")
     moe = {name: part for name, part in parts.items() if "set_size_per_layer_expert" in part}
     if moe:
         files["experts.png"] = str(out_dir / "experts.png")

@@ -86,12 +86,10 @@ def naive_frequency(counts: np.ndarray, tokens: np.ndarray, rows: np.ndarray) ->
 
 
 def naive_global_selection(frequency: np.ndarray, epsilon: float) -> np.ndarray:
-    """Sort descending, take the m-th value, keep everything at or above it."""
+    """Sort descending, take the m-th value, keep everything at or above it that is not zero."""
     flat = sorted(frequency.ravel().tolist(), reverse=True)
-    if flat[0] == 0:
-        return np.zeros_like(frequency, dtype=bool)
     m = max(1, math.ceil(epsilon * len(flat) - 1e-9))
-    return frequency >= flat[m - 1]
+    return (frequency >= flat[m - 1]) & (frequency > 0)
 
 
 def naive_selection(frequency: np.ndarray, rule: str, epsilon: float, tau: float) -> np.ndarray:

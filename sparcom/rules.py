@@ -1,0 +1,197 @@
+"""Selection rules: each group's set of components from frequency[group, *components] (SPEC 2, 4a).
+
+- `RULES`, `COMPARING_RULES`: the rule names, and those that compare groups (need two or more).
+- `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
+- `select(frequency, rule, ...)`: the boolean sets (`selected`, like `frequency`) and `threshold`.
+  global_percentile: per group, p >= the m-th largest frequency of all layers, ties included (the
+                     paper's rule); layer_percentile: the same within each layer;
+  threshold:         p >= tau;
+  contrastive:       per group, the margin s = p - (largest p of the other groups) at or above its
+                     m-th largest value over all components;
+  lape:              the entropy rule of the language-specific-neuron method (Tang et al. 2024),
+                     thresholds global over all groups and components.
+  Every rule keeps only p > 0 (s > 0 for contrastive): a never-active component is never selected,
+  and a group with fewer than m non-zero values selects just those.
+- `select_by(frequency, settings, layer_dim)`: the same, with the rule and parameters of settings.
+- `check_rule(settings, groups)`: refuse a rule that compares groups when there is only one.
+- `parameter_names(rule)`, `rule_parameters(settings or attrs)`: the parameters a rule uses.
+
+Works on numpy- and Dask-backed arrays alike; on Dask every result stays lazy except lape's three
+global scalars (k-th values over all groups and components), computed by a tree of top-k's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+GROUP = "group"
+RULES = ("global_percentile", "layer_percentile", "threshold", "lape", "contrastive")
+COMPARING_RULES = ("lape", "contrastive")
+EPSILON_TOLERANCE = 1e-9
+# Percentile selection reads whole groups (all components of a group, or of a group's layer) in
+# blocks of about this size.
+SELECTION_BLOCK_BYTES = 64 * 2**20
+
+
+def top_count(epsilon: float, n: int) -> int:
+    """m of SPEC section 2: the number of values a fraction epsilon keeps, at least 1."""
+    return max(1, math.ceil(epsilon * n - EPSILON_TOLERANCE))
+
+
+def top_fraction_threshold(values: np.ndarray, epsilon: float) -> float:
+    """The m-th largest value of `values` (flattened), m = max(1, ceil(epsilon * N - 1e-9))."""
+    return float(_row_thresholds(np.reshape(values, (1, -1)), epsilon)[0])
+
+
+def _row_thresholds(rows: np.ndarray, epsilon: float) -> np.ndarray:
+    n = rows.shape[-1]
+    return np.partition(rows, n - top_count(epsilon, n), axis=-1)[..., n - top_count(epsilon, n)]
+
+
+def _select_block(block: np.ndarray, n_core: int, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Selection within every run of the last `n_core` axes of a block: (selected, threshold)."""
+    leading = block.shape[:block.ndim - n_core]
+    rows = block.reshape(*leading, -1)
+    threshold = _row_thresholds(rows, epsilon)
+    # `rows > 0`: with fewer than m positive values the threshold is 0 (or a negative margin),
+    # and only the positive ones are kept.
+    selected = (rows >= threshold[..., None]) & (rows > 0)
+    return selected.reshape(block.shape), threshold
+
+
+def _whole_along(values: xr.DataArray, core: list[str]) -> xr.DataArray:
+    """Rechunk so each block holds whole runs of the core dims, about SELECTION_BLOCK_BYTES."""
+    if not values.chunks:
+        return values
+    run_bytes = values.dtype.itemsize * math.prod(values.sizes[d] for d in core)
+    leading = [d for d in values.dims if d not in core]
+    runs_per_block = max(1, SELECTION_BLOCK_BYTES // run_bytes)
+    chunks = {d: -1 for d in core}
+    for dim in reversed(leading):  # fill the innermost leading dims first
+        chunks[dim] = min(values.sizes[dim], runs_per_block)
+        runs_per_block = max(1, runs_per_block // values.sizes[dim])
+    return values.chunk(chunks)
+
+
+def _top_fraction(values: xr.DataArray, core: list[str], epsilon: float) -> xr.Dataset:
+    selected, threshold = xr.apply_ufunc(
+        _select_block, _whole_along(values, core), kwargs={"n_core": len(core), "epsilon": epsilon},
+        input_core_dims=[core], output_core_dims=[core, []], dask="parallelized",
+        output_dtypes=[bool, np.float64])
+    return xr.Dataset({"selected": selected.transpose(*values.dims), "threshold": threshold})
+
+
+def margin(frequency: xr.DataArray) -> xr.DataArray:
+    """s_g(c) = p_g(c) - max over h != g of p_h(c): from the largest and the second-largest
+    value per component, so it costs two reductions over groups, not one per group."""
+    largest = frequency.max(GROUP)
+    at_largest = frequency == largest
+    runner_up = frequency.where(~at_largest).max(GROUP)  # NaN when every group ties at the top
+    alone_on_top = at_largest & (at_largest.sum(GROUP) == 1)
+    return frequency - xr.where(alone_on_top, runner_up, largest)
+
+
+def _rank(n: int, rate: float) -> int:
+    """round(n * rate) as the released script computes it (Python's round), kept within 1..n:
+    the k-th smallest value needs k >= 1."""
+    return min(n, max(1, round(n * rate)))
+
+
+def kth_smallest(values: xr.DataArray, k: int) -> float:
+    """The k-th smallest (1-based) of all values, as torch.kthvalue gives it. On Dask a tree of
+    top-k's over the blocks, from whichever end of the sorted values is nearer."""
+    data = values.data
+    n = data.size
+    if not isinstance(data, da.Array):
+        return float(np.partition(data.ravel(), k - 1)[k - 1])
+    flat = da.concatenate([block.ravel() for block in data.blocks.ravel()])
+    if k <= n - k + 1:
+        return float(da.topk(flat, -k).max().compute())
+    return float(da.topk(flat, n - k + 1).min().compute())
+
+
+def entropy(frequency: xr.DataArray) -> xr.DataArray:
+    """H(c) = -sum_g q_g ln q_g, q_g = p_g / sum_h p_h (0 where the sum is 0; 0 ln 0 = 0), float64."""
+    p = frequency.astype(np.float64)
+    total = p.sum(GROUP)
+    q = (p / total.where(total > 0)).fillna(0.0)
+    return -(q * np.log(q.where(q > 0, 1.0))).sum(GROUP)
+
+
+def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio: float) -> xr.Dataset:
+    """The LAPE rule, transcribed from `identify.py` of github.com/RUCAIBox/Language-Specific-Neurons
+    (commit 4eb5ea3, "Setting top_rate to default value": top_rate 0.01, filter_rate 0.95,
+    activation_bar_ratio 0.95), with languages replaced by groups. Where SPEC 4a differs from
+    the script it is said on the line: float64 instead of float32, ties at the entropy boundary
+    kept (the script's topk picks exactly k), and never a non-candidate (the script's topk
+    takes infinite-entropy ones when there are fewer than k candidates)."""
+    component_dims = [d for d in frequency.dims if d != GROUP]
+    n_values = frequency.size
+    n_components = n_values // frequency.sizes[GROUP]
+    # entropy = -sum(normed_activation_probs * log_probs); normed = probs / probs.sum(-1); nan -> 0
+    h = entropy(frequency)
+    # top_prob_value = flattened_probs.kthvalue(round(len(flattened_probs) * filter_rate))
+    filter_value = kth_smallest(frequency, _rank(n_values, filter_rate))
+    # top_position = (activation_probs > top_prob_value).sum(-1); entropy[top_position == 0] = inf
+    candidate = (frequency > filter_value).any(GROUP)
+    # flattened_entropy.topk(round(len(flattened_entropy) * top_rate), largest=False)
+    keep = max(1, round(n_components * top_rate))
+    cutoff = kth_smallest(h.where(candidate, np.inf), min(keep, n_components))
+    kept = candidate & (h <= cutoff)  # ties at the cutoff kept; cutoff inf: every candidate
+    # activation_bar = flattened_probs.kthvalue(round(len(flattened_probs) * activation_bar_ratio))
+    bar = kth_smallest(frequency, _rank(n_values, bar_ratio))
+    # lang, indice = torch.where(selected_probs > activation_bar); bar >= 0, so p > 0 holds
+    selected = (kept & (frequency > bar)).transpose(*frequency.dims)
+    threshold = xr.full_like(frequency[{d: 0 for d in component_dims}].drop_vars(
+        component_dims, errors="ignore"), bar, dtype=np.float64)
+    threshold.attrs = {"meaning": "activation bar", "filter_value": filter_value,
+                       "entropy_cutoff": cutoff, "kept_before_bar": keep}
+    return xr.Dataset({"selected": selected, "threshold": threshold})
+
+
+def select(frequency: xr.DataArray, rule: str, epsilon: float = 0.01, tau: float = 0.5,
+           layer_dim: str = "layer", top_rate: float = 0.01, filter_rate: float = 0.95,
+           bar_ratio: float = 0.95) -> xr.Dataset:
+    """`selected` (boolean, like `frequency`) and `threshold` (per group; per group and layer
+    for layer_percentile). Lazy when `frequency` is (lape computes its three scalars)."""
+    component_dims = [d for d in frequency.dims if d != GROUP]
+    if rule == "threshold":
+        first = frequency[{d: 0 for d in component_dims}].drop_vars(component_dims, errors="ignore")
+        return xr.Dataset({"selected": (frequency >= tau) & (frequency > 0),
+                           "threshold": xr.full_like(first, tau, dtype=np.float64)})
+    if rule == "global_percentile":
+        return _top_fraction(frequency, component_dims, epsilon)
+    if rule == "layer_percentile":
+        return _top_fraction(frequency, [d for d in component_dims if d != layer_dim], epsilon)
+    if rule == "contrastive":
+        return _top_fraction(margin(frequency), component_dims, epsilon)
+    if rule == "lape":
+        return lape(frequency, top_rate, filter_rate, bar_ratio)
+    raise ValueError(f"unknown selection rule {rule!r}")
+
+
+def select_by(frequency: xr.DataArray, settings, layer_dim: str) -> xr.Dataset:
+    """`select` with the rule and parameters of an IdentificationSettings."""
+    return select(frequency, settings.rule, settings.epsilon, settings.tau, layer_dim,
+                  settings.top_rate, settings.filter_rate, settings.bar_ratio)
+
+
+def check_rule(settings, groups) -> None:
+    if settings.rule in COMPARING_RULES and len(groups) < 2:
+        raise ValueError(f"rule {settings.rule!r} compares groups, but grouping by "
+                         f"{settings.group_by!r} gives {len(groups)} group(s): {list(groups)}")
+
+
+def parameter_names(rule: str) -> tuple[str, ...]:
+    """The parameters a rule uses; the others are inert for it."""
+    return {"threshold": ("tau",), "lape": ("top_rate", "filter_rate", "bar_ratio")}.get(rule, ("epsilon",))
+
+
+def rule_parameters(settings) -> dict:
+    """The rule's parameters and their values, from settings or from a result's attributes."""
+    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    return {name: get(name) for name in parameter_names(get("rule"))}
