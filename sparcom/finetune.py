@@ -4,11 +4,11 @@
   user dataset, restricted to the chosen categories, minus held-out records (the ones measured).
 - `encode_example(record, tokenizer, max_tokens)`: the chat-templated prompt + response, with
   label -100 on every prompt token, so that the loss covers the response tokens only.
-- `finetune_key(fingerprint, data_hash, settings)`: what a checkpoint depends on.
 - `finetune(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
   writes a safetensors checkpoint directory that `sparcom.models` loads like any model, with
   `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
-  Checkpoints are content-addressed by that key: a rerun returns the finished one untouched.
+  Checkpoints are content-addressed by `sparcom.provenance.finetune_key`: a rerun returns the
+  finished one untouched.
 """
 
 from __future__ import annotations
@@ -36,14 +36,12 @@ from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, model_fingerprint, resolve_model
 from sparcom.prompts import prompt_ids
-from sparcom.hashing import content_hash
+from sparcom.provenance import finetune_key
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"
 IGNORED = -100  # the label value Hugging Face causal LMs leave out of the loss
 DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 5e-4}
-# Settings that change where training runs but not what it computes; kept out of the cache key.
-PLACEMENT_FIELDS = {"device"}
 
 ProgressCallback = Callable[[int, int, float], None]  # (steps done, steps in total, last loss)
 
@@ -135,11 +133,6 @@ def batch_order(n_examples: int, batch_size: int, n_batches: int, seed: int) -> 
     while len(order) < needed:
         order += torch.randperm(n_examples, generator=generator).tolist()
     return [order[i:i + batch_size] for i in range(0, needed, batch_size)]
-
-
-def finetune_key(base_fingerprint: str, data_hash: str, settings: FinetuneSettings) -> str:
-    training = settings.model_dump(mode="json", exclude=PLACEMENT_FIELDS | {"dataset", "categories"})
-    return content_hash({"base_fingerprint": base_fingerprint, "dataset_hash": data_hash, "settings": training})
 
 
 def checkpoint_path(checkpoints_dir: Path, model_name: str, key: str) -> Path:

@@ -6,12 +6,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.finetune import finetune, read_provenance
-from sparcom.provenance import finetune_cache_key
+from sparcom.provenance import planned_finetune_key
 from tasks.caching import cached
 
 
 @task(name="fine-tune model", **cached(lambda model, settings, work_dir, cache_dir, held_out_dataset=None: (
-    finetune_cache_key(model, settings, held_out_dataset, cache_dir), str(Path(work_dir).resolve()))))
+    planned_finetune_key(model, settings, held_out_dataset, cache_dir), str(Path(work_dir).resolve()))))
 def finetune_model(
     model: ModelSettings, settings: FinetuneSettings, work_dir: Path, cache_dir: Path,
     held_out_dataset: Path | None = None,

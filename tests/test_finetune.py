@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 import sparcom.finetune as finetune_module
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.finetune import (
-    IGNORED, FinetuneError, collate, encode_example, finetune, finetune_key, read_provenance,
+    IGNORED, FinetuneError, collate, encode_example, finetune, read_provenance,
     total_steps, training_records,
 )
 from sparcom.hexainst import authored_records, starter_set
 from sparcom.models import load_model, model_fingerprint, resolve_model
 from sparcom.prompts import prompt_ids
+from sparcom.provenance import finetune_key, planned_finetune_key
 from sparcom.records import RecordError
 
 QUICK = FinetuneSettings(categories=["MATH"], steps=3, batch_size=2, max_tokens=96, learning_rate=1e-2)
@@ -140,6 +141,9 @@ def test_finetune_changes_weights_and_writes_a_loadable_checkpoint(tuned_dir, ti
     assert provenance["settings"]["steps"] == 3 and provenance["steps"] == 3 and len(provenance["losses"]) == 3
     assert provenance["training_data"]["per_category"] == {"MATH": 100}
     assert tuned_dir.name.endswith(provenance["finetune_key"][:16])
+    # one key: the task's cache key, computed before training, is the checkpoint's own
+    assert provenance["finetune_key"] == planned_finetune_key(ModelSettings(name=str(tiny_llama_dir)), QUICK,
+                                                              None, cache_dir)
 
     loaded = load_model(resolve_model(str(tuned_dir)), cache_dir, "float32", "cpu")
     assert loaded.fingerprint != base_fingerprint
