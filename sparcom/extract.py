@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from sparcom.config import ExtractionSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.counting import FFNCounter
 from sparcom.models import (
-    LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
+    LoadedModel, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device, resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.provenance import counts_key, extraction_key
@@ -263,7 +262,7 @@ def extract_dataset(
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.name).name).strip("-") or "model"
+    slug = model_slug(model.name)
     store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
     if is_complete(store):
         return store

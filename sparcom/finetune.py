@@ -4,7 +4,7 @@
   user dataset, restricted to the chosen categories, minus held-out records (the ones measured).
 - `encode_example(record, tokenizer, max_tokens)`: the chat-templated prompt + response, with
   label -100 on every prompt token, so that the loss covers the response tokens only.
-- `finetune(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
+- `train_checkpoint(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
   writes a safetensors checkpoint directory that `sparcom.models` loads like any model, with
   `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
   Checkpoints are content-addressed by `sparcom.provenance.finetune_key`: a rerun returns the
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -34,8 +33,8 @@ from sparcom import __version__
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
-from sparcom.models import load_model, model_fingerprint, resolve_model
-from sparcom.prompts import prompt_ids
+from sparcom.models import load_model, model_fingerprint, model_slug, resolve_model
+from sparcom.prompts import prompt_ids, token_ids
 from sparcom.provenance import finetune_key
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
@@ -79,10 +78,6 @@ def training_records(
     return records
 
 
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def encode_example(
     record: InstructionRecord, tokenizer: PreTrainedTokenizerBase, max_tokens: int
 ) -> TrainingExample:
@@ -92,7 +87,7 @@ def encode_example(
         response = tokenizer(record.response, add_special_tokens=False)["input_ids"]
         full = prompt + response + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     else:
-        full = _ids(tokenizer.apply_chat_template(
+        full = token_ids(tokenizer.apply_chat_template(
             [{"role": "user", "content": record.user_turn()},
              {"role": "assistant", "content": record.response}]))
         if full[:len(prompt)] != prompt:
@@ -136,8 +131,7 @@ def batch_order(n_examples: int, batch_size: int, n_batches: int, seed: int) -> 
 
 
 def checkpoint_path(checkpoints_dir: Path, model_name: str, key: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name).strip("-") or "model"
-    return Path(checkpoints_dir) / f"{slug}-ft-{key[:16]}"
+    return Path(checkpoints_dir) / f"{model_slug(model_name)}-ft-{key[:16]}"
 
 
 def is_finished_checkpoint(path: Path) -> bool:
@@ -199,7 +193,7 @@ def _with_lora(model: PreTrainedModel, settings: FinetuneSettings) -> PreTrained
     return get_peft_model(model, config)
 
 
-def finetune(
+def train_checkpoint(
     model: ModelSettings,
     settings: FinetuneSettings,
     checkpoints_dir: Path,

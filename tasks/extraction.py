@@ -1,3 +1,10 @@
+"""The extract stage as a Prefect task: a model and a dataset in, a finished count store out.
+
+- `extract_activations(model, dataset_dir, settings, work_dir, cache_dir)`:
+  `sparcom.extract.extract_dataset`, cached on the store's own extraction key, with a progress
+  artifact.
+"""
+
 from pathlib import Path
 
 from prefect import task

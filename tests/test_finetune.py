@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import sparcom.finetune as finetune_module
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.finetune import (
-    IGNORED, FinetuneError, collate, encode_example, finetune, read_provenance,
-    total_steps, training_records,
+    IGNORED, FinetuneError, collate, encode_example, read_provenance, total_steps, train_checkpoint,
+    training_records,
 )
 from sparcom.hexainst import authored_records, starter_set
 from sparcom.models import load_model, model_fingerprint, resolve_model
@@ -38,7 +38,7 @@ def tokenizer(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def tuned_dir(tmp_path_factory, tiny_llama_dir, cache_dir) -> Path:
-    return finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK,
+    return train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK,
                     tmp_path_factory.mktemp("checkpoints"), cache_dir)
 
 
@@ -157,22 +157,22 @@ def test_rerun_hits_the_cache(tuned_dir, tiny_llama_dir, cache_dir, monkeypatch)
         raise AssertionError("trained again instead of reusing the checkpoint")
 
     monkeypatch.setattr(finetune_module, "train", no_training)
-    again = finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK, tuned_dir.parent, cache_dir)
+    again = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK, tuned_dir.parent, cache_dir)
     assert again == tuned_dir
     with pytest.raises(AssertionError, match="trained again"):
-        finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"seed": 5}),
+        train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"seed": 5}),
                  tuned_dir.parent, cache_dir)
 
 
 def test_same_seed_same_weights(tuned_dir, tiny_llama_dir, tmp_path, cache_dir):
-    repeat = finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK, tmp_path, cache_dir)
+    repeat = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK, tmp_path, cache_dir)
     first, second = weights(tuned_dir), weights(repeat)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_lora_trains_and_merges(tiny_llama_dir, tmp_path, cache_dir):
     settings = QUICK.model_copy(update={"method": "lora", "lora_rank": 4})
-    checkpoint = finetune(ModelSettings(name=str(tiny_llama_dir)), settings, tmp_path, cache_dir)
+    checkpoint = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), settings, tmp_path, cache_dir)
     before, after = weights(tiny_llama_dir), weights(checkpoint)
     assert before.keys() == after.keys(), "the adapters are merged into plain weights"
     assert not torch.equal(before["model.layers.1.mlp.gate_proj.weight"], after["model.layers.1.mlp.gate_proj.weight"])
@@ -183,7 +183,7 @@ def test_lora_trains_and_merges(tiny_llama_dir, tmp_path, cache_dir):
 
 def test_too_short_max_tokens_is_refused(tiny_llama_dir, tmp_path, cache_dir):
     with pytest.raises(FinetuneError, match="max_tokens = 8 cuts every response away"):
-        finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"max_tokens": 8}),
+        train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"max_tokens": 8}),
                  tmp_path, cache_dir)
     assert not list(tmp_path.iterdir())
 
