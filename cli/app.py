@@ -9,6 +9,11 @@
     sparcom compare --base M1 --tuned M2 | --base-store S1 --tuned-store S2 | --pair NAME
 
 Every command takes `--config settings.yaml`; flags override the file, the file the defaults.
+
+One rule for where a command goes: `extract`, `identify`, `generate` and `show-config` call the
+library (`sparcom`) directly and need no Prefect server; `run`, `curate`, `finetune` and `compare`
+run the flows (`flows`, imported in the command so the others start without Prefect);
+`trigger` asks a Prefect server through `cli.trigger`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Annotated, Optional
 import typer
 
 from sparcom.config import PipelineSettings, load_settings
+from sparcom.records import CATEGORIES
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -202,7 +208,7 @@ def curate(
 
 @app.command()
 def generate(
-    category: Annotated[str, typer.Option(help="CLS, CODE, QA, GEN, MATH or SUM")],
+    category: Annotated[str, typer.Option(help=", ".join(CATEGORIES))],
     out: Annotated[Path, typer.Option(help="JSONL of the accepted records; rejects go to OUT.rejected.jsonl")],
     count: Annotated[int, typer.Option(help="records wanted")] = 10,
     config: ConfigOption = None,
@@ -275,10 +281,10 @@ def finetune(
         finetune__batch_size=batch_size, finetune__learning_rate=learning_rate, finetune__seed=seed,
         finetune__max_tokens=max_tokens if max_tokens or not full_training else 2048,
         finetune__dtype=dtype, finetune__device=device, work_dir=work_dir)
-    from flows.finetune import finetune as finetune_flow  # Prefect only where a flow runs
+    from flows.finetune import sparcom_finetune  # Prefect only where a flow runs
 
     try:
-        checkpoint = finetune_flow(settings, hold_out)
+        checkpoint = sparcom_finetune(settings, hold_out)
     except (RecordError, FinetuneError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

@@ -25,9 +25,6 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.urls import url_for
 
-UNSUCCESSFUL = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-
-
 @dataclass(frozen=True)
 class TriggeredRun:
     id: UUID
@@ -40,10 +37,6 @@ class TriggeredRun:
     @property
     def succeeded(self) -> bool:
         return self.state_type == StateType.COMPLETED
-
-    @property
-    def failed(self) -> bool:
-        return self.state_type in UNSUCCESSFUL
 
 
 def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:

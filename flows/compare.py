@@ -16,7 +16,7 @@ from sparcom.config import ModelSettings, PipelineSettings
 from sparcom.records import CATEGORIES
 from tasks.caching import Stage, refreshed
 from tasks.comparison import check_comparable, compare_checkpoints
-from tasks.curation import curate_dataset
+from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
 from tasks.finetuning import finetune_model
 
@@ -42,7 +42,7 @@ def compare_models(
         raise ValueError("give the base and the tuned side each as a model or as a store (one of the two)")
     run_dir = comparison_run_dir(settings, base.name if base else str(base_store))
     if base_store is None or tuned_store is None:
-        dataset = curate_dataset(settings.dataset, settings.work_dir)
+        dataset = prepare_dataset_folder(settings.dataset.path, Path(settings.work_dir) / "datasets")
         stores = [extract_activations(model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
                   for model in (base, tuned) if model is not None]
         base_store = base_store or stores.pop(0)

@@ -9,7 +9,7 @@ from tasks.finetuning import finetune_model
 
 
 @flow(name="sparcom-finetune")
-def finetune(settings: PipelineSettings = PipelineSettings(), held_out_dataset: Path | None = None) -> Path:
+def sparcom_finetune(settings: PipelineSettings = PipelineSettings(), held_out_dataset: Path | None = None) -> Path:
     tuned = finetune_model(settings.model, settings.finetune, settings.work_dir, settings.cache_dir,
                            held_out_dataset)
     get_run_logger().info("Fine-tuned checkpoint: %s", tuned.name)

@@ -9,7 +9,7 @@ from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from tasks.caching import Stage, refreshed
 from tasks.generality import analyze_generality
-from tasks.identification import identify_components as select_components
+from tasks.identification import select_components
 
 
 @flow(name="sparcom-identify")

@@ -1,5 +1,7 @@
 """The SPARCOM pipeline: curate -> extract -> identify -> analyse -> compare with a fine-tune."""
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 
 from flows.compare import compare_with_tuned
@@ -8,14 +10,15 @@ from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.provenance import results_dir
 from tasks.caching import Stage, refreshed
-from tasks.curation import curate_dataset
+from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
 
 
 @flow(name="sparcom-pipeline", flow_run_name=run_name)
 def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: list[Stage] = []) -> dict:  # noqa: B006
     """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
-    dataset = refreshed(curate_dataset, "curate", refresh)(settings.dataset, settings.work_dir)
+    dataset = refreshed(prepare_dataset_folder, "curate", refresh)(
+        settings.dataset.path, Path(settings.work_dir) / "datasets")
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
     run_dir = results_dir(settings.work_dir, store, settings.identification)

@@ -24,7 +24,7 @@ import xarray as xr
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from sparcom.generality import generality
+from sparcom.generality import generality, share
 from sparcom.identify import FAMILIES, GROUP, Family
 from sparcom.identify import families_in as identified_families
 from sparcom.rules import parameter_names
@@ -130,13 +130,12 @@ def set_changes(base: xr.DataArray, tuned: xr.DataArray, layer_dim: str) -> xr.D
     result = xr.merge([per_layer, totals.rename({name: f"{name}_total" for name in totals})])
     for suffix in ("", "_total"):
         union = result[f"kept{suffix}"] + result[f"gained{suffix}"] + result[f"lost{suffix}"]
-        result[f"jaccard{suffix}"] = result[f"kept{suffix}"] / union.where(union > 0)
+        result[f"jaccard{suffix}"] = share(result[f"kept{suffix}"], union)
     return result
 
 
 def _distribution(values: xr.DataArray, dim: str) -> xr.DataArray:
-    total = values.sum(dim)
-    return values / total.where(total > 0)
+    return share(values, values.sum(dim))
 
 
 def jensen_shannon(p: xr.DataArray, q: xr.DataArray, dim: str) -> xr.DataArray:

@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from sparcom.compare import compare_components, families_in, top_movers
 from sparcom.identify import GROUP, Family
 from sparcom.rules import rule_parameters
+from sparcom.markdown import table
 from sparcom.store import save_zarr
 
 MEASURES = {
@@ -175,12 +176,6 @@ def headline(summary: dict) -> str:
     return " ".join(sentences)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _cell(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -188,7 +183,7 @@ def _cell(value: float | None, digits: int = 3) -> str:
 def _family_markdown(summary: dict, name: str) -> str:
     family = summary["families"][name]
     groups, per_group, kind = summary["groups"], family["per_group"], family["label"]
-    sets = _table(
+    sets = table(
         ["group", "base", "tuned", "kept", "gained", "lost", "Jaccard", "layer TV", "layer JS",
          "layer EMD", "mean abs delta f"],
         [[g, per_group["base_size"][g], per_group["tuned_size"][g], per_group["kept"][g],
@@ -212,12 +207,12 @@ def _family_markdown(summary: dict, name: str) -> str:
         f"## {kind.capitalize()} (`{name}`)",
         "Layer distribution shift: TV = total variation, JS = Jensen-Shannon divergence (bits), "
         "EMD = earth mover's distance in layers.\n\n" + sets,
-        "### General and unique sets\n\n" + _table(["set", "base", "tuned", "kept", "gained", "lost"],
+        "### General and unique sets\n\n" + table(["set", "base", "tuned", "kept", "gained", "lost"],
                                                    general_rows),
         f"### Jaccard per {family['layer_dim'].replace('_', ' ')} (last column: gained + lost over all groups)\n\n"
-        + _table([family["layer_dim"]] + groups + ["churn"], layer_rows),
+        + table([family["layer_dim"]] + groups + ["churn"], layer_rows),
         "### Largest frequency changes (top 5 per group)\n\n"
-        + _table(["group"] + index_dims + ["base f", "tuned f", "delta"], mover_rows),
+        + table(["group"] + index_dims + ["base f", "tuned f", "delta"], mover_rows),
     ])
 
 
@@ -237,7 +232,7 @@ def markdown_comparison(summary: dict) -> str:
         rows = [[layer] + [_cell(summary["expert_selection_js"][g][i], 4) for g in summary["groups"]]
                 for i, layer in enumerate(layers)]
         sections.append("## Expert selection frequencies: JS divergence per MoE layer (bits)\n\n"
-                        + _table(["moe_layer"] + summary["groups"], rows))
+                        + table(["moe_layer"] + summary["groups"], rows))
     return "\n\n".join(sections) + "\n"
 
 

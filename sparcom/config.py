@@ -15,12 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparcom.records import Category
 from sparcom.sources import SourceSpec, default_sources
 
 TokenSpan = Literal["prompt", "content", "response"]
 DType = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 SelectionRule = Literal["global_percentile", "threshold", "layer_percentile", "lape", "contrastive"]
-Category = Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
 
 
 def default_cache_dir() -> Path:

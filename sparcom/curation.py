@@ -1,7 +1,6 @@
 """Curation: from pools of candidate records to a balanced, deduplicated, length-checked dataset.
 
 - `normalise(record)`: NFC Unicode, LF line ends, no control characters, no surrounding blanks.
-- `load_tokenizer(name)`: the tokenizer whose tokens the length limits count.
 - `prompt_token_counts(records, tokenizer)`: tokens of each chat-templated prompt, as extracted.
 - `curate(pools, settings, tokenizer)`: every step in order (validation, normalisation, length,
   exact and near duplicates, balanced sampling) with every record in and out counted.
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparcom.dedup import canonical_text, near_duplicate_pairs
+from sparcom.markdown import table
 from sparcom.records import (
     CATEGORIES, ORIGINS, InstructionRecord, Pool, RecordError, Rejection, dataset_hash, record_problem,
 )
@@ -53,18 +53,6 @@ def normalise(record: InstructionRecord) -> InstructionRecord:
     if normalised is None:
         raise RecordError(f"after normalisation: {problem}")
     return normalised
-
-
-def load_tokenizer(name: str):
-    """'default' (the default model's tokenizer), a .gguf file, a local folder or a hub id."""
-    from transformers import AutoTokenizer
-
-    from sparcom.models import default_model_file
-
-    path = default_model_file() if name == "default" else Path(name).expanduser()
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
 
 
 def prompt_token_counts(records: Sequence[InstructionRecord], tokenizer) -> list[int]:
@@ -162,6 +150,8 @@ class _Ledger:
 def curate(pools: Sequence[Pool], settings, tokenizer=None) -> Curation:
     """`settings` is a `config.CurationSettings`; the tokenizer defaults to `settings.tokenizer`."""
     if tokenizer is None and (settings.max_prompt_tokens or settings.max_response_tokens):
+        from sparcom.models import load_tokenizer  # transformers only where lengths are counted
+
         tokenizer = load_tokenizer(settings.tokenizer)
     ledger = _Ledger(pools, settings.on_error)
     ledger.filter("duplicate id", _duplicate_ids(ledger.candidates))
@@ -267,24 +257,19 @@ def balance_markdown(curation: Curation) -> str:
     summary = curation.summary()
     lines = ["# HexaInst curation", "",
              f"Kept **{summary['kept']}** records, dataset hash `{summary['dataset_hash'][:16]}`.", "",
-             "## Balance (kept per category x origin)", "",
-             "| category | " + " | ".join(ORIGINS) + " | total |",
-             "| --- | " + " | ".join("---:" for _ in ORIGINS) + " | ---: |"]
-    for category, row in summary["balance"].items():
-        cells = [f"{n}" if curation.per_group is None or n >= curation.per_group
-                 else f"**{n}** (short by {curation.per_group - n})" for n in row.values()]
-        lines.append(f"| {category} | " + " | ".join(cells) + f" | {sum(row.values())} |")
+             "## Balance (kept per category x origin)", ""]
+    balance = [[category, *(f"{n}" if curation.per_group is None or n >= curation.per_group
+                            else f"**{n}** (short by {curation.per_group - n})" for n in row.values()),
+                sum(row.values())] for category, row in summary["balance"].items()]
+    lines.append(table(["category", *ORIGINS, "total"], balance, align_numbers=True))
     if summary["shortfalls"]:
         lines += ["", f"Short of the target of {curation.per_group}: " + "; ".join(summary["shortfalls"]) + "."]
-    lines += ["", "## Records in and out, per input", "",
-              "| input | read | " + " | ".join(STAGES) + " | kept |",
-              "| --- | ---: | " + " | ".join("---:" for _ in STAGES) + " | ---: |"]
-    for pool in summary["pools"]:
-        name = f"{pool['name']} (unavailable)" if pool["unavailable"] else pool["name"]
-        lines.append(f"| {name} | {pool['read']} | " + " | ".join(str(pool[s]) for s in STAGES)
-                     + f" | {pool['kept']} |")
-    totals = {key: sum(p[key] for p in summary["pools"]) for key in ("read", *STAGES, "kept")}
-    lines.append("| **all** | " + " | ".join(f"**{totals[k]}**" for k in ("read", *STAGES, "kept")) + " |")
+    lines += ["", "## Records in and out, per input", ""]
+    columns = ("read", *STAGES, "kept")
+    flow = [[f"{pool['name']} (unavailable)" if pool["unavailable"] else pool["name"],
+             *(pool[column] for column in columns)] for pool in summary["pools"]]
+    flow.append(["**all**", *(f"**{sum(p[column] for p in summary['pools'])}**" for column in columns)])
+    lines.append(table(["input", *columns], flow, align_numbers=True))
     unavailable = [p for p in summary["pools"] if p["unavailable"]]
     if unavailable:
         lines += ["", "## Unavailable inputs", ""] + [f"- {p['unavailable']}" for p in unavailable]

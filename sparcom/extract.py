@@ -6,7 +6,6 @@
   several processes (or GPUs) can fill one store side by side.
 - `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
 - `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
-- `extraction_key(...)`: the hash of everything the counts depend on.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
   pipeline runs it: the store is named by its extraction key, and a finished one is reused
@@ -16,7 +15,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +30,10 @@ from sparcom.config import ExtractionSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.counting import FFNCounter
 from sparcom.models import (
-    LoadedModel, load_model, model_fingerprint, resolve_dtype, resolve_device, resolve_model,
+    LoadedModel, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device, resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
-from sparcom.hashing import content_hash
+from sparcom.provenance import counts_key, extraction_key
 from sparcom.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.store import (
     StoreError, create_store, finalize_store, finished_shards, is_complete, open_store, shard_count,
@@ -46,19 +44,6 @@ from sparcom.store import (
 SORT_WINDOW_SHARDS = 8
 
 ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
-
-
-def counts_key(fingerprint: str, span: str, dtype: torch.dtype) -> str:
-    """What one instruction's counts depend on: rows of stores with equal keys are interchangeable."""
-    return content_hash({"fingerprint": fingerprint, "span": span, "dtype": str(dtype)})
-
-
-def extraction_key(fingerprint: str, data_hash: str, settings: ExtractionSettings, dtype: torch.dtype) -> str:
-    """What the counts depend on. Batching and device only move float rounding (SPEC section 7)."""
-    return content_hash({
-        "fingerprint": fingerprint, "dataset_hash": data_hash, "span": settings.span,
-        "dtype": str(dtype), "shard_size": settings.shard_size, "layer_chunk": settings.layer_chunk,
-    })
 
 
 def plan_batches(
@@ -277,7 +262,7 @@ def extract_dataset(
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.name).name).strip("-") or "model"
+    slug = model_slug(model.name)
     store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
     if is_complete(store):
         return store

@@ -4,11 +4,11 @@
   user dataset, restricted to the chosen categories, minus held-out records (the ones measured).
 - `encode_example(record, tokenizer, max_tokens)`: the chat-templated prompt + response, with
   label -100 on every prompt token, so that the loss covers the response tokens only.
-- `finetune_key(fingerprint, data_hash, settings)`: what a checkpoint depends on.
-- `finetune(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
+- `train_checkpoint(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
   writes a safetensors checkpoint directory that `sparcom.models` loads like any model, with
   `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
-  Checkpoints are content-addressed by that key: a rerun returns the finished one untouched.
+  Checkpoints are content-addressed by `sparcom.provenance.finetune_key`: a rerun returns the
+  finished one untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -34,16 +33,14 @@ from sparcom import __version__
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
-from sparcom.models import load_model, model_fingerprint, resolve_model
-from sparcom.prompts import prompt_ids
-from sparcom.hashing import content_hash
+from sparcom.models import load_model, model_fingerprint, model_slug, resolve_model
+from sparcom.prompts import prompt_ids, token_ids
+from sparcom.provenance import finetune_key
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"
 IGNORED = -100  # the label value Hugging Face causal LMs leave out of the loss
 DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 5e-4}
-# Settings that change where training runs but not what it computes; kept out of the cache key.
-PLACEMENT_FIELDS = {"device"}
 
 ProgressCallback = Callable[[int, int, float], None]  # (steps done, steps in total, last loss)
 
@@ -81,10 +78,6 @@ def training_records(
     return records
 
 
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def encode_example(
     record: InstructionRecord, tokenizer: PreTrainedTokenizerBase, max_tokens: int
 ) -> TrainingExample:
@@ -94,7 +87,7 @@ def encode_example(
         response = tokenizer(record.response, add_special_tokens=False)["input_ids"]
         full = prompt + response + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     else:
-        full = _ids(tokenizer.apply_chat_template(
+        full = token_ids(tokenizer.apply_chat_template(
             [{"role": "user", "content": record.user_turn()},
              {"role": "assistant", "content": record.response}]))
         if full[:len(prompt)] != prompt:
@@ -137,14 +130,8 @@ def batch_order(n_examples: int, batch_size: int, n_batches: int, seed: int) -> 
     return [order[i:i + batch_size] for i in range(0, needed, batch_size)]
 
 
-def finetune_key(base_fingerprint: str, data_hash: str, settings: FinetuneSettings) -> str:
-    training = settings.model_dump(mode="json", exclude=PLACEMENT_FIELDS | {"dataset", "categories"})
-    return content_hash({"base_fingerprint": base_fingerprint, "dataset_hash": data_hash, "settings": training})
-
-
 def checkpoint_path(checkpoints_dir: Path, model_name: str, key: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_name).name).strip("-") or "model"
-    return Path(checkpoints_dir) / f"{slug}-ft-{key[:16]}"
+    return Path(checkpoints_dir) / f"{model_slug(model_name)}-ft-{key[:16]}"
 
 
 def is_finished_checkpoint(path: Path) -> bool:
@@ -206,7 +193,7 @@ def _with_lora(model: PreTrainedModel, settings: FinetuneSettings) -> PreTrained
     return get_peft_model(model, config)
 
 
-def finetune(
+def train_checkpoint(
     model: ModelSettings,
     settings: FinetuneSettings,
     checkpoints_dir: Path,

@@ -12,6 +12,7 @@
   where the template's share of the counted tokens is known, `neurons_template_level[group]`:
   set members whose frequency is at or below it (they could owe their place to the template).
 - `family_part(analysis, family)`: one family's variables back under their own names.
+- `share(part, whole)`: part / whole, NaN where the whole is empty (shares, Jaccard indices).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def jaccard_matrix(selected: xr.DataArray, component_dims: list[str]) -> xr.Data
     return cross_jaccard(selected, selected, component_dims)
 
 
-def _share(part: xr.DataArray, whole: xr.DataArray) -> xr.DataArray:
+def share(part: xr.DataArray, whole: xr.DataArray) -> xr.DataArray:
+    """part / whole, NaN where the whole is empty (a share of nothing is undefined, not 0)."""
     return part / whole.where(whole > 0)
 
 
@@ -56,12 +58,12 @@ def generality(selected: xr.DataArray, component_dims: tuple[str, ...] = ("layer
         "set_size_per_layer": per_layer,
         "general_per_layer": general.sum(within_layer, dtype=np.int64),
         "unique_per_layer": unique.sum(within_layer, dtype=np.int64),
-        "layer_distribution": _share(per_layer, set_size),
+        "layer_distribution": share(per_layer, set_size),
     }
     if EXPERT in dims:
         per_expert = selected.sum([d for d in dims if d != EXPERT], dtype=np.int64)
         result["set_size_per_expert"] = per_expert
-        result["expert_distribution"] = _share(per_expert, set_size)
+        result["expert_distribution"] = share(per_expert, set_size)
         result["set_size_per_layer_expert"] = selected.sum(
             [d for d in dims if d not in (layer_dim, EXPERT)], dtype=np.int64)
     attrs = {}

@@ -4,6 +4,8 @@
 - `model_fingerprint(source)`: a hash of the weight files, known before the model is loaded.
 - `load_model(source, dtype, device)`: model and tokenizer, in eval mode, on the device.
   A GGUF file is dequantized once and a converted copy is kept in the cache directory.
+- `load_tokenizer(name)`: only the tokenizer ('default', a .gguf file, a folder or a hub id).
+- `model_slug(name)`: the model's name as a file-name part (stores and checkpoints are named by it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +99,18 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool) -> Pa
             f"'{repo_id}' is neither a local path nor a reachable Hugging Face hub model "
             f"({type(error).__name__}: {error}). Offline, pass a local directory or .gguf file."
         ) from error
+
+
+def model_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).name).strip("-") or "model"
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """'default' (the default model's tokenizer), a .gguf file, a local folder or a hub id."""
+    path = default_model_file() if name == "default" else Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
 
 
 def model_fingerprint(source: ModelSource, cache_dir: Path) -> str:

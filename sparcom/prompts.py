@@ -4,6 +4,8 @@
   prompt:   the chat-templated prompt with the generation prompt, every token counted;
   content:  the same tokens, counting only those inside the user's text;
   response: the prompt followed by the reference response, counting only the response tokens.
+- `prompt_ids(record, tokenizer)`: the chat-templated prompt's ids, as every stage feeds them.
+- `token_ids(encoded)`: the ids of an `apply_chat_template` result, in any transformers version.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def prompt_text(record: InstructionRecord, tokenizer: PreTrainedTokenizerBase) -
 def prompt_ids(record: InstructionRecord, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if tokenizer.chat_template is None:
         return tokenizer(record.user_turn())["input_ids"]
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": record.user_turn()}], add_generation_prompt=True)
+    return token_ids(tokenizer.apply_chat_template(
+        [{"role": "user", "content": record.user_turn()}], add_generation_prompt=True))
+
+
+def token_ids(encoded) -> list[int]:
+    """The ids of an `apply_chat_template` result: a mapping in transformers 5, a list before."""
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 

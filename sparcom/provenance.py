@@ -1,18 +1,33 @@
 """Content keys: what each stage's result depends on, for caching and for naming outputs.
 
-- `code_version(stage)`: a hash of the source of the modules a stage runs, so editing the
-  extraction code invalidates extractions and nothing else.
-- `curation_key`, `extraction_cache_key`, `identification_key`, `finetune_cache_key`,
-  `result_key`: one key per stage, computed without running the stage (extraction's needs the
-  weights' fingerprint, not the model).
+Every key formula of the pipeline lives here, one per stage, each ending in the stage's code
+version; the hashing under them is `sparcom.hashing`.
+
+- `code_version(stage)`: a hash of the code of every `sparcom` module the stage runs (found from
+  its imports, transitively, function-level ones too), read as syntax trees without comments and
+  docstrings: a comment edit keeps every store, a code edit in `config.py` invalidates extraction.
+  A module that cannot be found is an error, never skipped.
+- `stage_modules(stage)`: those modules' names.
+- `curation_key(source)`, `extraction_key(fingerprint, data_hash, settings, dtype)`,
+  `counts_key(fingerprint, span, dtype)` (rows of stores with equal keys are interchangeable),
+  `identification_key(store, settings)`, `finetune_key(fingerprint, data_hash, settings)`,
+  `result_key(stage, *inputs)` (stages whose inputs are earlier results on disk).
+- `planned_extraction_key(model, dataset_dir, settings, cache_dir)` and
+  `planned_finetune_key(model, settings, held_out_dataset, cache_dir)`: the same keys computed
+  before the stage runs (from the weights' fingerprint, not the loaded model), for the caching.
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings.
+
+This module imports the stage modules only inside the planned keys, and is itself left out of
+every code version: a stage's code is what computes its result, not the keys that name it.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
+import importlib.util
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -20,26 +35,101 @@ from pydantic import BaseModel
 from sparcom import __version__
 from sparcom.hashing import content_hash, input_fingerprint
 
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
-    "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
-    "identify": ("identify", "rules", "split_half", "template", "store", "cluster"),
-    "analyse": ("generality", "split_half", "report"),
-    "finetune": ("finetune", "models"),
-    "compare": ("compare", "compare_report"),
+PACKAGE = "sparcom"
+# The module each stage's task calls into; code_version follows their imports from there.
+STAGE_ENTRY_MODULES: dict[str, tuple[str, ...]] = {
+    "curate": ("sparcom.dataset",),
+    "extract": ("sparcom.extract",),
+    "identify": ("sparcom.identify",),
+    "analyse": ("sparcom.report",),
+    "finetune": ("sparcom.finetune",),
+    "compare": ("sparcom.compare", "sparcom.compare_report"),
 }
+NOT_STAGE_CODE = frozenset({__name__})
+# Settings that change where training runs but not what it computes; kept out of the key.
+FINETUNE_PLACEMENT_FIELDS = {"device"}
 
+
+# --- code versions -----------------------------------------------------------------------------
 
 def code_version(stage: str) -> str:
+    return modules_version(STAGE_ENTRY_MODULES[stage])
+
+
+def stage_modules(stage: str) -> list[str]:
+    return module_closure(STAGE_ENTRY_MODULES[stage])
+
+
+def modules_version(entries: Iterable[str], package: str = PACKAGE) -> str:
+    """sha256 over the comment- and docstring-free syntax trees of `entries` and every module of
+    `package` they import, at any depth."""
     digest = hashlib.sha256(__version__.encode())
-    for name in STAGE_MODULES[stage]:
-        try:
-            module = importlib.import_module(f"sparcom.{name}")
-        except ModuleNotFoundError:
-            continue
-        digest.update(Path(module.__file__).read_bytes())
+    for name in module_closure(entries, package):
+        digest.update(f"{name}\n{ast.dump(_without_docstrings(_parse(name)))}\n".encode())
     return digest.hexdigest()
 
+
+def module_closure(entries: Iterable[str], package: str = PACKAGE) -> list[str]:
+    """The modules of `package` reachable from `entries` through import statements, sorted."""
+    seen: set[str] = set()
+    pending = [(name, "the stage") for name in entries]
+    while pending:
+        name, importer = pending.pop()
+        if name in seen or name in NOT_STAGE_CODE:
+            continue
+        if _source_file(name) is None:
+            raise ModuleNotFoundError(f"code version: {name} (imported by {importer}) is not found; "
+                                      "a stage's code must be complete to be versioned")
+        seen.add(name)
+        pending += [(imported, name) for imported in _imported_modules(name, package)]
+    return sorted(seen)
+
+
+def _source_file(name: str) -> Path | None:
+    """The file of module `name`, found from its package's folder: nothing is imported, so
+    versioning `sparcom.extract` does not load torch."""
+    top, *parts = name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    candidates = [folder.joinpath(*parts, "__init__.py")]
+    if parts:
+        candidates.append(folder.joinpath(*parts[:-1], f"{parts[-1]}.py"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _parse(name: str) -> ast.Module:
+    return ast.parse(_source_file(name).read_text(encoding="utf-8"))
+
+
+def _imported_modules(name: str, package: str) -> set[str]:
+    def ours(module: str) -> bool:
+        return module == package or module.startswith(f"{package}.")
+
+    found: set[str] = set()
+    for node in ast.walk(_parse(name)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if ours(alias.name)}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and ours(node.module):
+            found.add(node.module)
+            # `from sparcom import extract` names a module; `from sparcom import __version__` does not
+            found |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if _source_file(f"{node.module}.{alias.name}") is not None}
+    return found
+
+
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+# --- one key per stage -----------------------------------------------------------------------------
 
 def curation_key(source: Path | None) -> str:
     from sparcom.hexainst import AUTHORED_DIR
@@ -48,14 +138,29 @@ def curation_key(source: Path | None) -> str:
     return content_hash("curate", content, code_version("curate"))
 
 
-def extraction_cache_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
+def extraction_key(fingerprint: str, data_hash: str, settings: BaseModel, dtype: object) -> str:
+    """What the counts depend on. Batching and device only move float rounding (method, section 7)."""
+    return content_hash({
+        "fingerprint": fingerprint, "dataset_hash": data_hash, "span": settings.span,
+        "dtype": str(dtype), "shard_size": settings.shard_size, "layer_chunk": settings.layer_chunk,
+        "code": code_version("extract"),
+    })
+
+
+def counts_key(fingerprint: str, span: str, dtype: object) -> str:
+    """What one instruction's counts depend on: rows of stores with equal keys are interchangeable."""
+    return content_hash({"fingerprint": fingerprint, "span": span, "dtype": str(dtype),
+                         "code": code_version("extract")})
+
+
+def planned_extraction_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
     from sparcom.dataset import MANIFEST_NAME
-    from sparcom.models import model_fingerprint, resolve_model
+    from sparcom.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     manifest = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
-    return content_hash("extract", model_fingerprint(source, cache_dir), manifest["dataset_hash"], settings,
-                   code_version("extract"))
+    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
+    return extraction_key(model_fingerprint(source, cache_dir), manifest["dataset_hash"], settings, dtype)
 
 
 def identification_key(store: Path, settings: BaseModel) -> str:
@@ -64,16 +169,24 @@ def identification_key(store: Path, settings: BaseModel) -> str:
     return content_hash("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
 
 
-def finetune_cache_key(model: BaseModel, settings: BaseModel, held_out_dataset: Path | None,
-                       cache_dir: Path) -> str:
-    from sparcom.dataset import MANIFEST_NAME
+def finetune_key(base_fingerprint: str, data_hash: str, settings: BaseModel) -> str:
+    """What a checkpoint depends on: the base weights, the records trained on, the training settings."""
+    training = settings.model_dump(mode="json", exclude=FINETUNE_PLACEMENT_FIELDS | {"dataset", "categories"})
+    return content_hash({"base_fingerprint": base_fingerprint, "dataset_hash": data_hash, "settings": training,
+                         "code": code_version("finetune")})
+
+
+def planned_finetune_key(model: BaseModel, settings: BaseModel, held_out_dataset: Path | None,
+                         cache_dir: Path) -> str:
+    from sparcom.dataset import load_records
+    from sparcom.finetune import training_records
     from sparcom.models import model_fingerprint, resolve_model
+    from sparcom.records import dataset_hash
 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
-    held_out = (json.loads((Path(held_out_dataset) / MANIFEST_NAME).read_text())["dataset_hash"]
-                if held_out_dataset else None)
-    return content_hash("finetune", model_fingerprint(source, cache_dir), settings, held_out,
-                   code_version("finetune"))
+    held_out = {r.id for r in load_records(held_out_dataset)} if held_out_dataset else frozenset()
+    data_hash = dataset_hash(training_records(settings, held_out))
+    return finetune_key(model_fingerprint(source, cache_dir), data_hash, settings)
 
 
 def result_key(stage: str, *inputs: object) -> str:

@@ -15,12 +15,14 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-CATEGORIES: tuple[str, ...] = ("CLS", "CODE", "QA", "GEN", "MATH", "SUM")
-ORIGINS: tuple[str, ...] = ("ai", "human")
+Category = Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
+Origin = Literal["ai", "human"]
+CATEGORIES: tuple[str, ...] = get_args(Category)
+ORIGINS: tuple[str, ...] = get_args(Origin)
 RECORD_FIELDS: tuple[str, ...] = (
     "id", "category", "origin", "source", "instruction", "input", "response", "license",
 )
@@ -35,8 +37,8 @@ class InstructionRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: str
-    category: Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
-    origin: Literal["ai", "human"]
+    category: Category
+    origin: Origin
     source: str
     instruction: str
     input: str = ""
@@ -118,14 +120,6 @@ def record_problem(data: object) -> tuple[InstructionRecord | None, str | None]:
     except ValidationError as error:
         return None, "; ".join(
             f"field '{'.'.join(map(str, e['loc'])) or '?'}': {e['msg']}" for e in error.errors())
-
-
-def parse_record(data: object, where: str) -> InstructionRecord:
-    """Validate one raw record; `where` (file and line, say) goes into the error message."""
-    record, problem = record_problem(data)
-    if record is None:
-        raise RecordError(Rejection(where, _raw_id(data), "invalid", problem).message())
-    return record
 
 
 def validate_rows(

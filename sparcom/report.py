@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from sparcom.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
 from sparcom.identify import GROUP, Family
 from sparcom.rules import rule_parameters
+from sparcom.markdown import table
 from sparcom.store import save_zarr
 
 TITLES = {
@@ -96,12 +97,6 @@ def summarize(components: xr.Dataset, analysis: xr.Dataset) -> dict:
     return summary
 
 
-def _table(header: list, rows: list[list]) -> str:
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _family_markdown(name: str, family: dict, groups: list[str]) -> str:
     plural, title = TITLES[name]
     layer_dim = family["layer_dim"]
@@ -109,22 +104,22 @@ def _family_markdown(name: str, family: dict, groups: list[str]) -> str:
     sections = [
         f"## {title}",
         f"{shape}. **General {plural}** (in every group's set): **{family['general_count']}**.",
-        _table(["group", "set size", "unique"],
+        table(["group", "set size", "unique"],
                [[g, family["set_size"][g], family["unique_count"][g]] for g in groups]),
     ]
     if len(groups) <= MAX_GROUPS_SHOWN:
-        sections.append(f"Set size per {layer_dim} (unique in brackets), and the general {plural}:\n\n" + _table(
+        sections.append(f"Set size per {layer_dim} (unique in brackets), and the general {plural}:\n\n" + table(
             [layer_dim] + groups + ["general"],
             [[layer] + [f"{family['set_size_per_layer'][g][i]} ({family['unique_per_layer'][g][i]})"
                         for g in groups] + [family["general_per_layer"][i]]
              for i, layer in enumerate(family["layer_index"])]))
         if "set_size_per_expert" in family:
             experts = range(family["dims"][EXPERT])
-            sections.append(f"Distribution over experts (set members per expert, all {layer_dim}s):\n\n" + _table(
+            sections.append(f"Distribution over experts (set members per expert, all {layer_dim}s):\n\n" + table(
                 ["expert"] + groups, [[e] + [family["set_size_per_expert"][g][e] for g in groups]
                                       for e in experts]))
         if family["jaccard"] is not None:
-            sections.append("Jaccard overlap between groups:\n\n" + _table([""] + groups, [
+            sections.append("Jaccard overlap between groups:\n\n" + table([""] + groups, [
                 [a] + ["-" if family["jaccard"][a][b] is None else f"{family['jaccard'][a][b]:.3f}"
                        for b in groups] for a in groups]))
     else:
@@ -147,7 +142,7 @@ def _split_half_markdown(plural: str, family: dict, groups: list[str]) -> str:
             f"two halves (by seed, stratified by origin), {plural} selected on each half with the same "
             "rule; within = J(g_A, g_B), cross = mean J(g_A, h_B) over the other groups, gap = within "
             "- cross, averaged over seeds. A gap not above 0 means the set is not specific to its "
-            "group, whatever its size.\n\n" + _table(["group", "within", "cross", "gap", "specific"], rows))
+            "group, whatever its size.\n\n" + table(["group", "within", "cross", "gap", "specific"], rows))
 
 
 def _template_markdown(summary: dict) -> str | None:
@@ -165,7 +160,7 @@ def _template_markdown(summary: dict) -> str | None:
             "template token and on nothing else has exactly that frequency, so set members at or "
             "below it could owe their place to the template alone; members above it are active on "
             "the instructions' own text.\n\n"
-            + _table(["group", "template share"] + [f"{TITLES[n][0]} at or below it" for n in names], rows))
+            + table(["group", "template share"] + [f"{TITLES[n][0]} at or below it" for n in names], rows))
 
 
 def markdown_report(summary: dict) -> str:

@@ -18,12 +18,11 @@ import re
 import socket
 import string
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sparcom.records import Pool, RawRow, validate_rows
+from sparcom.records import Category, Origin, Pool, RawRow, validate_rows
 
 # Builders that read local files through `data_files`; any other `dataset` is a hub id or folder.
 LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
@@ -38,8 +37,8 @@ class SourceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="short label, used in record ids and the report")
-    category: Literal["CLS", "CODE", "QA", "GEN", "MATH", "SUM"]
-    origin: Literal["ai", "human"] = "human"
+    category: Category
+    origin: Origin = "human"
     dataset: str = Field(description="hub id, local folder, or a builder such as 'json' with data_files")
     config: str | None = None
     split: str

@@ -1,3 +1,10 @@
+"""The compare stage as Prefect tasks: two checkpoints' results checked and compared.
+
+- `check_comparable(base_store, tuned_store)`: `sparcom.compare.check_stores_compatible`.
+- `compare_checkpoints(base_components, tuned_components, out_dir, ...)`:
+  `sparcom.compare_report.report_comparison`, published as the `sparcom-comparison` artifact.
+"""
+
 from pathlib import Path
 
 from prefect import task

@@ -1,24 +1,29 @@
+"""Curation tasks: the pipeline's dataset stage, and the steps of the `curate-hexainst` flow.
+
+- `prepare_dataset_folder(path, datasets_dir)`: `sparcom.dataset.prepare_dataset` as the
+  pipeline's cached curate stage (a file, or the starter set, saved under its content hash).
+- `load_authored`, `load_user_dataset`, `load_public_set`: one input pool each.
+- `curate_records`, `save_curated`: validate, deduplicate, limit and sample; save.
+- `publish_balance_report`: the balance report as the `hexainst-balance` artifact.
+"""
+
 from pathlib import Path
 
 from prefect import get_run_logger, task
-
-from sparcom.provenance import curation_key
-from tasks.caching import cached
 from prefect.artifacts import create_markdown_artifact
 
-from sparcom.config import CurationSettings, DatasetSettings
+from sparcom.config import CurationSettings
 from sparcom.curation import Curation, balance_markdown, curate, save_curation
 from sparcom.dataset import prepare_dataset
 from sparcom.hexainst import authored_pool
+from sparcom.provenance import curation_key
 from sparcom.record_files import file_pool
 from sparcom.records import OnError, Pool
 from sparcom.sources import SourceSpec, source_pool
+from tasks.caching import cached
 
-
-@task(name="curate dataset", **cached(lambda settings, work_dir: (
-    curation_key(settings.path), str(Path(work_dir).resolve()))))
-def curate_dataset(settings: DatasetSettings, work_dir: Path) -> Path:
-    return prepare_dataset(settings.path, Path(work_dir) / "datasets")
+prepare_dataset_folder = task(prepare_dataset, name="curate dataset", **cached(lambda path, datasets_dir: (
+    curation_key(path), str(Path(datasets_dir).resolve()))))
 
 
 @task(name="shipped AI-authored records")

@@ -1,3 +1,10 @@
+"""The extract stage as a Prefect task: a model and a dataset in, a finished count store out.
+
+- `extract_activations(model, dataset_dir, settings, work_dir, cache_dir)`:
+  `sparcom.extract.extract_dataset`, cached on the store's own extraction key, with a progress
+  artifact.
+"""
+
 from pathlib import Path
 
 from prefect import task
@@ -5,12 +12,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from sparcom.config import ExtractionSettings, ModelSettings
 from sparcom.extract import extract_dataset
-from sparcom.provenance import extraction_cache_key
+from sparcom.provenance import planned_extraction_key
 from tasks.caching import cached
 
 
 @task(name="extract activation counts", **cached(lambda model, dataset_dir, settings, work_dir, cache_dir: (
-    extraction_cache_key(model, dataset_dir, settings, cache_dir), str(Path(work_dir).resolve()))))
+    planned_extraction_key(model, dataset_dir, settings, cache_dir), str(Path(work_dir).resolve()))))
 def extract_activations(
     model: ModelSettings, dataset_dir: Path, settings: ExtractionSettings, work_dir: Path, cache_dir: Path
 ) -> Path:

@@ -1,3 +1,10 @@
+"""The finetune stage as a Prefect task: a model in, a cached fine-tuned checkpoint out.
+
+- `finetune_model(model, settings, work_dir, cache_dir, held_out_dataset)`:
+  `sparcom.finetune.train_checkpoint`, cached on the checkpoint's own key, with a progress
+  artifact and a markdown one saying how the checkpoint was trained.
+"""
+
 from pathlib import Path
 
 from prefect import task
@@ -5,13 +12,13 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.dataset import load_records
-from sparcom.finetune import finetune, read_provenance
-from sparcom.provenance import finetune_cache_key
+from sparcom.finetune import read_provenance, train_checkpoint
+from sparcom.provenance import planned_finetune_key
 from tasks.caching import cached
 
 
 @task(name="fine-tune model", **cached(lambda model, settings, work_dir, cache_dir, held_out_dataset=None: (
-    finetune_cache_key(model, settings, held_out_dataset, cache_dir), str(Path(work_dir).resolve()))))
+    planned_finetune_key(model, settings, held_out_dataset, cache_dir), str(Path(work_dir).resolve()))))
 def finetune_model(
     model: ModelSettings, settings: FinetuneSettings, work_dir: Path, cache_dir: Path,
     held_out_dataset: Path | None = None,
@@ -23,7 +30,7 @@ def finetune_model(
         update_progress_artifact(artifact, 100.0 * step / steps)
 
     held_out = {r.id for r in load_records(held_out_dataset)} if held_out_dataset else frozenset()
-    checkpoint = finetune(model, settings, Path(work_dir) / "checkpoints", cache_dir, held_out, report)
+    checkpoint = train_checkpoint(model, settings, Path(work_dir) / "checkpoints", cache_dir, held_out, report)
     update_progress_artifact(artifact, 100.0)
     provenance = read_provenance(checkpoint)
     create_markdown_artifact(

@@ -1,3 +1,9 @@
+"""The analyse stage as a Prefect task: generality and uniqueness of the selected components.
+
+- `analyze_generality(components, run_dir, prefix)`: `sparcom.report.report_generality`, cached on
+  the components it reads, published as `<prefix>-findings` (markdown), tables and a link.
+"""
+
 from pathlib import Path
 
 from prefect import task

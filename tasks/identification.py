@@ -1,3 +1,10 @@
+"""The identify stage as a Prefect task: a count store in, the selected components out.
+
+- `select_components(store, settings, run_dir)`: `sparcom.identify.identify_store`, cached on the
+  store's extraction key and the selection settings; it computes on the Dask client the calling
+  flow opened.
+"""
+
 from pathlib import Path
 
 from prefect import task
@@ -10,6 +17,6 @@ from tasks.caching import cached
 
 @task(name="identify instruction-specific components", **cached(lambda store, settings, run_dir: (
     identification_key(store, settings), str(run_dir))))
-def identify_components(store: Path, settings: IdentificationSettings, run_dir: Path) -> Path:
+def select_components(store: Path, settings: IdentificationSettings, run_dir: Path) -> Path:
     """components.zarr, computed on the Dask scheduler the calling flow opened."""
     return identify_store(store, settings, run_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sparcom.models import default_model_file
+from sparcom.models import load_tokenizer
 from sparcom.records import InstructionRecord
 
 
@@ -20,9 +20,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The default model's tokenizer (chat template included), read from its GGUF file."""
-    gguf = default_model_file()
     directory = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(directory)
+    load_tokenizer("default").save_pretrained(directory)
     return directory
 
 

@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 import sparcom.finetune as finetune_module
 from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.finetune import (
-    IGNORED, FinetuneError, collate, encode_example, finetune, finetune_key, read_provenance,
-    total_steps, training_records,
+    IGNORED, FinetuneError, collate, encode_example, read_provenance, total_steps, train_checkpoint,
+    training_records,
 )
 from sparcom.hexainst import authored_records, starter_set
 from sparcom.models import load_model, model_fingerprint, resolve_model
 from sparcom.prompts import prompt_ids
+from sparcom.provenance import finetune_key, planned_finetune_key
 from sparcom.records import RecordError
 
 QUICK = FinetuneSettings(categories=["MATH"], steps=3, batch_size=2, max_tokens=96, learning_rate=1e-2)
@@ -37,7 +38,7 @@ def tokenizer(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def tuned_dir(tmp_path_factory, tiny_llama_dir, cache_dir) -> Path:
-    return finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK,
+    return train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK,
                     tmp_path_factory.mktemp("checkpoints"), cache_dir)
 
 
@@ -140,6 +141,9 @@ def test_finetune_changes_weights_and_writes_a_loadable_checkpoint(tuned_dir, ti
     assert provenance["settings"]["steps"] == 3 and provenance["steps"] == 3 and len(provenance["losses"]) == 3
     assert provenance["training_data"]["per_category"] == {"MATH": 100}
     assert tuned_dir.name.endswith(provenance["finetune_key"][:16])
+    # one key: the task's cache key, computed before training, is the checkpoint's own
+    assert provenance["finetune_key"] == planned_finetune_key(ModelSettings(name=str(tiny_llama_dir)), QUICK,
+                                                              None, cache_dir)
 
     loaded = load_model(resolve_model(str(tuned_dir)), cache_dir, "float32", "cpu")
     assert loaded.fingerprint != base_fingerprint
@@ -153,22 +157,22 @@ def test_rerun_hits_the_cache(tuned_dir, tiny_llama_dir, cache_dir, monkeypatch)
         raise AssertionError("trained again instead of reusing the checkpoint")
 
     monkeypatch.setattr(finetune_module, "train", no_training)
-    again = finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK, tuned_dir.parent, cache_dir)
+    again = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK, tuned_dir.parent, cache_dir)
     assert again == tuned_dir
     with pytest.raises(AssertionError, match="trained again"):
-        finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"seed": 5}),
+        train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"seed": 5}),
                  tuned_dir.parent, cache_dir)
 
 
 def test_same_seed_same_weights(tuned_dir, tiny_llama_dir, tmp_path, cache_dir):
-    repeat = finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK, tmp_path, cache_dir)
+    repeat = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK, tmp_path, cache_dir)
     first, second = weights(tuned_dir), weights(repeat)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_lora_trains_and_merges(tiny_llama_dir, tmp_path, cache_dir):
     settings = QUICK.model_copy(update={"method": "lora", "lora_rank": 4})
-    checkpoint = finetune(ModelSettings(name=str(tiny_llama_dir)), settings, tmp_path, cache_dir)
+    checkpoint = train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), settings, tmp_path, cache_dir)
     before, after = weights(tiny_llama_dir), weights(checkpoint)
     assert before.keys() == after.keys(), "the adapters are merged into plain weights"
     assert not torch.equal(before["model.layers.1.mlp.gate_proj.weight"], after["model.layers.1.mlp.gate_proj.weight"])
@@ -179,7 +183,7 @@ def test_lora_trains_and_merges(tiny_llama_dir, tmp_path, cache_dir):
 
 def test_too_short_max_tokens_is_refused(tiny_llama_dir, tmp_path, cache_dir):
     with pytest.raises(FinetuneError, match="max_tokens = 8 cuts every response away"):
-        finetune(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"max_tokens": 8}),
+        train_checkpoint(ModelSettings(name=str(tiny_llama_dir)), QUICK.model_copy(update={"max_tokens": 8}),
                  tmp_path, cache_dir)
     assert not list(tmp_path.iterdir())
 
