@@ -23,7 +23,8 @@ from pydantic import BaseModel
 from sparcom import __version__
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
+    "curate": ("records", "hexainst", "dataset", "curation", "sources", "packaged_sources", "record_files",
+               "dedup"),
     "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
     "identify": ("identify", "store", "cluster"),
     "analyse": ("analysis", "report"),
@@ -69,9 +70,11 @@ def input_fingerprint(path: Path) -> str:
 
 def curation_key(source: Path | None) -> str:
     from sparcom.hexainst import AUTHORED_DIR
+    from sparcom.packaged_sources import installed_versions
 
-    content = input_fingerprint(AUTHORED_DIR if source is None else source)
-    return content_hash("curate", content, code_version("curate"))
+    if source is None:  # the starter set: shipped records and the installed packaged sets
+        return content_hash("curate", input_fingerprint(AUTHORED_DIR), installed_versions(), code_version("curate"))
+    return content_hash("curate", input_fingerprint(source), code_version("curate"))
 
 
 def extraction_cache_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
