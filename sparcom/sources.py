@@ -3,7 +3,8 @@
 - `SourceSpec`: one public set: where it lives (hub id, config, split, or a local builder with
   `data_files`), how its columns become a record (format templates), label names, license.
 - `default_sources()`: the sets that fit each category, after the paper (FLAN-style
-  classification, HumanEval, TriviaQA, Alpaca, MATH-500) plus CNN/DailyMail for summarization.
+  classification, HumanEval, TriviaQA, Alpaca, MATH-500) plus CNN/DailyMail for summarization;
+  HumanEval, TriviaQA and MATH-500 name a packaged set to read offline (`packaged_sources`).
 - `source_pool(spec)`: the source's rows as a curation `Pool`; when the hub cannot be reached or
   the set cannot be loaded, an unavailable pool that says why.
 
@@ -50,6 +51,19 @@ class SourceSpec(BaseModel):
     id_field: str | None = Field(None, description="column with a stable id; default: the row number")
     label_names: dict[str, list[str]] = Field({}, description="integer label column -> names")
     license: str
+    packaged: str | None = Field(None, description="packaged set read instead when this one is unavailable "
+                                                   "(sparcom.packaged_sources.PACKAGED_SETS)")
+
+    @field_validator("packaged")
+    @classmethod
+    def _known_packaged_set(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        from sparcom.packaged_sources import PACKAGED_SETS  # it builds on this module
+
+        if name not in PACKAGED_SETS:
+            raise ValueError(f"no packaged set {name!r}; there are {', '.join(PACKAGED_SETS)}")
+        return name
 
     @field_validator("instruction", "input", "response")
     @classmethod
@@ -72,9 +86,11 @@ class SourceSpec(BaseModel):
         return f"{where}{config}, split {self.split}"
 
     def record_source(self) -> str:
+        """Where a record came from; a pinned revision follows an '@' (the manifest's version)."""
         if self.dataset in LOCAL_BUILDERS:
             return self.name
-        return f"{self.dataset}/{self.config}:{self.split}" if self.config else f"{self.dataset}:{self.split}"
+        where = f"{self.dataset}/{self.config}:{self.split}" if self.config else f"{self.dataset}:{self.split}"
+        return f"{where}@{self.revision}" if self.revision else where
 
     def is_local(self) -> bool:
         return self.dataset in LOCAL_BUILDERS or Path(self.dataset).exists()
@@ -105,15 +121,17 @@ def default_sources() -> list[SourceSpec]:
                    label_names={"label": ["negative", "positive"]}),
         SourceSpec(name="humaneval", category="CODE", dataset="openai/openai_humaneval", split="test",
                    id_field="task_id", instruction="Complete the following Python function.",
-                   input="{prompt}", response="{prompt}{canonical_solution}", license="MIT"),
+                   input="{prompt}", response="{prompt}{canonical_solution}", license="MIT",
+                   packaged="humaneval"),
         SourceSpec(name="trivia_qa", category="QA", dataset="mandarjoshi/trivia_qa", config="rc.nocontext",
                    split="validation", id_field="question_id", instruction="{question}",
-                   response="{answer[value]}", license="apache-2.0"),
+                   response="{answer[value]}", license="apache-2.0", packaged="fanoutqa"),
         SourceSpec(name="alpaca", category="GEN", dataset="tatsu-lab/alpaca", split="train",
                    instruction="{instruction}", input="{input}", response="{output}",
                    license="CC-BY-NC-4.0"),
         SourceSpec(name="math500", category="MATH", dataset="HuggingFaceH4/MATH-500", split="test",
-                   id_field="unique_id", instruction="{problem}", response="{solution}", license="MIT"),
+                   id_field="unique_id", instruction="{problem}", response="{solution}", license="MIT",
+                   packaged="champ"),
         SourceSpec(name="cnn_dailymail", category="SUM", dataset="abisee/cnn_dailymail", config="3.0.0",
                    split="test", id_field="id", instruction="Write highlights for this article.",
                    input="{article}", response="{highlights}", license="apache-2.0"),
@@ -144,7 +162,7 @@ def load_table(spec: SourceSpec):
 
 
 def source_pool(spec: SourceSpec) -> Pool:
-    pool = Pool(name=spec.name, description=spec.describe(), strict=False)
+    pool = Pool(name=spec.name, description=spec.describe(), strict=False, group=(spec.category, spec.origin))
     reason = None if spec.is_local() else hub_unreachable()
     if reason is None:
         try:
@@ -158,7 +176,8 @@ def source_pool(spec: SourceSpec) -> Pool:
     return pool
 
 
-def source_rows(spec: SourceSpec, table) -> list[RawRow]:
+def source_rows(spec: SourceSpec, table, source: str | None = None) -> list[RawRow]:
+    """`source` (default `spec.record_source()`) goes into every record."""
     columns = set(table.column_names)
     wanted = {_column(f) for t in (spec.instruction, spec.input, spec.response) for f in template_fields(t)}
     missing = sorted(wanted - columns | ({spec.id_field} - columns if spec.id_field else set()))
@@ -166,7 +185,8 @@ def source_rows(spec: SourceSpec, table) -> list[RawRow]:
         raise SourceError(f"source {spec.name!r} ({spec.describe()}): no column(s) {', '.join(missing)}; "
                           f"its columns are {', '.join(sorted(columns))}")
     labels = {**_class_labels(table), **spec.label_names}
-    return [_row(spec, index, data, labels) for index, data in enumerate(table)]
+    source = source or spec.record_source()
+    return [_row(spec, index, data, labels, source) for index, data in enumerate(table)]
 
 
 def _class_labels(table) -> dict[str, list[str]]:
@@ -176,7 +196,7 @@ def _class_labels(table) -> dict[str, list[str]]:
             if isinstance(feature, datasets.ClassLabel)}
 
 
-def _row(spec: SourceSpec, index: int, data: dict, labels: dict[str, list[str]]) -> RawRow:
+def _row(spec: SourceSpec, index: int, data: dict, labels: dict[str, list[str]], source: str) -> RawRow:
     native = str(data[spec.id_field]) if spec.id_field else f"{index:06d}"
     record_id = f"{spec.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', native)}"
     where = f"{spec.name} row {index}"
@@ -193,5 +213,5 @@ def _row(spec: SourceSpec, index: int, data: dict, labels: dict[str, list[str]])
     except (KeyError, IndexError, TypeError, ValueError) as error:
         return RawRow(where, data, f"cannot fill the templates: {type(error).__name__}: {error}")
     return RawRow(where, {"id": record_id, "category": spec.category, "origin": spec.origin,
-                          "source": spec.record_source(),
+                          "source": source,
                           "license": spec.license, **filled})

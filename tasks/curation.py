@@ -16,10 +16,11 @@ from sparcom.config import CurationSettings
 from sparcom.curation import Curation, balance_markdown, curate, save_curation
 from sparcom.dataset import prepare_dataset
 from sparcom.hexainst import authored_pool
+from sparcom.packaged_sources import public_pool
 from sparcom.provenance import curation_key
 from sparcom.record_files import file_pool
 from sparcom.records import OnError, Pool
-from sparcom.sources import SourceSpec, source_pool
+from sparcom.sources import SourceSpec
 from tasks.caching import cached
 
 prepare_dataset_folder = task(prepare_dataset, name="curate dataset", **cached(lambda path, datasets_dir: (
@@ -38,7 +39,7 @@ def load_user_dataset(path: Path, on_error: OnError) -> Pool:
 
 @task(task_run_name="load public set {spec.name}")
 def load_public_set(spec: SourceSpec) -> Pool:
-    pool = source_pool(spec)
+    pool = public_pool(spec)  # offline, a packaged copy where one is named
     if pool.unavailable:
         get_run_logger().warning(pool.unavailable)
     return pool

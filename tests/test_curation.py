@@ -26,6 +26,7 @@ from sparcom.curation import (
 from sparcom.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.dedup import band_rows, canonical_text, jaccard, near_duplicate_pairs, shingles
 from sparcom.hexainst import authored_pool, authored_records
+from sparcom.packaged_sources import public_pool
 from sparcom.prompts import prompt_ids
 from sparcom.record_files import file_pool, read_records
 from sparcom.records import InstructionRecord, Pool, RecordError, dataset_hash
@@ -64,20 +65,25 @@ def write_jsonl(path, rows) -> str:
 
 # -- the dataset -----------------------------------------------------------------------------------
 
-def test_offline_curation_is_the_600_authored_records_every_time(tokenizer_dir):
+def test_offline_curation_is_the_600_authored_records_and_the_packaged_human_sets(tokenizer_dir):
     options = settings(tokenizer_dir)
-    pools = [authored_pool()] + [source_pool(s) for s in options.sources]
-    first, second = curate(pools, options), curate(pools, options)
+    first = curate([authored_pool()] + [public_pool(s) for s in options.sources], options)
     records = first.records
-    assert len(records) == 600 and {r.origin for r in records} == {"ai"}
-    assert {c: sum(r.category == c for r in records) for c in first.balance()} == dict.fromkeys(first.balance(), 100)
-    assert len({r.id for r in records}) == 600 and all(r.response.strip() for r in records)
-    assert dataset_hash(records) == dataset_hash(second.records) == dataset_hash(authored_records())
+    assert len(records) == 900 and len({r.id for r in records}) == 900
+    assert [r for r in records if r.origin == "ai"] == authored_records()
+    packaged = {"CODE": "humaneval", "QA": "fanoutqa", "MATH": "champ"}
+    assert first.balance() == {c: {"ai": 100, "human": 100 if c in packaged else 0} for c in first.balance()}
+    assert {r.source.split("@")[0] for r in records if r.origin == "human"} == {
+        "openai_humaneval", "fanoutqa", "champ"}
     report = balance_markdown(first)
     for spec in options.sources:
         assert f"{spec.name} ({spec.describe()}) is unavailable: the hub cannot be reached" in report
-        assert f"| {spec.name} (unavailable) | 0 |" in report
-    assert "**0** (short by 100)" in report and "MATH human: 0 of 100" in report
+        if spec.packaged is None:
+            assert f"| {spec.name} (unavailable) | 0 |" in report
+        else:
+            assert f"| {spec.packaged} | {len(public_pool(spec).records)} |" in report
+    assert "**0** (short by 100)" in report and "MATH human: 0 of 100" not in report
+    assert "CLS human: 0 of 100 (unavailable: ag_news, sst2); GEN human: 0 of 100 (unavailable: alpaca)" in report
 
 
 def test_standins_give_the_full_balanced_1200_and_every_record_is_counted(tmp_path, tokenizer_dir):
@@ -335,10 +341,12 @@ def test_cli_curate_offline_and_bad_input(tmp_path, prefect_harness, tokenizer_d
     first = runner.invoke(app, ["curate", *common])
     assert first.exit_code == 0, first.output
     assert "humaneval (openai/openai_humaneval, split test) is unavailable" in first.output
+    assert "Kept **900** records" in first.output
     again = runner.invoke(app, ["curate", *common])
     hash_line = [line for line in first.output.splitlines() if line.startswith("dataset: ")]
     assert hash_line and hash_line[0] in again.output
-    assert f"hash {dataset_hash(authored_records())}" in hash_line[0]
+    directory = hash_line[0].removeprefix("dataset: ").split(" (hash ")[0]
+    assert f"hash {dataset_hash(load_records(directory))}" in hash_line[0]
     bad = write_jsonl(tmp_path / "mine.jsonl", user_rows(2) + [{**GOOD, "id": "u-x", "response": ""}])
     failed = runner.invoke(app, ["curate", *common, "--no-hub", "--input", str(bad)])
     assert failed.exit_code == 2
