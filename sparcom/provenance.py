@@ -24,7 +24,7 @@ from sparcom import __version__
 
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "curate": ("records", "hexainst", "dataset", "curation", "sources", "record_files", "dedup"),
-    "extract": ("models", "prompts", "architectures", "counting", "extract", "store"),
+    "extract": ("models", "prompts", "architectures", "counting", "expert_counting", "extract", "store"),
     "identify": ("identify", "store", "cluster"),
     "analyse": ("analysis", "report"),
     "finetune": ("finetune", "models"),
