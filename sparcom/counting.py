@@ -11,10 +11,14 @@
   the model computed it.
 - Routed experts: transformers 5 fuses a layer's experts into one module and dispatches its
   forward to one of several implementations (eager, grouped_mm, batched_mm), so there is no
-  per-expert module to hook and no common intermediate to read. A pre-hook on the fused module
-  takes the router's top-k choice from its arguments and computes f(x W_gate[e]) for the tokens
-  routed to each expert e, the same arithmetic as the eager implementation, whichever one runs.
-  That repeats the gate projection of routed tokens (a third of the experts' matmul work).
+  per-expert module to hook. A counting experts backend (`sparcom.expert_counting`) runs the
+  model's chosen implementation and counts the activated gates it computes, for the tokens routed
+  to each expert. Where the backend does not cover an implementation, a pre-hook on the fused
+  module takes the router's top-k choice from its arguments and computes f(x W_gate[e]) again,
+  the same arithmetic as the eager implementation: that repeats the gate projection of routed
+  tokens (a third of the experts' matmul work).
+- `expert_counting_path(sites)`: which of the two counts the routed experts of a model
+  ("backend", "pre_hook", both joined by "+", or "none" without routed experts).
 
 The forward pass stops after the last layer's MLP: the final norm and the LM head never run.
 """
@@ -26,6 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparcom.architectures import FFNSites, MoELayer
+from sparcom.expert_counting import CountingBackend, backend_covers
+
+
+def expert_counting_path(sites: FFNSites) -> str:
+    paths = {"backend" if backend_covers(layer.experts) else "pre_hook" for layer in sites.moe_layers}
+    return "+".join(sorted(paths)) or "none"
 
 
 class _LastLayerCounted(Exception):
@@ -40,13 +50,19 @@ class FFNCounter:
         self._mask: torch.Tensor | None = None        # [batch, seq] counted and not padding
         self._mask_bytes: torch.Tensor | None = None  # the same as uint8 [batch, seq, 1]
         self._rows: torch.Tensor | None = None        # [batch * seq] batch row of each flat token
+        self._backend: CountingBackend | None = None
 
     def __enter__(self) -> FFNCounter:
+        counted_by_backend = {layer.experts: slot for slot, layer in enumerate(self.sites.moe_layers)
+                              if backend_covers(layer.experts)}
+        if counted_by_backend:
+            self._backend = CountingBackend(counted_by_backend, self._count_routes, self._count_gates).__enter__()
         register = self._handles.append
         for slot, module in enumerate(self.sites.dense_activations):
             register(module.register_forward_hook(self._activation_hook("act_count", slot)))
         for slot, layer in enumerate(self.sites.moe_layers):
-            register(layer.experts.register_forward_pre_hook(self._routing_hook(slot), with_kwargs=True))
+            if layer.experts not in counted_by_backend:
+                register(layer.experts.register_forward_pre_hook(self._routing_hook(slot), with_kwargs=True))
             if layer.shared_activation is not None:
                 register(layer.shared_activation.register_forward_hook(
                     self._activation_hook("shared_act_count", slot)))
@@ -57,6 +73,9 @@ class FFNCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._backend is not None:
+            self._backend.__exit__(*exc_info)
+            self._backend = None
 
     def _stop(self, module: nn.Module, inputs, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -84,16 +103,36 @@ class FFNCounter:
             hidden = args[0] if args else kwargs["hidden_states"]
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            top_k_index = top_k_index.reshape(hidden.shape[0], -1)
-            routed = (top_k_index < self.sites.experts) & self._mask.reshape(-1, 1)
-            token, choice = routed.nonzero(as_tuple=True)
-            expert = top_k_index[token, choice]
-            rows = self._rows[token]
-            self._buffers["expert_count"][:, slot].index_put_(
-                (rows, expert), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+            token, expert = self._count_routes(slot, top_k_index.reshape(hidden.shape[0], -1))
             self._count_expert_neurons(layer.experts, slot, hidden, token, expert)
 
         return count_routed
+
+    def _count_routes(self, slot: int, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts each counted token's routed experts; returns the (flat token, expert) pairs."""
+        routed = (top_k_index < self.sites.experts) & self._mask.reshape(-1, 1)
+        token, choice = routed.nonzero(as_tuple=True)
+        expert = top_k_index[token, choice]
+        rows = self._rows[token]
+        self._buffers["expert_count"][:, slot].index_put_(
+            (rows, expert), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+        return token, expert
+
+    def _count_gates(self, slot: int, token: torch.Tensor, expert: torch.Tensor | int, active: torch.Tensor) -> None:
+        """Adds activated gates (`active[row, neuron]`, rows grouped by expert) of the flat tokens
+        `token` to their batch rows, keeping only counted tokens."""
+        if isinstance(expert, int):
+            experts, sizes = [expert], [len(token)]
+        else:
+            experts, sizes = (values.tolist() for values in torch.unique_consecutive(expert, return_counts=True))
+        # A 0/1 matrix picks each batch row's counted tokens: one matmul per expert sums their rows.
+        pick = torch.zeros((self._mask.shape[0], len(token)), dtype=torch.int8, device=token.device)
+        pick[self._rows[token], torch.arange(len(token), device=token.device)] = self._mask_bytes.reshape(-1)[token].view(torch.int8)
+        counts = self._buffers["expert_act_count"][:, slot]
+        start = 0
+        for e, size in zip(experts, sizes):
+            counts[:, e] += _count_matmul(pick[:, start:start + size], active[start:start + size])
+            start += size
 
     def _count_expert_neurons(self, experts: nn.Module, slot: int, hidden: torch.Tensor,
                               token: torch.Tensor, expert: torch.Tensor) -> None:
@@ -145,3 +184,11 @@ class FFNCounter:
         counts, self._buffers = self._buffers, {}
         self._mask = self._mask_bytes = self._rows = None
         return counts
+
+
+def _count_matmul(pick: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """pick[row, token] @ active[token, neuron] in exact integers: int8 on CPU, where it is the
+    fastest and the bool rows need no conversion; float32 elsewhere (exact below 2^24 tokens)."""
+    if active.device.type == "cpu":
+        return torch._int_mm(pick.contiguous(), active.view(torch.int8))
+    return torch.mm(pick.float(), active.float()).round().to(torch.int32)

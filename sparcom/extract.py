@@ -28,7 +28,7 @@ from sparcom import __version__
 from sparcom.architectures import FFNSites, ffn_sites
 from sparcom.config import ExtractionSettings, ModelSettings
 from sparcom.dataset import load_records
-from sparcom.counting import FFNCounter
+from sparcom.counting import FFNCounter, expert_counting_path
 from sparcom.models import (
     LoadedModel, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device, resolve_model,
 )
@@ -104,6 +104,7 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "model_fingerprint": loaded.fingerprint,
         "revision": loaded.source.revision or "",
         "architecture": loaded.model.config.model_type,
+        "expert_counting": expert_counting_path(ffn_sites(loaded.model)),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "token_span": settings.span,

@@ -50,6 +50,17 @@ CONFIGS = {
 GATE_PROJECTION = {"phi3": "gate_up_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}
 
 
+def routed_experts(family: str, router, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Each token's top-k experts by the family's routing rule, from the router's own weights
+    (the test configs have one expert group, so DeepSeek's group limit keeps every expert)."""
+    if family.startswith("deepseek"):  # DeepSeek routes in float32
+        logits = hidden.float() @ router.weight.float().T
+        scores = logits.softmax(-1) if family == "deepseek_v2" else logits.sigmoid() + router.e_score_correction_bias
+    else:
+        scores = (hidden @ router.weight.T).softmax(-1)
+    return scores.topk(top_k, dim=-1).indices
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -75,15 +86,15 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 def naive_counts(model, ids: list[int], first_counted: int) -> dict[str, np.ndarray]:
     """Per variable, the counts of one unpadded prompt, token by token."""
     family = model.config.model_type
-    gates, routing, shared_gates = {}, {}, {}
+    gates, moe_inputs, shared_gates = {}, {}, {}
     hooks = []
     for index, layer in enumerate(model.get_submodule("transformer.h" if family == "gpt2" else
                                                       "gpt_neox.layers" if family == "gpt_neox" else
                                                       "model.layers")):
         mlp = layer.mlp
         if hasattr(mlp, "experts"):
-            hooks.append(mlp.experts.register_forward_pre_hook(
-                lambda m, args, i=index: routing.__setitem__(i, (args[0].clone(), args[1].clone()))))
+            hooks.append(mlp.register_forward_pre_hook(
+                lambda m, args, i=index: moe_inputs.__setitem__(i, args[0].clone())))
             shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
             if shared is not None:
                 hooks.append(shared.gate_proj.register_forward_hook(
@@ -104,13 +115,13 @@ def naive_counts(model, ids: list[int], first_counted: int) -> dict[str, np.ndar
             activation = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None) or mlp.act
             rows.append((activation(gate) > 0).sum(0).numpy())
         result["act_count"] = np.stack(rows)
-    if routing:
+    if moe_inputs:
         expert_count, expert_act, shared_act = [], [], []
-        for index in sorted(routing):
-            experts = model.get_submodule(f"model.layers.{index}.mlp.experts")
-            hidden, top_k = routing[index]
-            hidden = hidden.reshape(-1, hidden.shape[-1])[counted]
-            top_k = top_k.reshape(len(ids), -1)[counted]
+        for index in sorted(moe_inputs):
+            moe = model.get_submodule(f"model.layers.{index}.mlp")
+            experts = moe.experts
+            hidden = moe_inputs[index].reshape(len(ids), -1)[counted]
+            top_k = routed_experts(family, moe.gate, hidden, model.config.num_experts_per_tok)
             n_experts, width = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[1] // 2
             count = np.zeros(n_experts, dtype=np.int64)
             act = np.zeros((n_experts, width), dtype=np.int64)
