@@ -5,6 +5,8 @@
 - `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
   tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
   contract a one-hot group matrix with the counts one chunk at a time, so memory stays bounded.
+  Each block is checked to lie in [0, 1] as it is computed (a count above its token count is
+  a damaged or inconsistent store, a StoreError).
 - `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
 - `select(frequency, rule, epsilon, tau, layer_dim)`: the boolean sets and their thresholds.
   global_percentile: per group, keep p >= the m-th largest of all layers' frequencies, ties
@@ -29,7 +31,7 @@ import xarray as xr
 import zarr
 
 from sparcom.config import IdentificationSettings
-from sparcom.store import open_store
+from sparcom.store import StoreError, open_store
 
 GROUP = "group"
 INSTRUCTION = "instruction"
@@ -111,12 +113,25 @@ def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
     result = xr.Dataset({"token_total": token_total.astype(np.uint64)})
     denominator = token_total.where(token_total > 0)
     for family in families_in(store):
-        frequency = (sums(store[family.count], labels) / denominator).fillna(0.0)
+        frequency = _in_unit_interval((sums(store[family.count], labels) / denominator).fillna(0.0),
+                                      family.frequency)
         result[family.frequency] = frequency.transpose(GROUP, *family.component_dims(store))
     if by == INSTRUCTION:
         result = result.assign_coords({c: (GROUP, store[c].values) for c in ("category", "origin")
                                        if c in store.coords})
     return result
+
+
+def _in_unit_interval(frequency: xr.DataArray, name: str) -> xr.DataArray:
+    def check(block: np.ndarray) -> np.ndarray:
+        if block.size and not (block.min() >= 0 and block.max() <= 1):
+            raise StoreError(f"{name}: frequencies outside [0, 1] (from {block.min():.3g} to {block.max():.3g}): "
+                             "counts exceed token counts, the store is inconsistent")
+        return block
+
+    if frequency.chunks:
+        return frequency.copy(data=frequency.data.map_blocks(check, dtype=frequency.dtype))
+    return frequency.copy(data=check(frequency.values))
 
 
 def top_fraction_threshold(values: np.ndarray, epsilon: float) -> float:
@@ -212,10 +227,15 @@ def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
-    """Write (chunk by chunk when lazy) without consolidating: `identify_store` consolidates once."""
+    """Write (chunk by chunk when lazy) without consolidating: `identify_store` consolidates once.
+
+    Zarr needs equal chunks but the last along each dim; Dask's contractions can leave uneven
+    ones (small shards, layers split unevenly), so each variable is rechunked to its largest."""
     for variable in dataset.variables.values():
         variable.encoding.pop("chunks", None)
         variable.encoding.pop("preferred_chunks", None)
+    dataset = dataset.assign({name: variable.chunk(dict(zip(variable.dims, map(max, variable.chunks))))
+                              for name, variable in dataset.data_vars.items() if variable.chunks})
     dataset.to_zarr(path, mode=mode, zarr_format=3, consolidated=False)
 
 
