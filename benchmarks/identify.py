@@ -31,6 +31,7 @@ from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from sparcom.identify import FAMILIES, identify_store
 from sparcom.records import CATEGORIES
+from sparcom.store import seal_store
 from sparcom.report import report_generality
 
 SHARD = 32  # instructions per chunk, as extraction writes them
@@ -70,6 +71,7 @@ def write_synthetic_store(path: Path, kind: str, n: int) -> int:
     with warnings.catch_warnings(), dask.config.set(scheduler="threads"):
         warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
         store.to_zarr(path, mode="w", zarr_format=3, consolidated=True)
+    seal_store(path)
     return sum(store[f.count].nbytes for f in FAMILIES if f.count in store)
 
 

@@ -24,10 +24,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from sparcom.cli_errors import ErrorStyleGroup
 from sparcom.config import PipelineSettings, load_settings
 from sparcom.records import CATEGORIES
 
-app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=ErrorStyleGroup)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option(
+        "--debug", help="show the traceback of an error (default: one line, see sparcom.cli_errors)")] = False,
+) -> None:
+    """Errors are one line on stderr: exit 2 for bad input, 1 for failures during work."""
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file")]
 ModelOption = Annotated[Optional[str], typer.Option(help="'default', hub id, directory or .gguf")]
@@ -110,19 +119,22 @@ def extract(
 ) -> None:
     """Count FFN activations of every instruction into a Zarr store (SPEC section 7)."""
     from sparcom.dataset import load_records
-    from sparcom.extract import extract_to_store, parse_shards
-    from sparcom.store import is_complete
+    from sparcom.extract import check_extraction, extract_to_store, parse_shards
+    from sparcom.store import check_store_target, is_complete
     from sparcom.models import load_model, resolve_model
 
     settings = _settings(
         config, model__name=model, model__revision=revision,
         model__trust_remote_code=trust_remote_code or None, extraction__span=span,
         extraction__dtype=dtype, extraction__device=device, extraction__batch_tokens=batch_tokens)
+    records = load_records(dataset)  # every input is checked before the model loads
+    wanted = parse_shards(shards) if shards else None
+    check_extraction(records, settings.extraction, wanted, dataset)
+    check_store_target(out)
     source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
     loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
                         settings.extraction.device, settings.model.trust_remote_code)
-    store = extract_to_store(loaded, load_records(dataset), out, settings.extraction,
-                             shards=parse_shards(shards) if shards else None)
+    store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted)
     typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
 
 
@@ -159,6 +171,15 @@ def identify(
         summary = report_generality(components, out)
     typer.echo(Path(summary["files"]["report.md"]).read_text())
     typer.echo(f"results: {out}")
+
+
+@app.command()
+def verify(store: Annotated[Path, typer.Argument(help="a finished count store")]) -> None:
+    """Check a finished count store against its chunk manifest: every chunk present, unchanged."""
+    from sparcom.store import verify_store
+
+    verify_store(store)
+    typer.echo(f"{store}: verified, every chunk present and unchanged")
 
 
 @app.command("show-config")

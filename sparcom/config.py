@@ -3,7 +3,9 @@
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
   fine-tune and the before/after comparison, folders).
 - `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
-  such as {"identification.epsilon": 0.02}.
+  such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
+  the line, for YAML syntax and duplicated keys) or the field.
+- `validation_message(error)`: a pydantic ValidationError as one line naming each field.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sparcom.records import Category
 from sparcom.sources import SourceSpec, default_sources
@@ -133,12 +135,41 @@ class PipelineSettings(StrictModel):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models")
 
 
+class SettingsError(ValueError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - safe
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise SettingsError(f"{where}: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: {error}") from None
+
+
 def load_settings(yaml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineSettings:
     data: dict[str, Any] = {}
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8"))
+        loaded = _read_yaml(yaml_path)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: expected a mapping of settings at the top level")
+            raise SettingsError(f"{yaml_path}: expected a mapping of settings at the top level")
         data = loaded or {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -148,4 +179,14 @@ def load_settings(yaml_path: Path | None = None, overrides: dict[str, Any] | Non
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return PipelineSettings.model_validate(data)
+    try:
+        return PipelineSettings.model_validate(data)
+    except ValidationError as error:
+        where = f"{yaml_path} or the options" if yaml_path else "options"
+        raise SettingsError(f"settings ({where}): {validation_message(error)}") from None
+
+
+def validation_message(error: ValidationError) -> str:
+    """Pydantic's errors as one line: 'extraction.shard_size: Input should be ... (got 0)'."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})"
+                     for e in error.errors())

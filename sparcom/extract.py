@@ -7,6 +7,10 @@
 - `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
 - `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
+- `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
+  (no records, shards out of range).
+- `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
+  shards only; `extract_to_store` does this itself, so a rerun repairs.
 - `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
   pipeline runs it: the store is named by its extraction key, and a finished one is reused
   without loading the model. Records counted before for the same model, span and dtype (in any
@@ -15,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,9 +41,11 @@ from sparcom.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.provenance import counts_key, extraction_key
 from sparcom.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.store import (
-    StoreError, create_store, finalize_store, finished_shards, is_complete, open_store, shard_count,
-    store_attrs, write_shard,
+    StoreError, check_store_target, create_store, damaged_shards, describe_shards, finalize_store, finished_shards,
+    is_complete, open_store, reopen_shards, shard_count, store_attrs, verify_store, write_shard,
 )
+
+log = logging.getLogger(__name__)
 
 # Instructions sorted together by length: larger windows pad less, smaller ones lose less on a kill.
 SORT_WINDOW_SHARDS = 8
@@ -148,13 +155,14 @@ def extract_to_store(
     store = Path(store)
     data_hash = dataset_hash(records)
     key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
+    check_store_target(store)
     if store.exists():
         existing = store_attrs(store).get("extraction_key")
         if existing != key:
             raise StoreError(
                 f"{store}: holds counts for other settings, model or dataset (key {existing}); "
                 "choose another path or delete it")
-        if is_complete(store):
+        if is_complete(store) and not repair_store(store):
             return store
     sites = ffn_sites(loaded.model)
     if not store.exists():
@@ -212,13 +220,42 @@ def _count(
     return counts
 
 
+def repair_store(store: Path) -> bool:
+    """Reopen the damaged shards of a finished store for a recount; False when it is intact."""
+    shards, other = damaged_shards(store)
+    if other:
+        verify_store(store)  # raises: damage outside the shards cannot be recounted
+    if shards:
+        log.warning("%s: %s have missing or changed chunks; recounting them", store, describe_shards(store, shards))
+        reopen_shards(store, shards)
+    return bool(shards)
+
+
+def check_extraction(records: Sequence[InstructionRecord], settings: ExtractionSettings,
+                     shards: Iterable[int] | None, where: object) -> None:
+    """Refuse, before any model is loaded, what cannot give a store."""
+    if not records:
+        raise ValueError(f"{where}: the dataset holds no records; nothing to count")
+    n_shards = shard_count(len(records), settings.shard_size)
+    outside = sorted(set(shards or ()) - set(range(n_shards)))
+    if outside:
+        raise ValueError(f"--shards: {outside} out of range; {len(records)} records in shards of "
+                         f"{settings.shard_size} give shards 0-{n_shards - 1}")
+
+
 class DonorRows:
-    """Rows of finished stores that a new store can copy, found by record content hash."""
+    """Rows of finished stores that a new store can copy, found by record content hash.
+    Stores that do not verify give nothing."""
 
     def __init__(self, stores: Sequence[Path], key: str):
         self._where: dict[str, tuple[Path, int]] = {}
         for path in stores:
             if not is_complete(path) or store_attrs(path).get("counts_key") != key:
+                continue
+            try:
+                verify_store(path)
+            except StoreError as error:
+                log.warning("not copying counts from %s: %s", path, error)
                 continue
             for row, digest in enumerate(open_store(path).record_hash.values):
                 self._where.setdefault(str(digest), (Path(path), row))
@@ -242,7 +279,9 @@ def parse_shards(text: str) -> list[int]:
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
-            raise ValueError(f"shards: {part!r} is neither N nor N-M")
+            raise ValueError(f"--shards: {part!r} is neither N nor N-M")
+        if int(last or first) < int(first):
+            raise ValueError(f"--shards: {part!r} is an empty range (write the smaller shard first)")
         shards.extend(range(int(first), int(last or first) + 1))
     return shards
 
@@ -260,12 +299,13 @@ def extract_dataset(
     on_progress: ProgressCallback | None = None,
 ) -> Path:
     records = load_records(dataset_dir)
+    check_extraction(records, settings, None, dataset_dir)
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
     slug = model_slug(model.name)
     store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
-    if is_complete(store):
+    if is_complete(store) and not repair_store(store):
         return store
     loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
     donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))

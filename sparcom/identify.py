@@ -6,6 +6,8 @@
 - `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
   tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
   contract a one-hot group matrix with the counts one chunk at a time, so memory stays bounded.
+  Frequencies are checked to lie in [0, 1] as they are computed (a count above its token count
+  is a damaged or inconsistent store: a StoreError).
 - `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
   the counts: per group, and per split-half seed each group's half A (half B is the rest).
 - The selection rules live in `sparcom.rules` (`select`, `top_fraction_threshold`).
@@ -33,7 +35,7 @@ import zarr
 from sparcom.config import IdentificationSettings
 from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401
 from sparcom.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
-from sparcom.store import open_store
+from sparcom.store import StoreError, open_store
 from sparcom.template import template_share
 
 INSTRUCTION = "instruction"
@@ -113,8 +115,21 @@ def _plain(counts: xr.DataArray) -> xr.DataArray:
     return counts.drop_vars([c for c in counts.coords if INSTRUCTION in counts[c].dims])
 
 
-def _frequency(sums: xr.DataArray, tokens: xr.DataArray) -> xr.DataArray:
-    return (sums / tokens.where(tokens > 0)).fillna(0.0)
+def _frequency(sums: xr.DataArray, tokens: xr.DataArray, name: str = "frequency") -> xr.DataArray:
+    return _in_unit_interval((sums / tokens.where(tokens > 0)).fillna(0.0), name)
+
+
+def _in_unit_interval(frequency: xr.DataArray, name: str) -> xr.DataArray:
+    """Checked as computed: a count above its token count means a damaged or inconsistent store."""
+    def check(block: np.ndarray) -> np.ndarray:
+        if block.size and not (block.min() >= 0 and block.max() <= 1):
+            raise StoreError(f"{name}: frequencies outside [0, 1] (from {block.min():.3g} to {block.max():.3g}): "
+                             "counts exceed token counts, the store is inconsistent")
+        return block
+
+    if frequency.chunks:
+        return frequency.copy(data=frequency.data.map_blocks(check, dtype=frequency.dtype))
+    return frequency.copy(data=check(frequency.values))
 
 
 def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
@@ -124,7 +139,7 @@ def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
     token_total = sums(store.token_count, labels).compute()
     result = xr.Dataset({"token_total": token_total.astype(np.uint64)})
     for family in families_in(store):
-        frequency = _frequency(sums(store[family.count], labels), token_total)
+        frequency = _frequency(sums(store[family.count], labels), token_total, family.frequency)
         result[family.frequency] = frequency.transpose(GROUP, *family.component_dims(store))
     if by == INSTRUCTION:
         result = result.assign_coords({c: (GROUP, store[c].values) for c in ("category", "origin")
@@ -229,7 +244,7 @@ def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
     sums = one_pass_sums(store, labels, in_half_a)
     families = families_in(store)
     frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
-        f.frequency: _frequency(sums[f.count], sums.token_total) for f in families}})
+        f.frequency: _frequency(sums[f.count], sums.token_total, f.frequency) for f in families}})
     result = xr.merge([frequencies, _selection(frequencies, settings)])
     if left_out:
         attrs["split_half_left_out"] = left_out
@@ -244,10 +259,15 @@ def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
-    """Write (chunk by chunk when lazy) without consolidating: `identify_store` consolidates once."""
+    """Write (chunk by chunk when lazy) without consolidating: `identify_store` consolidates once.
+
+    Zarr needs equal chunks but the last along each dim; Dask's contractions can leave uneven
+    ones (small shards, layers split unevenly), so each variable is rechunked to its largest."""
     for variable in dataset.variables.values():
         variable.encoding.pop("chunks", None)
         variable.encoding.pop("preferred_chunks", None)
+    dataset = dataset.assign({name: variable.chunk(dict(zip(variable.dims, map(max, variable.chunks))))
+                              for name, variable in dataset.data_vars.items() if variable.chunks})
     dataset.to_zarr(path, mode=mode, zarr_format=3, consolidated=False)
 
 

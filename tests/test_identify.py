@@ -16,6 +16,7 @@ import xarray as xr
 from sparcom.config import IdentificationSettings
 from sparcom.generality import analyze, family_part, generality
 from sparcom.identify import FAMILIES, group_frequencies, identify, identify_store, select, top_fraction_threshold
+from sparcom.store import seal_store
 from sparcom.report import report_generality
 
 RULES = ("global_percentile", "layer_percentile", "threshold")
@@ -74,6 +75,7 @@ def write_store(store: xr.Dataset, path: Path, instruction_chunk: int = 3) -> Pa
         warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
         store.assign_coords(coords).assign_attrs(attrs).to_zarr(
             path, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+    seal_store(path)
     return path
 
 
