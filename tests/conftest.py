@@ -1,4 +1,8 @@
-"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records."""
+"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records,
+the one Prefect test server (`prefect_harness`), and Dask pinned to two local workers at most.
+
+Tests that load the real model, start a server, a browser or a cluster, or kill processes are
+marked `slow`; `bash scripts/test.sh -m "not slow"` is the fast loop."""
 
 from __future__ import annotations
 
@@ -10,6 +14,29 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sparcom.models import load_tokenizer
 from sparcom.records import InstructionRecord
+
+
+# A local Dask cluster has one worker process per core: 64 on a 64-core runner. Tests need two.
+TEST_DASK_WORKERS = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def few_dask_workers():
+    import sparcom.cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        cores = sparcom.cluster.usable_cores()
+        patch.setattr(sparcom.cluster, "usable_cores", lambda: min(TEST_DASK_WORKERS, cores))
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite in a temporary folder) for every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ import pytest
 
 from conftest import SAMPLE_TEXTS, make_record
 
+pytestmark = pytest.mark.slow  # a server, a worker, flow runs in processes, a browser
+
 try:
     from selenium import webdriver
     from selenium.webdriver.common.by import By
