@@ -1,4 +1,5 @@
-"""Instruction-specific components: frequencies per group and the selection rules (SPEC 2, 3).
+"""Instruction-specific components: frequencies per group and the selection rules
+(docs/method.md sections 2 and 3).
 
 - `FAMILIES`: the component families a store may hold (dense neurons, routed experts, neurons of
   routed experts, neurons of shared experts) and the names of their outputs (naming contract).
