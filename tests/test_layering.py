@@ -52,3 +52,13 @@ def test_importing_the_whole_library_loads_no_prefect():
             "print(sorted(n for n in sys.modules if n.split('.')[0] in {'prefect', 'flows', 'tasks', 'cli'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_command_line_starts_without_prefect():
+    """`sparcom extract` and `sparcom identify` call the library: no Prefect server, no Prefect import."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom cli.app import app\n"
+            "for command in ('extract', 'identify'):\n"
+            "    assert CliRunner().invoke(app, [command, '--help']).exit_code == 0\n"
+            "print('prefect' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
