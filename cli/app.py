@@ -117,7 +117,7 @@ def extract(
     shards: Annotated[Optional[str], typer.Option(
         help="only these shards, e.g. '0-3,8', so several processes or GPUs fill one store")] = None,
 ) -> None:
-    """Count FFN activations of every instruction into a Zarr store (SPEC section 7)."""
+    """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7)."""
     from sparcom.dataset import load_records
     from sparcom.extract import check_extraction, extract_to_store, parse_shards
     from sparcom.store import check_store_target, is_complete

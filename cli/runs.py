@@ -1,4 +1,10 @@
-"""Reading back what a flow run did: the states of its task runs, subflows included."""
+"""Reading back what a flow run did: the states of its task runs, subflows included.
+
+- `task_run_states(flow_run_id)`: task run name -> its state names, over the run's whole tree.
+- `state_counts(states)`: how many task runs ended in each state (Completed, Cached, ...).
+
+Calls go through Prefect's client, which retries 429/502/503 with backoff (`PREFECT_CLIENT_MAX_RETRIES`).
+"""
 
 import asyncio
 from collections import Counter

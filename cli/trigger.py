@@ -7,7 +7,10 @@
 - `trigger(deployment, overrides, wait, timeout)`: creates the flow run, reports its id and UI
   address, and with `wait` polls it until it ends or `timeout` seconds pass (`TriggeredRun`).
 
-The server is the one Prefect's settings name (`PREFECT_API_URL`, `PREFECT_API_KEY`).
+The server is the one Prefect's settings name (`PREFECT_API_URL`, `PREFECT_API_KEY`). Every call
+goes through Prefect's client, which retries 429, 502 and 503 answers and dropped connections
+with exponential backoff (`PREFECT_CLIENT_MAX_RETRIES`, default 5; `PREFECT_CLIENT_RETRY_EXTRA_CODES`
+adds codes): a busy server delays a submission, it does not fail it.
 """
 
 from __future__ import annotations

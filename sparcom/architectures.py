@@ -1,4 +1,4 @@
-"""Where each supported architecture computes the quantities SPEC sections 2 and 3 count.
+"""Where each supported architecture computes the quantities docs/method.md sections 2 and 3 count.
 
 - `ffn_sites(model)`: per decoder layer, what to hook:
   dense layers:  the activation module, whose output is A = f(gate_proj x) (gated MLPs, Phi-3's

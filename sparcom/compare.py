@@ -1,4 +1,4 @@
-"""Before and after: how the component sets of two checkpoints differ (SPEC section 5).
+"""Before and after: how the component sets of two checkpoints differ (docs/method.md section 5).
 
 - `check_stores_compatible(base, tuned)`, `check_components_compatible(base, tuned)`: raise a
   `ComparisonError` naming every difference (architecture, layers, neurons, experts, dataset

@@ -1,4 +1,4 @@
-"""Counting activations inside the forward pass, keeping only integers (SPEC sections 2 and 3).
+"""Counting activations inside the forward pass, keeping only integers (docs/method.md sections 2 and 3).
 
 - `FFNCounter(sites)`: a context manager whose hooks count, per batch row, the counted tokens on
   which each component is active. Hooks always remove themselves.
@@ -166,7 +166,7 @@ class FFNCounter:
         attention_mask: torch.Tensor,
         counted_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Counts over the tokens where counted_mask is true, by variable name (SPEC section 7)."""
+        """Counts over the tokens where counted_mask is true, by variable name (docs/method.md section 7)."""
         batch, seq = input_ids.shape
         self._allocate(batch, input_ids.device)
         self._mask = counted_mask & attention_mask.bool()

@@ -1,4 +1,4 @@
-"""Dataset artifacts on disk: a Hugging Face `datasets` directory plus a manifest (SPEC section 1).
+"""Dataset artifacts on disk: a Hugging Face `datasets` directory plus a manifest (docs/method.md section 1).
 
 - `save_dataset(records, directory, settings, report, attachments)`: writes `data/` (Arrow),
   the `records.jsonl` and `records.parquet` exports, `manifest.json` and any attached files.

@@ -1,4 +1,4 @@
-"""Activation extraction: instructions in, a finished count store out (SPEC sections 2 and 7).
+"""Activation extraction: instructions in, a finished count store out (docs/method.md sections 2 and 7).
 
 - `extract_to_store(loaded, records, store, settings)`: counts every instruction into the store.
   A rerun with the same model, dataset and settings resumes: finished shards are skipped, and a
@@ -125,7 +125,8 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
 
 
 def store_layout(sites: FFNSites) -> tuple[dict, dict]:
-    """The count variables (dims and sizes after `instruction`) and layer coordinates (SPEC 7)."""
+    """The count variables (dims and sizes after `instruction`) and layer coordinates
+    (docs/method.md section 7)."""
     variables, layer_coords = {}, {}
     if sites.dense_layers:
         variables["act_count"] = (("layer", "neuron"), (len(sites.dense_layers), sites.dense_neurons))

@@ -81,7 +81,8 @@ def training_records(
 def encode_example(
     record: InstructionRecord, tokenizer: PreTrainedTokenizerBase, max_tokens: int
 ) -> TrainingExample:
-    """Prompt exactly as extraction sees it (SPEC section 2), then the response and the turn's end."""
+    """Prompt exactly as extraction sees it (docs/method.md section 2), then the response and the
+    turn's end."""
     prompt = prompt_ids(record, tokenizer)
     if tokenizer.chat_template is None:
         response = tokenizer(record.response, add_special_tokens=False)["input_ids"]

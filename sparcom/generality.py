@@ -1,4 +1,4 @@
-"""Generality and uniqueness of component sets across groups (SPEC section 4).
+"""Generality and uniqueness of component sets across groups (docs/method.md section 4).
 
 - `generality(selected, component_dims, layer_dim)`: from selected[group, *component_dims]:
   general components (in every group's set), unique ones (in exactly one), how many groups hold

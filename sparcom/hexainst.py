@@ -1,4 +1,4 @@
-"""The HexaInst records that ship with the package (the AI-authored half, SPEC section 1).
+"""The HexaInst records that ship with the package (the AI-authored half, docs/method.md section 1).
 
 - `authored_records(per_category=None)`: the shipped records, in file order per category.
 - `starter_set()`: `STARTER_PER_CATEGORY` records of each category, the quick default run: half

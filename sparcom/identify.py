@@ -1,5 +1,5 @@
 """Instruction-specific components: frequencies per group, the sets, their split-half reliability
-(SPEC 2, 3, 4a, 4b).
+(docs/method.md sections 2, 3, 4a, 4b).
 
 - `FAMILIES`: the component families a store may hold (dense neurons, routed experts, neurons of
   routed experts, neurons of shared experts) and the names of their outputs (naming contract).

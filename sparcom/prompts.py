@@ -1,4 +1,4 @@
-"""What the model reads for each instruction, and which of those tokens are counted (SPEC section 2).
+"""What the model reads for each instruction, and which of its tokens are counted (docs/method.md section 2).
 
 - `tokenize_instruction(record, tokenizer, span)`: token ids plus a per-token "counted" flag.
   prompt:   the chat-templated prompt with the generation prompt, every token counted;

@@ -141,7 +141,7 @@ def curation_key(source: Path | None) -> str:
 
 
 def extraction_key(fingerprint: str, data_hash: str, settings: BaseModel, dtype: object) -> str:
-    """What the counts depend on. Batching and device only move float rounding (method, section 7)."""
+    """What the counts depend on. Batching and device only move float rounding (docs/method.md section 7)."""
     return content_hash({
         "fingerprint": fingerprint, "dataset_hash": data_hash, "span": settings.span,
         "dtype": str(dtype), "shard_size": settings.shard_size, "layer_chunk": settings.layer_chunk,

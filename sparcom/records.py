@@ -1,4 +1,4 @@
-"""Instruction records: the HexaInst schema (SPEC section 1), validation and content hashes.
+"""Instruction records: the HexaInst schema (docs/method.md section 1), validation and content hashes.
 
 - `InstructionRecord`: one validated record.
 - `read_jsonl(path)`: records from a JSONL file, with errors that name the file and line.
@@ -53,7 +53,7 @@ class InstructionRecord(BaseModel):
         return value
 
     def user_turn(self) -> str:
-        """The user message the model is asked to answer (SPEC section 2)."""
+        """The user message the model is asked to answer (docs/method.md section 2)."""
         return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
 
 

@@ -1,4 +1,4 @@
-"""The activation-count store: Zarr v3, read with xarray (SPEC section 7).
+"""The activation-count store: Zarr v3, read with xarray (docs/method.md section 7).
 
 - `create_store(path, ...)`: the empty store, chunked by shard of instructions and by layers.
 - `write_shard(path, shard, counts)`: one shard's arrays, then its done flag.

@@ -1,7 +1,12 @@
-"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records."""
+"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records,
+the one Prefect test server (`prefect_harness`), and Dask pinned to two local workers at most.
+
+Tests that load the real model, start a server, a browser or a cluster, or kill processes are
+marked `slow`; `bash scripts/test.sh -m "not slow"` is the fast loop."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,42 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sparcom.models import load_tokenizer
 from sparcom.records import InstructionRecord
+
+
+# Every Prefect server the tests start is a small SQLite one on a loaded machine: database calls
+# wait longer before the server gives up with a 503, and Prefect's client retries 429/502/503
+# more often (with backoff) than its default 5 times. tests/test_deployment_e2e.py passes these
+# to its server, worker and CLI processes; here they reach the test server and clients.
+SMALL_SERVER_SETTINGS = {
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",             # statement timeout; default 10 s
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",  # default 5 s
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_TIMEOUT": "60",  # waiting for a pooled connection
+    "PREFECT_CLIENT_MAX_RETRIES": "8",                   # 1 + 2 + ... + 30 s: minutes of a busy server
+}
+for _name, _value in SMALL_SERVER_SETTINGS.items():
+    os.environ.setdefault(_name, _value)
+
+# A local Dask cluster has one worker process per core: 64 on a 64-core runner. Tests need two.
+TEST_DASK_WORKERS = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def few_dask_workers():
+    import sparcom.cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        cores = sparcom.cluster.usable_cores()
+        patch.setattr(sparcom.cluster, "usable_cores", lambda: min(TEST_DASK_WORKERS, cores))
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite in a temporary folder) for every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -304,14 +304,7 @@ def test_saved_curation_has_manifest_exports_report_and_quarantine(tmp_path, tok
     assert json.loads(line)["record"]["category"] == "POEM"
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
+@pytest.mark.slow
 def test_flow_publishes_the_balance_artifact(tmp_path, prefect_harness, tokenizer_dir):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
@@ -335,6 +328,7 @@ def test_flow_publishes_the_balance_artifact(tmp_path, prefect_harness, tokenize
     assert "| CLS | 100 | 100 | 200 |" in artifact.data and "| **all** | **1302** |" in artifact.data
 
 
+@pytest.mark.slow
 def test_cli_curate_offline_and_bad_input(tmp_path, prefect_harness, tokenizer_dir):
     runner = CliRunner()
     common = ["--work-dir", str(tmp_path / "work"), "--tokenizer", str(tokenizer_dir)]

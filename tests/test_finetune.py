@@ -194,16 +194,14 @@ def test_read_provenance_of_a_plain_model(tiny_llama_dir):
         read_provenance(tiny_llama_dir)
 
 
-def test_cli_finetune(tiny_llama_dir, tmp_path, cache_dir, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+@pytest.mark.slow
+def test_cli_finetune(tiny_llama_dir, tmp_path, cache_dir, monkeypatch, prefect_harness):
     from cli.app import app
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
-    with prefect_test_harness(server_startup_timeout=120):
-        result = CliRunner().invoke(app, [
-            "finetune", "--model", str(tiny_llama_dir), "--categories", "QA,SUM", "--steps", "2",
-            "--batch-size", "2", "--max-tokens", "200", "--work-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, [
+        "finetune", "--model", str(tiny_llama_dir), "--categories", "QA,SUM", "--steps", "2",
+        "--batch-size", "2", "--max-tokens", "200", "--work-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     checkpoint = Path(result.output.strip().splitlines()[-1].removeprefix("checkpoint: "))
     assert checkpoint.parent == tmp_path / "checkpoints"

@@ -112,7 +112,9 @@ def group_rows(store: xr.Dataset, by: str) -> dict[str, np.ndarray]:
 def assert_components_match(components: xr.Dataset, store: xr.Dataset, settings: IdentificationSettings):
     rows = group_rows(store, settings.group_by)
     tokens = store.token_count.values
-    assert [str(g) for g in components.group.values] == list(rows) or settings.group_by == "instruction"
+    # groups are sorted labels; per instruction they keep the store's order
+    expected_groups = store.instruction_id.values.tolist() if settings.group_by == "instruction" else list(rows)
+    assert [str(g) for g in components.group.values] == [str(g) for g in expected_groups]
     checked = 0
     for family in FAMILIES:
         if family.count not in store:
@@ -293,6 +295,24 @@ def naive_generality(sets: dict[str, set]) -> dict:
     }
 
 
+def assert_summary_matches_sets(summary: dict, components: xr.Dataset) -> None:
+    """Every family's set sizes, general and unique counts and Jaccard indices in a report summary
+    against set arithmetic on the selected components."""
+    groups = [str(g) for g in components.group.values]
+    for family in FAMILIES:
+        if family.selected not in components:
+            continue
+        sets = {g: {tuple(ix) for ix in np.argwhere(components[family.selected].sel(group=g).values)}
+                for g in groups}
+        naive = naive_generality(sets)
+        reported = summary["families"][family.name]
+        assert reported["set_size"] == {g: len(sets[g]) for g in groups}
+        assert reported["general_count"] == len(naive["general"])
+        assert reported["unique_count"] == {g: len(naive["unique"][g]) for g in groups}
+        for (a, b), value in naive["jaccard"].items():
+            assert reported["jaccard"][a][b] == (None if value is None else round(value, 4))
+
+
 def test_generality_matches_set_arithmetic():
     rng = np.random.default_rng(3)
     groups = ["CLS", "CODE", "QA", "EMPTY"]
@@ -332,19 +352,21 @@ def test_report_of_a_moe_store_matches_set_arithmetic(tmp_path):
     groups = summary["groups"]
     assert groups == ["CLS", "CODE", "MATH", "QA", "SUM"]
     assert set(summary["families"]) == {"neurons", "experts", "expert_neurons", "shared_neurons"}
+    saved = json.loads(Path(summary["files"]["summary.json"]).read_text())
 
     for family in FAMILIES:
         selected = components[family.selected]
         dims = [d for d in selected.dims if d != "group"]
         sets = {g: {tuple(ix) for ix in np.argwhere(selected.sel(group=g).values)} for g in groups}
         naive = naive_generality(sets)
-        reported = summary["families"][family.name]
         part = family_part(stored, family)
-        assert reported["general_count"] == len(naive["general"])
-        assert reported["unique_count"] == {g: len(naive["unique"][g]) for g in groups}
-        assert reported["set_size"] == {g: len(sets[g]) for g in groups}
-        for (a, b), value in naive["jaccard"].items():
-            assert reported["jaccard"][a][b] == (None if value is None else round(value, 4))
+        for reported in (summary["families"][family.name], saved["families"][family.name]):  # returned, on disk
+            assert reported["general_count"] == len(naive["general"])
+            assert reported["unique_count"] == {g: len(naive["unique"][g]) for g in groups}
+            assert reported["set_size"] == {g: len(sets[g]) for g in groups}
+            for (a, b), value in naive["jaccard"].items():
+                assert reported["jaccard"][a][b] == (None if value is None else round(value, 4))
+        reported = summary["families"][family.name]
         layer_axis = dims.index(family.layer_dim)
         for g in groups:
             per_layer = np.bincount([c[layer_axis] for c in sets[g]], minlength=selected.sizes[family.layer_dim])
@@ -367,10 +389,9 @@ def test_report_of_a_moe_store_matches_set_arithmetic(tmp_path):
     files = summary["files"]
     for name in ("report.md", "summary.json", "jaccard.png", "layers.png", "experts.png"):
         assert Path(files[name]).is_file(), name
-    assert json.loads(Path(files["summary.json"]).read_text())["families"]["experts"]["jaccard"] == \
-        summary["families"]["experts"]["jaccard"]
+    expert_sets = {g: {tuple(ix) for ix in np.argwhere(components.ise.sel(group=g).values)} for g in groups}
     sets_table = pd.read_parquet(files["experts_sets.parquet"]).set_index("group")
-    assert sets_table.set_size.to_dict() == summary["families"]["experts"]["set_size"]
+    assert sets_table.set_size.to_dict() == {g: len(expert_sets[g]) for g in groups}
     jaccard_table = pd.read_parquet(files["expert_neurons_jaccard.parquet"])
     assert len(jaccard_table) == len(groups) ** 2
     report = Path(files["report.md"]).read_text()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -21,14 +20,7 @@ def write_jsonl(records, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
+@pytest.mark.slow
 def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_dir, cache_dir, sample_records):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
@@ -52,7 +44,11 @@ def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_di
     assert comparison["focus_groups"] == ["CODE", "MATH"] and comparison["focus_verdict"] is not None
     assert Path(comparison["files"]["comparison.md"]).is_file()
     assert "Before and after fine-tuning" in Path(summary["files"]["report.md"]).read_text()
-    assert json.loads(Path(summary["files"]["summary.json"]).read_text())["general_count"] == summary["general_count"]
+    # the neurons reported general are those selected in every category, in the components on disk
+    isn = xr.open_zarr(Path(summary["files"]["report.md"]).parent / "components.zarr").isn.load()
+    general = int(isn.all("group").sum())
+    assert json.loads(Path(summary["files"]["summary.json"]).read_text())["general_count"] == general
+    assert summary["general_count"] == general
 
     async def findings():
         async with get_client() as client:
@@ -65,6 +61,7 @@ def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_di
     assert artifacts and "General neurons" in artifacts[0].data
 
 
+@pytest.mark.slow
 def test_cli_extract_then_identify(tmp_path, tiny_llama_dir, cache_dir, sample_records, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
@@ -87,14 +84,7 @@ def test_cli_help(command):
     assert result.exit_code == 0 and "--config" in result.output
 
 
-def test_library_never_imports_prefect():
-    code = ("import pkgutil, importlib, sys, sparcom\n"
-            "for m in pkgutil.iter_modules(sparcom.__path__): importlib.import_module('sparcom.' + m.name)\n"
-            "print('prefect' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
-
-
+@pytest.mark.slow
 def test_reruns_recompute_only_what_changed(tmp_path, prefect_harness, tiny_llama_dir, cache_dir, sample_records):
     from cli.runs import task_run_states
     from flows.pipeline import sparcom_pipeline

@@ -1,4 +1,4 @@
-"""Token spans (SPEC section 2): which tokens are counted, checked by decoding them back."""
+"""Token spans (docs/method.md section 2): which tokens are counted, checked by decoding them back."""
 
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ def reference_store(tmp_path, model_dir, cache_dir, records):
     return open_store(extract_to_store(loaded, records, tmp_path / "reference.zarr", settings))
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_the_uninterrupted_store(
     tmp_path, tiny_llama_dir, cache_dir, many_records, inputs, environment
 ):
@@ -84,6 +85,7 @@ def test_killed_extraction_resumes_to_the_uninterrupted_store(
     xr.testing.assert_identical(open_store(store).drop_attrs(), expected.drop_attrs())
 
 
+@pytest.mark.slow
 def test_two_processes_fill_disjoint_shards_of_one_store(
     tmp_path, tiny_llama_dir, cache_dir, many_records, inputs, environment
 ):
