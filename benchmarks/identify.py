@@ -1,9 +1,12 @@
 """Identification at model scale: synthetic count stores the size of a 7B dense model
 (1,200 x 32 x 14,336) and of an 8-expert MoE layer stack (Mixtral-like: 32 x 8 x 14,336 expert
-neurons), identified on a local Dask cluster. Prints wall time, peak memory (this process plus
-every worker, sampled) and throughput (GB of counts read per second).
+neurons), identified on a local Dask cluster. Prints, per selection rule, wall time, peak memory
+(this process plus every worker, sampled) and throughput (GB of counts read per second), beside
+the time of one plain read-and-sum of every chunk of the same store on the same cluster (the
+least any identification can cost), with the ratios and the load average of the same run.
 
-    python benchmarks/identify.py                      # both stores, 2 workers
+    python benchmarks/identify.py                      # both stores, 2 workers, the paper's rule
+    python benchmarks/identify.py --which dense --rules global_percentile,lape,contrastive
     python benchmarks/identify.py --which dense --group-by instruction
     python benchmarks/identify.py --which moe --instructions 240 --dir /data/bench
 
@@ -33,6 +36,7 @@ from sparcom.identify import FAMILIES, identify_store
 from sparcom.records import CATEGORIES
 from sparcom.store import seal_store
 from sparcom.report import report_generality
+from sparcom.store import open_store
 
 SHARD = 32  # instructions per chunk, as extraction writes them
 SHAPES = {
@@ -112,33 +116,50 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def one_read(store: Path) -> None:
+    """Read and sum every chunk of every count variable once, on the current Dask scheduler."""
+    opened = open_store(store)
+    dask.compute(*[opened[f.count].data.sum(axis=0, dtype=np.uint64) for f in FAMILIES if f.count in opened])
+
+
+def timed(work) -> tuple[float, int]:
+    """(seconds, peak memory of this process and the workers) of one call."""
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started, memory.peak
+
+
 def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
     store = folder / f"{kind}.zarr"
     started = time.perf_counter()
     count_bytes = write_synthetic_store(store, kind, n)
     written = time.perf_counter() - started
-    settings = IdentificationSettings(group_by=args.group_by, epsilon=args.epsilon)
-    dask_settings = DaskSettings(n_workers=args.workers, memory_limit=args.memory_limit)
-    with dask_cluster(dask_settings) as client, PeakMemory() as memory:
-        idle = memory.peak
-        started = time.perf_counter()
-        components = identify_store(store, settings, folder / f"{kind}-out")
-        identified = time.perf_counter() - started
-        report_generality(components, folder / f"{kind}-out")
-        total = time.perf_counter() - started
-        workers = len(client.scheduler_info()["workers"])
-    load = psutil.getloadavg()
     gb = count_bytes / 1e9
     print(f"\n== {kind}: {n} instructions, counts {gb:.2f} GB uint32 "
-          f"({disk_bytes(store) / 1e9:.2f} GB on disk, written in {written:.1f} s)")
-    print(f"   cluster: {workers} workers x 1 thread, memory limit {args.memory_limit} each; "
-          f"group_by={args.group_by}, epsilon={args.epsilon}")
-    print(f"   identify (frequencies + selection, components.zarr): {identified:8.1f} s  "
-          f"{gb / identified:6.3f} GB/s")
-    print(f"   identify + generality analysis and report:            {total:8.1f} s  "
-          f"{gb / total:6.3f} GB/s")
-    print(f"   peak memory, this process + workers: {memory.peak / 2**30:.2f} GiB "
-          f"(before the run: {idle / 2**30:.2f} GiB)")
+          f"({disk_bytes(store) / 1e9:.2f} GB on disk, written in {written:.1f} s)", flush=True)
+    dask_settings = DaskSettings(n_workers=args.workers, memory_limit=args.memory_limit)
+    with dask_cluster(dask_settings) as client:
+        workers = len(client.scheduler_info()["workers"])
+        print(f"   cluster: {workers} workers x 1 thread, memory limit {args.memory_limit} each; "
+              f"group_by={args.group_by}, split-half seeds {args.split_half_seeds}")
+        idle = PeakMemory.now()
+        read, read_peak = timed(lambda: one_read(store))
+        print(f"   one plain read-and-sum of every chunk:       {read:8.1f} s  {gb / read:6.3f} GB/s  "
+              f"peak {read_peak / 2**30:.2f} GiB (idle {idle / 2**30:.2f} GiB)", flush=True)
+        first = None
+        for rule in args.rules.split(","):
+            settings = IdentificationSettings(rule=rule, group_by=args.group_by, epsilon=args.epsilon,
+                                              split_half_seeds=args.split_half_seeds)
+            out = folder / f"{kind}-{rule}"
+            identified, peak = timed(lambda: identify_store(store, settings, out))
+            analysed, analysis_peak = timed(lambda: report_generality(out / "components.zarr", out))
+            first = first or identified
+            print(f"   {rule:>17}: identify {identified:6.1f} s = {identified / read:4.2f} x one read "
+                  f"({identified / first:4.2f} x {args.rules.split(',')[0]}); + generality "
+                  f"{analysed:5.1f} s = {analysed / read:4.2f} x one read; peak "
+                  f"{max(peak, analysis_peak) / 2**30:.2f} GiB", flush=True)
+    load = psutil.getloadavg()
     print(f"   load average (1, 5, 15 min) after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {psutil.cpu_count()} cores")
     if not args.keep:
@@ -155,9 +176,14 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="2GB", help="per worker")
     parser.add_argument("--group-by", default="category", choices=["category", "origin", "instruction"])
     parser.add_argument("--epsilon", type=float, default=0.01)
+    parser.add_argument("--rules", default="global_percentile",
+                        help="comma-separated selection rules, timed in turn (the first is the reference)")
+    parser.add_argument("--split-half-seeds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the stores and outputs")
     args = parser.parse_args()
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="sparcom-bench-", dir=args.dir))
     try:
         for kind in ("dense", "moe") if args.which == "all" else (args.which,):

@@ -27,10 +27,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import itertools
+import math
+
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.config import IdentificationSettings
 from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401
@@ -40,6 +47,9 @@ from sparcom.template import template_share
 
 INSTRUCTION = "instruction"
 COLUMN = "sum_column"
+# The one-pass contraction reads blocks of whole store chunks of about this size.
+CONTRACTION_BLOCK_BYTES = 64 * 2**20
+SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
@@ -87,22 +97,66 @@ def _one_hot(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return labels[:, None] == groups[None, :]
 
 
-def _contract(counts: xr.DataArray, one_hot: xr.DataArray) -> xr.DataArray:
-    """sum over instructions of one_hot[instruction, x] * counts[instruction, ...], exact: float64
-    holds every integer below 2**53. With Dask each chunk of the counts gives a partial sum and
-    the partials are added in a tree, so memory is a few chunks whatever the store's size."""
-    counts = _plain(counts)
-    if counts.chunks:
-        one_hot = one_hot.chunk({INSTRUCTION: counts.chunksizes[INSTRUCTION]})
-    return xr.dot(one_hot, counts.astype(np.float64), dim=INSTRUCTION, optimize=True)
+def _block_sums(matrices: list[np.ndarray], blocks: list[np.ndarray]) -> np.ndarray:
+    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype."""
+    total = None
+    for matrix, counts in zip(matrices, blocks):
+        part = matrix.T @ counts.reshape(len(counts), -1).astype(matrix.dtype)
+        total = part if total is None else np.add(total, part, out=total)
+    return total.reshape(matrices[0].shape[1], *blocks[0].shape[1:])
+
+
+def _added(parts: list[np.ndarray]) -> np.ndarray:
+    total = parts[0].copy()
+    for part in parts[1:]:
+        np.add(total, part, out=total)
+    return total
+
+
+def _contract(counts: xr.DataArray, matrix: np.ndarray) -> xr.DataArray:
+    """sum over instructions of matrix[instruction, column] * counts[instruction, ...]: matrix
+    products (BLAS) over runs of store chunks of about CONTRACTION_BLOCK_BYTES, added in place,
+    then added up in a tree of in-place sums: one read of every chunk, no copy of the counts,
+    memory a few chunks per worker. Exact: every partial sum is an integer no larger than the
+    total, and the caller picks a float type that holds the total."""
+    data = _plain(counts).data
+    dims = (COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
+    if not isinstance(data, da.Array):
+        return xr.DataArray(_block_sums([matrix], [np.asarray(data)]), dims=dims)
+    starts = np.cumsum((0,) + data.chunks[0])
+    chunk_bytes = data.dtype.itemsize * data.chunks[0][0] * math.prod(max(c) for c in data.chunks[1:])
+    per_task = max(1, CONTRACTION_BLOCK_BYTES // chunk_bytes)
+    name = "sparcom-sums-" + tokenize(data, matrix)
+    graph = {}
+    for rest in itertools.product(*[range(len(c)) for c in data.chunks[1:]]):
+        level = []
+        for first in range(0, len(data.chunks[0]), per_task):
+            run = range(first, min(first + per_task, len(data.chunks[0])))
+            key = (f"{name}-part", first, *rest)
+            graph[key] = (_block_sums, [matrix[starts[i]:starts[i + 1]] for i in run],
+                          [(data.name, i, *rest) for i in run])
+            level.append(key)
+        depth = 0
+        while len(level) > 1:  # fan-in of SUM_FAN_IN per step
+            depth += 1
+            level_keys = []
+            for k in range(0, len(level), SUM_FAN_IN):
+                key = (f"{name}-add{depth}", k, *rest)
+                graph[key] = (_added, level[k:k + SUM_FAN_IN])
+                level_keys.append(key)
+            level = level_keys
+        graph[(name, 0, *rest)] = level[0]
+    summed = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[data]), name,
+                      chunks=((matrix.shape[1],), *data.chunks[1:]), dtype=matrix.dtype)
+    return xr.DataArray(summed, dims=dims)
 
 
 def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
-    """Summed counts per group (groups sorted), lazy when the counts are."""
+    """Summed counts per group (groups sorted), lazy when the counts are; float64, so exact for
+    every total below 2**53."""
     groups = np.unique(labels)
-    one_hot = xr.DataArray(_one_hot(labels, groups).astype(np.float64), dims=(INSTRUCTION, GROUP),
-                           coords={GROUP: groups.astype(object)})
-    return _contract(counts, one_hot)
+    sums = _contract(counts, _one_hot(labels, groups).astype(np.float64))
+    return sums.rename({COLUMN: GROUP}).assign_coords({GROUP: groups.astype(object)})
 
 
 def _per_instruction(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
@@ -116,7 +170,8 @@ def _plain(counts: xr.DataArray) -> xr.DataArray:
 
 
 def _frequency(sums: xr.DataArray, tokens: xr.DataArray, name: str = "frequency") -> xr.DataArray:
-    return _in_unit_interval((sums / tokens.where(tokens > 0)).fillna(0.0), name)
+    """sums / tokens, 0 where a group has no tokens (its sums are 0 too), checked to lie in [0, 1]."""
+    return _in_unit_interval(sums / tokens.where(tokens > 0, np.inf), name)
 
 
 def _in_unit_interval(frequency: xr.DataArray, name: str) -> xr.DataArray:
@@ -158,22 +213,26 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     member = _one_hot(labels, groups)
     seeds = 0 if in_half_a is None else len(in_half_a)
     matrix = np.concatenate([member] + [member & in_a[:, None] for in_a in (in_half_a if seeds else [])],
-                            axis=1).astype(np.float64)
+                            axis=1)
+    token_count = store.token_count.values.astype(np.float64)
+    tokens = matrix.T.astype(np.float64) @ token_count
+    # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
+    # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
+    matrix = matrix.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
     coords = {GROUP: groups.astype(object)}
-    tokens = matrix.T @ store.token_count.values.astype(np.float64)
-    one_hot = xr.DataArray(matrix, dims=(INSTRUCTION, COLUMN))
     families = families_in(store)
-    computed = dask.compute(*[_contract(store[f.count], one_hot) for f in families])
+    computed = dask.compute(*[_contract(store[f.count], matrix) for f in families])
     result = xr.Dataset({"token_total": (GROUP, tokens[:len(groups)])}, coords=coords)
     if seeds:
         result["half_tokens"] = ((SEED, GROUP), tokens[len(groups):].reshape(seeds, len(groups)))
     for family, sums in zip(families, computed):
         sums = sums.transpose(COLUMN, ...)
         dims = sums.dims[1:]
-        result[family.count] = ((GROUP, *dims), sums.values[:len(groups)])
+        values = sums.values.astype(np.float64)
+        result[family.count] = ((GROUP, *dims), values[:len(groups)])
         if seeds:
             result[f"{family.count}_half_a"] = (
-                (SEED, GROUP, *dims), sums.values[len(groups):].reshape(seeds, len(groups), *sums.shape[1:]))
+                (SEED, GROUP, *dims), values[len(groups):].reshape(seeds, len(groups), *sums.shape[1:]))
     return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 
