@@ -17,7 +17,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
     dataset = refreshed(curate_dataset, "curate", refresh)(settings.dataset, settings.work_dir)
     store = refreshed(extract_activations, "extract", refresh)(
-        settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+        settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     run_dir = results_dir(settings.work_dir, store, settings.identification)
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.comparison.enabled:

@@ -17,6 +17,8 @@
   That repeats the gate projection of routed tokens (a third of the experts' matmul work).
 
 The forward pass stops after the last layer's MLP: the final norm and the LM head never run.
+A model spread over devices (`device_map`) counts each layer where it computes: its hooks see
+the masks and count buffers on that device, and the buffers are added up on the input's device.
 """
 
 from __future__ import annotations
@@ -40,23 +42,45 @@ class FFNCounter:
         self._mask: torch.Tensor | None = None        # [batch, seq] counted and not padding
         self._mask_bytes: torch.Tensor | None = None  # the same as uint8 [batch, seq, 1]
         self._rows: torch.Tensor | None = None        # [batch * seq] batch row of each flat token
+        self._elsewhere: dict[torch.device, tuple] = {}  # device -> (mask, mask_bytes, rows, buffers)
 
     def __enter__(self) -> FFNCounter:
         register = self._handles.append
         for slot, module in enumerate(self.sites.dense_activations):
-            register(module.register_forward_hook(self._activation_hook("act_count", slot)))
+            register(module.register_forward_hook(self._placed(self._activation_hook("act_count", slot))))
         for slot, layer in enumerate(self.sites.moe_layers):
-            register(layer.experts.register_forward_pre_hook(self._routing_hook(slot), with_kwargs=True))
+            register(layer.experts.register_forward_pre_hook(self._placed(self._routing_hook(slot)),
+                                                             with_kwargs=True))
             if layer.shared_activation is not None:
                 register(layer.shared_activation.register_forward_hook(
-                    self._activation_hook("shared_act_count", slot)))
-        register(self.sites.last_mlp.register_forward_hook(self._stop))
+                    self._placed(self._activation_hook("shared_act_count", slot))))
+        register(self.sites.last_mlp.register_forward_hook(self._placed(self._stop)))
         return self
 
     def __exit__(self, *exc_info) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _placed(self, hook):
+        """The hook, run with the masks and buffers of the device its layer computes on."""
+
+        def on_layer_device(module: nn.Module, args, *rest):
+            device = _first_tensor(args, *rest).device
+            if device == self._mask.device:
+                return hook(module, args, *rest)
+            if device not in self._elsewhere:
+                self._elsewhere[device] = (
+                    self._mask.to(device), self._mask_bytes.to(device), self._rows.to(device),
+                    {name: torch.zeros_like(values, device=device) for name, values in self._buffers.items()})
+            home = self._mask, self._mask_bytes, self._rows, self._buffers
+            self._mask, self._mask_bytes, self._rows, self._buffers = self._elsewhere[device]
+            try:
+                return hook(module, args, *rest)
+            finally:
+                self._mask, self._mask_bytes, self._rows, self._buffers = home
+
+        return on_layer_device
 
     def _stop(self, module: nn.Module, inputs, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -130,6 +154,7 @@ class FFNCounter:
         """Counts over the tokens where counted_mask is true, by variable name (SPEC section 7)."""
         batch, seq = input_ids.shape
         self._allocate(batch, input_ids.device)
+        self._elsewhere = {}
         self._mask = counted_mask & attention_mask.bool()
         self._mask_bytes = self._mask.unsqueeze(-1).to(torch.uint8)
         self._rows = torch.arange(batch, device=input_ids.device).repeat_interleave(seq)
@@ -143,5 +168,21 @@ class FFNCounter:
         else:
             raise RuntimeError("the forward pass never reached the last layer's MLP")
         counts, self._buffers = self._buffers, {}
+        for *_, buffers in self._elsewhere.values():  # each layer's slot is written on one device only
+            for name, values in buffers.items():
+                counts[name] += values.to(input_ids.device)
         self._mask = self._mask_bytes = self._rows = None
+        self._elsewhere = {}
         return counts
+
+
+def _first_tensor(*values) -> torch.Tensor:
+    """The first tensor among hook arguments (positional tuples, keyword dicts, outputs)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError("a counting hook got no tensor")
