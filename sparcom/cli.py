@@ -113,7 +113,8 @@ def extract(
         dask__address=dask_address, dask__n_workers=dask_workers)
     chosen = parse_shards(shards) if shards else None
     try:
-        check_device_map(settings.model.device_map, settings.model.max_memory)
+        if not settings.dask.address:  # a remote cluster's workers check their own devices
+            check_device_map(settings.model.device_map, settings.model.max_memory)
         records = load_records(dataset)
         with extraction_cluster(settings.dask, settings.extraction.device,
                                 spread=settings.model.device_map is not None) as client:

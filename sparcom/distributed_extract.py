@@ -10,6 +10,7 @@
   worker, host and devices that filled it (store attribute `shard_fillers`).
 - `shard_resources(dask, extraction)`: the resources a shard asks for: `dask.shard_resources`,
   or GPU=1 when the extraction device is cuda.
+- `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
 - `worker_model(model, settings, cache_dir)`: this worker process's model for these settings,
   loaded on first use and kept (one model per process: a second settings key replaces it).
 
@@ -115,6 +116,14 @@ def offering_workers(client: Client, resources: dict[str, float]) -> list[str]:
     return offering
 
 
+def load_on_workers(client: Client, model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
+                    workers: Sequence[str]) -> list[dict]:
+    """Load (or find loaded) the model on each worker, in parallel: what each loaded, and where."""
+    return client.gather([client.submit(_load, model, settings, Path(cache_dir), workers=[w],
+                                        allow_other_workers=True, pure=False, key=f"sparcom-load-{w}")
+                          for w in workers])
+
+
 def extract_on_cluster(
     client: Client,
     model: ModelSettings,
@@ -130,9 +139,7 @@ def extract_on_cluster(
     """The store, complete unless `shards` left some out."""
     store = Path(store).resolve()  # workers may run in other directories
     workers = offering_workers(client, resources)
-    loads = client.gather([client.submit(_load, model, settings, Path(cache_dir), workers=[w],
-                                         allow_other_workers=True, pure=False, key=f"sparcom-load-{w}")
-                           for w in workers])
+    loads = load_on_workers(client, model, settings, cache_dir, workers)
     kinds = {(load["fingerprint"], str(load["dtype"])) for load in loads}
     if len(kinds) > 1:  # e.g. bfloat16 on GPU workers beside float32 on CPU ones: counts would mix
         raise ClusterError(f"workers load the model differently (fingerprint, dtype): {sorted(kinds)}; "

@@ -281,7 +281,8 @@ def extract_dataset(
     on_progress: ProgressCallback | None = None,
     dask: DaskSettings | None = None,
 ) -> Path:
-    check_device_map(model.device_map, model.max_memory)
+    if dask is None or not dask.address:  # a remote cluster's workers check their own devices
+        check_device_map(model.device_map, model.max_memory)
     records = load_records(dataset_dir)
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
