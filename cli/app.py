@@ -116,25 +116,46 @@ def extract(
     revision: Annotated[Optional[str], typer.Option(help="hub revision")] = None,
     shards: Annotated[Optional[str], typer.Option(
         help="only these shards, e.g. '0-3,8', so several processes or GPUs fill one store")] = None,
+    device_map: Annotated[Optional[str], typer.Option(
+        help="spread a model larger than one GPU: auto, balanced, sequential or a JSON {module: device}")] = None,
+    dask_address: DaskAddressOption = None,
+    dask_workers: Annotated[Optional[int], typer.Option(
+        "--dask-workers", help="local Dask workers (one per GPU at most); default: one per GPU where "
+                               "there are several, else this process alone")] = None,
 ) -> None:
-    """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7)."""
+    """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7), in
+    this process or as one Dask task per shard (an existing scheduler, or one local worker per GPU)."""
+    from sparcom.cluster import extraction_cluster
     from sparcom.dataset import load_records
+    from sparcom.distributed_extract import extract_on_cluster, shard_resources
     from sparcom.extract import check_extraction, extract_to_store, parse_shards
+    from sparcom.models import check_device_map, load_model, resolve_model
     from sparcom.store import check_store_target, is_complete
-    from sparcom.models import load_model, resolve_model
 
     settings = _settings(
         config, model__name=model, model__revision=revision,
         model__trust_remote_code=trust_remote_code or None, extraction__span=span,
-        extraction__dtype=dtype, extraction__device=device, extraction__batch_tokens=batch_tokens)
+        extraction__dtype=dtype, extraction__device=device, extraction__batch_tokens=batch_tokens,
+        model__device_map=json.loads(device_map) if device_map and device_map.startswith("{") else device_map,
+        dask__address=dask_address, dask__n_workers=dask_workers)
     records = load_records(dataset)  # every input is checked before the model loads
     wanted = parse_shards(shards) if shards else None
     check_extraction(records, settings.extraction, wanted, dataset)
     check_store_target(out)
-    source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
-    loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
-                        settings.extraction.device, settings.model.trust_remote_code)
-    store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted)
+    if not settings.dask.address:  # a remote cluster's workers check their own devices
+        check_device_map(settings.model.device_map, settings.model.max_memory)
+    with extraction_cluster(settings.dask, settings.extraction.device,
+                            spread=settings.model.device_map is not None) as client:
+        if client is not None:
+            store = extract_on_cluster(client, settings.model, records, out, settings.extraction,
+                                       shard_resources(settings.dask, settings.extraction),
+                                       settings.cache_dir, shards=wanted)
+        else:
+            source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
+            loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
+                                settings.extraction.device, settings.model.trust_remote_code,
+                                settings.model.device_map, settings.model.max_memory)
+            store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted)
     typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
 
 

@@ -43,7 +43,8 @@ def compare_models(
     run_dir = comparison_run_dir(settings, base.name if base else str(base_store))
     if base_store is None or tuned_store is None:
         dataset = prepare_dataset_folder(settings.dataset.path, Path(settings.work_dir) / "datasets")
-        stores = [extract_activations(model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+        stores = [extract_activations(model, dataset, settings.extraction, settings.work_dir, settings.cache_dir,
+                                      settings.dask)
                   for model in (base, tuned) if model is not None]
         base_store = base_store or stores.pop(0)
         tuned_store = tuned_store or stores.pop(0)
@@ -65,7 +66,7 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     tuned = settings.comparison.tuned or refreshed(finetune_model, "finetune", refresh)(
         settings.model, settings.finetune, settings.work_dir, settings.cache_dir, held_out_dataset=dataset)
     tuned_store = refreshed(extract_activations, "extract", refresh)(
-        tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+        tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     check_comparable(base_store, tuned_store)
     identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh,
                         artifact_prefix="sparcom-tuned")

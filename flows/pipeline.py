@@ -20,7 +20,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     dataset = refreshed(prepare_dataset_folder, "curate", refresh)(
         settings.dataset.path, Path(settings.work_dir) / "datasets")
     store = refreshed(extract_activations, "extract", refresh)(
-        settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
+        settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     run_dir = results_dir(settings.work_dir, store, settings.identification)
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.comparison.enabled:

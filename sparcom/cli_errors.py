@@ -27,8 +27,10 @@ BAD_INPUT = (  # (module, class): raised for what the user gave, not for a failu
     ("sparcom.compare", "ComparisonError"),
     ("sparcom.finetune", "FinetuneError"),
     ("sparcom.outputs", "OutputError"),
+    ("sparcom.distributed_extract", "ClusterError"),
     ("yaml", "YAMLError"),
     ("builtins", "ValueError"),  # settings, options, pydantic's ValidationError (a ValueError)
+    ("builtins", "ConnectionError"),  # no Dask scheduler at the address given
     ("builtins", "FileNotFoundError"),
     ("builtins", "NotADirectoryError"),
     ("builtins", "IsADirectoryError"),

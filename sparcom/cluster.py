@@ -6,6 +6,14 @@
   worker process per usable core, each with an equal share of the memory, and on exit closes
   the client and the cluster, also on error.
 - `usable_cores()`: the cores this process may run on.
+- `extraction_cluster(settings, device, spread)`: where extraction shards run, as a context
+  manager yielding a Client, or None for the single-process path: the scheduler at
+  `settings.address`; else, with more than one visible GPU (or `n_workers` asked for), a local
+  cluster of one worker per GPU, each pinned to its own device and declaring the resource
+  `GPU=1` (dask-cuda's `LocalCUDACluster` where installed, else Nanny workers with their own
+  `CUDA_VISIBLE_DEVICES`); else, with `n_workers` asked for, local CPU workers; else None.
+  A model spread over several devices (`spread`) runs in one process.
+- `gpu_cluster_spec(devices, settings)`: the worker specs of that local GPU cluster.
 
     with dask_cluster(DaskSettings()) as client:
         identify_store(store, settings, out_dir)      # computes on the cluster
@@ -17,10 +25,12 @@ import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+from distributed.system import MEMORY_LIMIT
 
 from sparcom.config import DaskSettings
 
+GPU_RESOURCE = "GPU"
 
 
 def usable_cores() -> int:
@@ -28,11 +38,11 @@ def usable_cores() -> int:
 
 
 @contextmanager
-def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str = "30s") -> Iterator[Client]:
+def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str | None = None) -> Iterator[Client]:
     with ExitStack() as stack:
         if settings.address:
             try:
-                client = Client(settings.address, timeout=connect_timeout)
+                client = Client(settings.address, timeout=connect_timeout or settings.connect_timeout)
             except OSError as error:
                 raise ConnectionError(
                     f"no Dask scheduler answers at {settings.address} ({error})") from error
@@ -48,3 +58,49 @@ def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str =
             client = Client(cluster)
         stack.enter_context(client)
         yield client
+
+
+@contextmanager
+def extraction_cluster(settings: DaskSettings, device: str = "auto", spread: bool = False) -> Iterator[Client | None]:
+    gpus = _visible_gpus() if device in ("auto", "cuda") and not spread else []
+    if settings.address or (settings.n_workers and not gpus):
+        with dask_cluster(settings) as client:
+            yield client
+    elif len(gpus) > 1 or (gpus and settings.n_workers):
+        devices = gpus[:settings.n_workers or len(gpus)]
+        with _local_gpu_cluster(devices, settings) as cluster, Client(cluster) as client:
+            yield client
+    else:
+        yield None
+
+
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    named = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (named or [str(i) for i in range(count)])[:count]
+
+
+def gpu_cluster_spec(devices: list[str], settings: DaskSettings) -> tuple[dict, dict]:
+    """(scheduler, workers) of a SpecCluster: one Nanny per device, seeing only that device."""
+    memory = settings.memory_limit if settings.memory_limit != "auto" else MEMORY_LIMIT // len(devices)
+    workers = {f"gpu-{device}": {"cls": Nanny, "options": {
+        "nthreads": settings.threads_per_worker, "memory_limit": memory, "host": "127.0.0.1",
+        "resources": {GPU_RESOURCE: 1}, "env": {"CUDA_VISIBLE_DEVICES": device}, "dashboard": False,
+    }} for device in devices}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return scheduler, workers
+
+
+def _local_gpu_cluster(devices: list[str], settings: DaskSettings):
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        scheduler, workers = gpu_cluster_spec(devices, settings)
+        return SpecCluster(workers=workers, scheduler=scheduler)
+    return LocalCUDACluster(
+        CUDA_VISIBLE_DEVICES=devices, n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
+        memory_limit=settings.memory_limit, resources={GPU_RESOURCE: 1}, host="127.0.0.1",
+        dashboard_address=":0")

@@ -39,6 +39,11 @@ class ModelSettings(StrictModel):
     name: str = Field("default", description="'default', a hub id, a local directory or a .gguf file")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run the model repository's own code")
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description="spread a model too large for one device (accelerate): 'auto', 'balanced', "
+                          "'sequential' or {module: device}; none: the whole model on extraction.device")
+    max_memory: dict[int | str, str] | None = Field(
+        None, description="with device_map: memory per device, e.g. {0: 20GiB, 1: 20GiB, cpu: 64GiB}")
 
 
 class DatasetSettings(StrictModel):
@@ -89,6 +94,10 @@ class DaskSettings(StrictModel):
     n_workers: int | None = Field(None, gt=0, description="local cluster workers; none: one per core")
     threads_per_worker: int = Field(1, gt=0, description="threads of each local worker")
     memory_limit: str = Field("auto", description="per local worker, e.g. '2GB'; auto: RAM / workers")
+    connect_timeout: str = Field("30s", description="how long to try reaching `address`")
+    shard_resources: dict[str, float] | None = Field(
+        None, description="Dask resources each extraction shard needs on a worker, e.g. {GPU: 1}; "
+                          "none: {GPU: 1} when the extraction device is cuda, else none")
 
 
 class FinetuneSettings(StrictModel):

@@ -21,6 +21,8 @@
   ("backend", "pre_hook", both joined by "+", or "none" without routed experts).
 
 The forward pass stops after the last layer's MLP: the final norm and the LM head never run.
+A model spread over devices (`device_map`) counts each layer where it computes: its hooks see
+the masks and count buffers on that device, and the buffers are added up on the input's device.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class FFNCounter:
         self._mask_bytes: torch.Tensor | None = None  # the same as uint8 [batch, seq, 1]
         self._rows: torch.Tensor | None = None        # [batch * seq] batch row of each flat token
         self._backend: CountingBackend | None = None
+        self._elsewhere: dict[torch.device, tuple] = {}  # device -> (mask, mask_bytes, rows, buffers)
 
     def __enter__(self) -> FFNCounter:
         counted_by_backend = {layer.experts: slot for slot, layer in enumerate(self.sites.moe_layers)
@@ -59,14 +62,15 @@ class FFNCounter:
             self._backend = CountingBackend(counted_by_backend, self._count_routes, self._count_gates).__enter__()
         register = self._handles.append
         for slot, module in enumerate(self.sites.dense_activations):
-            register(module.register_forward_hook(self._activation_hook("act_count", slot)))
+            register(module.register_forward_hook(self._placed(self._activation_hook("act_count", slot))))
         for slot, layer in enumerate(self.sites.moe_layers):
             if layer.experts not in counted_by_backend:
-                register(layer.experts.register_forward_pre_hook(self._routing_hook(slot), with_kwargs=True))
+                register(layer.experts.register_forward_pre_hook(self._placed(self._routing_hook(slot)),
+                                                                 with_kwargs=True))
             if layer.shared_activation is not None:
                 register(layer.shared_activation.register_forward_hook(
-                    self._activation_hook("shared_act_count", slot)))
-        register(self.sites.last_mlp.register_forward_hook(self._stop))
+                    self._placed(self._activation_hook("shared_act_count", slot))))
+        register(self.sites.last_mlp.register_forward_hook(self._placed(self._stop)))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -76,6 +80,26 @@ class FFNCounter:
         if self._backend is not None:
             self._backend.__exit__(*exc_info)
             self._backend = None
+
+    def _placed(self, hook):
+        """The hook, run with the masks and buffers of the device its layer computes on."""
+
+        def on_layer_device(module: nn.Module, args, *rest):
+            device = _first_tensor(args, *rest).device
+            if device == self._mask.device:
+                return hook(module, args, *rest)
+            if device not in self._elsewhere:
+                self._elsewhere[device] = (
+                    self._mask.to(device), self._mask_bytes.to(device), self._rows.to(device),
+                    {name: torch.zeros_like(values, device=device) for name, values in self._buffers.items()})
+            home = self._mask, self._mask_bytes, self._rows, self._buffers
+            self._mask, self._mask_bytes, self._rows, self._buffers = self._elsewhere[device]
+            try:
+                return hook(module, args, *rest)
+            finally:
+                self._mask, self._mask_bytes, self._rows, self._buffers = home
+
+        return on_layer_device
 
     def _stop(self, module: nn.Module, inputs, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -169,6 +193,7 @@ class FFNCounter:
         """Counts over the tokens where counted_mask is true, by variable name (docs/method.md section 7)."""
         batch, seq = input_ids.shape
         self._allocate(batch, input_ids.device)
+        self._elsewhere = {}
         self._mask = counted_mask & attention_mask.bool()
         self._mask_bytes = self._mask.unsqueeze(-1).to(torch.uint8)
         self._rows = torch.arange(batch, device=input_ids.device).repeat_interleave(seq)
@@ -182,7 +207,11 @@ class FFNCounter:
         else:
             raise RuntimeError("the forward pass never reached the last layer's MLP")
         counts, self._buffers = self._buffers, {}
+        for *_, buffers in self._elsewhere.values():  # each layer's slot is written on one device only
+            for name, values in buffers.items():
+                counts[name] += values.to(input_ids.device)
         self._mask = self._mask_bytes = self._rows = None
+        self._elsewhere = {}
         return counts
 
 
@@ -192,3 +221,15 @@ def _count_matmul(pick: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     if active.device.type == "cpu":
         return torch._int_mm(pick.contiguous(), active.view(torch.int8))
     return torch.mm(pick.float(), active.float()).round().to(torch.int32)
+
+
+def _first_tensor(*values) -> torch.Tensor:
+    """The first tensor among hook arguments (positional tuples, keyword dicts, outputs)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError("a counting hook got no tensor")

@@ -11,10 +11,12 @@
   (no records, shards out of range).
 - `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
   shards only; `extract_to_store` does this itself, so a rerun repairs.
-- `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir)`: the stage as the
-  pipeline runs it: the store is named by its extraction key, and a finished one is reused
+- `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir, dask=...)`: the stage as
+  the pipeline runs it: the store is named by its extraction key, and a finished one is reused
   without loading the model. Records counted before for the same model, span and dtype (in any
-  finished store beside it) are copied, so adding ten instructions counts only those ten.
+  finished store beside it) are copied, so adding ten instructions counts only those ten. With
+  `dask` settings the shards run on the cluster `sparcom.cluster.extraction_cluster` chooses
+  (`sparcom.distributed_extract`), or in this process where it chooses none.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from transformers import PreTrainedTokenizerBase
 
 from sparcom import __version__
 from sparcom.architectures import FFNSites, ffn_sites
-from sparcom.config import ExtractionSettings, ModelSettings
+from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.counting import FFNCounter, expert_counting_path
 from sparcom.models import (
-    LoadedModel, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device, resolve_model,
+    LoadedModel, check_device_map, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device,
+    resolve_model,
 )
 from sparcom.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.provenance import counts_key, extraction_key
@@ -114,6 +117,7 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "expert_counting": expert_counting_path(ffn_sites(loaded.model)),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
+        "devices": loaded.devices,
         "token_span": settings.span,
         "chat_template": loaded.tokenizer.chat_template is not None,
         "dataset_hash": data_hash,
@@ -150,9 +154,12 @@ def extract_to_store(
     shards: Iterable[int] | None = None,
     on_progress: ProgressCallback | None = None,
     donors: Sequence[Path] = (),
+    finalize: bool = True,
+    show_progress: bool = True,
 ) -> Path:
     """Count every record into `store`. Records already counted in one of the `donors`
-    (finished stores of the same model, span and dtype) are copied from there, not recounted."""
+    (finished stores of the same model, span and dtype) are copied from there, not recounted.
+    `finalize=False` leaves marking the store complete to the caller (the cluster's client)."""
     store = Path(store)
     data_hash = dataset_hash(records)
     key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
@@ -175,7 +182,8 @@ def extract_to_store(
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
     reusable = DonorRows(donors, counts_key(loaded.fingerprint, settings.span, loaded.dtype))
     done_before = len(records) - sum(len(_shard_range(s, settings.shard_size, len(records))) for s in wanted)
-    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting")
+    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting",
+                    disable=not show_progress)
 
     def advance(n: int) -> None:
         progress.update(n)
@@ -195,7 +203,7 @@ def extract_to_store(
                 write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
                                            for name in counts[rows[0]]})
     progress.close()
-    if len(finished_shards(store)) == n_shards:
+    if finalize and len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store
 
@@ -298,7 +306,10 @@ def extract_dataset(
     stores_dir: Path,
     cache_dir: Path,
     on_progress: ProgressCallback | None = None,
+    dask: DaskSettings | None = None,
 ) -> Path:
+    if dask is None or not dask.address:  # a remote cluster's workers check their own devices
+        check_device_map(model.device_map, model.max_memory)
     records = load_records(dataset_dir)
     check_extraction(records, settings, None, dataset_dir)
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
@@ -308,6 +319,15 @@ def extract_dataset(
     store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
     if is_complete(store) and not repair_store(store):
         return store
-    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
     donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))
+    if dask is not None:
+        from sparcom.cluster import extraction_cluster
+        from sparcom.distributed_extract import extract_on_cluster, shard_resources
+
+        with extraction_cluster(dask, settings.device, spread=model.device_map is not None) as client:
+            if client is not None:
+                return extract_on_cluster(client, model, records, store, settings, shard_resources(dask, settings),
+                                          cache_dir, donors, on_progress)
+    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
+                        model.device_map, model.max_memory)
     return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors)

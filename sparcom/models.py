@@ -4,6 +4,9 @@
 - `model_fingerprint(source)`: a hash of the weight files, known before the model is loaded.
 - `load_model(source, dtype, device)`: model and tokenizer, in eval mode, on the device.
   A GGUF file is dequantized once and a converted copy is kept in the cache directory.
+  `device_map` (and `max_memory`) spread a model too large for one device over several
+  (accelerate: 'auto', 'balanced', 'sequential' or {module: device}).
+- `check_device_map(device_map, max_memory)`: refuses devices this machine lacks, before loading.
 - `load_tokenizer(name)`: only the tokenizer ('default', a .gguf file, a folder or a hub id).
 - `model_slug(name)`: the model's name as a file-name part (stores and checkpoints are named by it).
 """
@@ -58,7 +61,15 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where inputs go: the input embeddings' device under a device_map
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device holding weights of the model ('disk' for weights offloaded by a device map)."""
+        placed = getattr(self.model, "hf_device_map", None)
+        if placed:
+            return sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
+        return sorted({str(p.device) for p in self.model.parameters()})
 
 
 def default_model_file() -> Path:
@@ -154,13 +165,48 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | dict | None, max_memory: dict | None = None) -> None:
+    """A clear error for a device this machine does not have, before any weight is read."""
+    named = [] if device_map is None or device_map in DEVICE_MAP_STRATEGIES else (
+        list(device_map.values()) if isinstance(device_map, dict) else [device_map])
+    for value in named:
+        _check_device(value, "model.device_map")
+    for value in (max_memory or {}):
+        _check_device(value, "model.max_memory")
+    if max_memory and not isinstance(device_map, str):
+        raise ModelLoadError("model.max_memory: needs device_map 'auto', 'balanced' or 'sequential'")
+
+
+def _check_device(value: int | str, option: str) -> None:
+    if value == "disk":
+        return
+    try:
+        device = torch.device(f"cuda:{value}" if isinstance(value, int) or str(value).isdigit() else value)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"{option}: {value!r} is not a device (cpu, disk, cuda:N, N, mps)") from None
+    present = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(device.type, False)
+    if not present:
+        raise ModelLoadError(f"{option}: device {value!r} does not exist on this machine "
+                             f"({torch.cuda.device_count()} CUDA devices)")
+
+
 def load_model(
     source: ModelSource,
     cache_dir: Path,
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> LoadedModel:
+    check_device_map(device_map, max_memory)
     fingerprint = model_fingerprint(source, cache_dir)
     directory = _converted_copy(source, fingerprint, cache_dir) if source.kind == "gguf" else source.path
     torch_device = resolve_device(device)
@@ -168,6 +214,9 @@ def load_model(
     # Fused MoE experts default to grouped_mm, which refuses float64; eager is the one
     # implementation that runs in every dtype. Counting does not depend on the choice.
     options = {"experts_implementation": "eager"} if torch_dtype == torch.float64 else {}
+    if device_map is not None:  # weights mapped to 'disk' are read from there layer by layer
+        options.update(device_map=device_map, max_memory=max_memory,
+                       offload_folder=str(Path(cache_dir) / "offload" / fingerprint[:16]))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch_dtype, trust_remote_code=trust_remote_code, **options)
@@ -178,7 +227,12 @@ def load_model(
                 f"{source.name}: this model needs its repository's own code; pass "
                 "--trust-remote-code if you trust it") from error
         raise
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    else:  # accelerate's hooks move activations between layers; inputs start at the embeddings
+        embeddings = model.get_input_embeddings().weight.device
+        torch_device = embeddings if embeddings.type != "meta" else torch_device  # meta: offloaded
+    model.eval()
     return LoadedModel(source, fingerprint, model, tokenizer, torch_dtype, torch_device)
 
 

@@ -1,0 +1,189 @@
+"""Extraction of one store on a Dask cluster: shards are tasks, each worker keeps its model loaded.
+
+- `extract_on_cluster(client, model, records, store, settings, resources, cache_dir)`: every
+  missing shard of the store as one task. First the model is loaded on every worker that offers
+  `resources` (a bad device map or a missing model fails there, before anything is written);
+  then each shard task counts its instructions with that worker's model and writes the whole
+  shard with its done flag (`extract_to_store(..., shards=[shard])`). A shard whose worker is
+  lost is rerun elsewhere: its flag was not set, so the rerun rewrites all of it; a shard whose
+  flag was set is skipped. The client marks the store complete and records, per shard, the
+  worker, host and devices that filled it (store attribute `shard_fillers`).
+- `shard_resources(dask, extraction)`: the resources a shard asks for: `dask.shard_resources`,
+  or GPU=1 when the extraction device is cuda.
+- `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
+- `worker_model(model, settings, cache_dir)`: this worker process's model for these settings,
+  loaded on first use and kept (one model per process: a second settings key replaces it).
+
+    with extraction_cluster(DaskSettings(address="tcp://10.0.0.5:8786")) as client:
+        extract_on_cluster(client, ModelSettings(name="..."), records, store, ExtractionSettings(), ...)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import zarr
+from distributed import Client, as_completed, get_worker
+from tqdm.auto import tqdm
+
+from sparcom.cluster import GPU_RESOURCE
+from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
+from sparcom.extract import ProgressCallback, extract_to_store, extraction_key
+from sparcom.models import LoadedModel, load_model, resolve_model
+from sparcom.provenance import content_hash
+from sparcom.records import InstructionRecord, dataset_hash
+from sparcom.store import StoreError, finalize_store, finished_shards, is_complete, shard_count, store_attrs
+
+FILLERS = "shard_fillers"
+WORKER_WAIT = 30  # seconds to wait for a first worker of a freshly started or connected cluster
+
+# One model per worker process, used by one shard at a time: the counting hooks of two shards on
+# one model would see each other's forward passes.
+_model_lock = threading.Lock()
+_loaded: dict[str, LoadedModel] = {}
+_loads: dict[str, int] = {}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def shard_resources(dask: DaskSettings, extraction: ExtractionSettings) -> dict[str, float]:
+    if dask.shard_resources is not None:
+        return dask.shard_resources
+    return {GPU_RESOURCE: 1} if extraction.device.startswith("cuda") else {}
+
+
+def _model_key(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> str:
+    return content_hash(model, settings.dtype, settings.device, str(cache_dir))
+
+
+def worker_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> LoadedModel:
+    """Call with `_model_lock` held."""
+    key = _model_key(model, settings, cache_dir)
+    if key not in _loaded:
+        _loaded.clear()  # free the previous model before loading the next
+        source = resolve_model(model.name, model.revision, model.trust_remote_code)
+        _loaded[key] = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
+                                  model.device_map, model.max_memory)
+        _loads[key] = _loads.get(key, 0) + 1
+    return _loaded[key]
+
+
+def _where(loaded: LoadedModel, key: str) -> dict:
+    """Which worker, host and devices: the record of a filled shard."""
+    return {"worker": get_worker().address, "host": socket.gethostname(), "pid": os.getpid(),
+            "devices": loaded.devices, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "model_loads": _loads[key]}
+
+
+def _load(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> dict:
+    with _model_lock:
+        loaded = worker_model(model, settings, cache_dir)
+        return {"fingerprint": loaded.fingerprint, "dtype": loaded.dtype,
+                **_where(loaded, _model_key(model, settings, cache_dir))}
+
+
+def _fill_shard(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
+                records: Sequence[InstructionRecord], store: Path, shard: int, donors: Sequence[Path]) -> dict:
+    with _model_lock:
+        loaded = worker_model(model, settings, cache_dir)
+        extract_to_store(loaded, records, store, settings, shards=[shard], donors=donors, finalize=False,
+                         show_progress=False)
+        return {"shard": shard, **_where(loaded, _model_key(model, settings, cache_dir))}
+
+
+def offering_workers(client: Client, resources: dict[str, float]) -> list[str]:
+    """Addresses of the workers that offer `resources`; a clear error when none does."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT)
+    except TimeoutError:
+        raise ClusterError(f"the Dask cluster at {client.scheduler.address} has no workers "
+                           f"(none joined within {WORKER_WAIT} s)") from None
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    offering = [address for address, info in workers.items()
+                if all(info.get("resources", {}).get(name, 0) >= amount for name, amount in resources.items())]
+    if not offering:
+        wanted = " ".join(f"{name}={amount:g}" for name, amount in resources.items())
+        raise ClusterError(
+            f"no worker of the Dask cluster at {client.scheduler.address} offers the resources {wanted} "
+            f"that extraction shards ask for ({len(workers)} workers; start them with `dask worker "
+            f"--resources \"{wanted}\"`, or set dask.shard_resources)")
+    return offering
+
+
+def load_on_workers(client: Client, model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
+                    workers: Sequence[str]) -> list[dict]:
+    """Load (or find loaded) the model on each worker, in parallel: what each loaded, and where."""
+    return client.gather([client.submit(_load, model, settings, Path(cache_dir), workers=[w],
+                                        allow_other_workers=True, pure=False, key=f"sparcom-load-{w}")
+                          for w in workers])
+
+
+def extract_on_cluster(
+    client: Client,
+    model: ModelSettings,
+    records: Sequence[InstructionRecord],
+    store: Path,
+    settings: ExtractionSettings,
+    resources: dict[str, float],
+    cache_dir: Path,
+    donors: Sequence[Path] = (),
+    on_progress: ProgressCallback | None = None,
+    shards: Iterable[int] | None = None,
+) -> Path:
+    """The store, complete unless `shards` left some out."""
+    store = Path(store).resolve()  # workers may run in other directories
+    workers = offering_workers(client, resources)
+    loads = load_on_workers(client, model, settings, cache_dir, workers)
+    kinds = {(load["fingerprint"], str(load["dtype"])) for load in loads}
+    if len(kinds) > 1:  # e.g. bfloat16 on GPU workers beside float32 on CPU ones: counts would mix
+        raise ClusterError(f"workers load the model differently (fingerprint, dtype): {sorted(kinds)}; "
+                           "set extraction.dtype, or restrict shards with dask.shard_resources")
+    key = extraction_key(loads[0]["fingerprint"], dataset_hash(records), settings, loads[0]["dtype"])
+    n_shards = shard_count(len(records), settings.shard_size)
+    done: set[int] = set()
+    if store.exists():
+        if store_attrs(store).get("extraction_key") != key:
+            raise StoreError(f"{store}: holds counts for other settings, model or dataset; "
+                             "choose another path or delete it")
+        if is_complete(store):
+            return store
+        done = finished_shards(store)
+    wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
+    shared_records = client.scatter(list(records), broadcast=False, hash=False)
+    futures = [client.submit(_fill_shard, model, settings, Path(cache_dir), shared_records, store, shard,
+                             [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
+                             key=f"sparcom-shard-{key[:12]}-{shard}")
+               for shard in wanted]
+    sizes = {s: min(settings.shard_size, len(records) - s * settings.shard_size) for s in range(n_shards)}
+    counted = sum(sizes[s] for s in done)
+    progress = tqdm(total=n_shards, initial=len(done), unit="shard", desc=f"extracting on {len(workers)} workers")
+    try:
+        for future in as_completed(futures):
+            filled = future.result()
+            _record_filler(store, filled)
+            counted += sizes[filled["shard"]]
+            progress.update(1)
+            if on_progress:
+                on_progress(counted, len(records))
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        progress.close()
+    if len(finished_shards(store)) == n_shards:
+        finalize_store(store)
+    return store
+
+
+def _record_filler(store: Path, filled: dict) -> None:
+    """Only the client writes the store's attributes while workers write shards."""
+    attrs = zarr.open_group(store, mode="r+").attrs
+    fillers = dict(attrs.get(FILLERS, {}))
+    fillers[str(filled["shard"])] = {k: v for k, v in filled.items() if k != "shard"}
+    attrs[FILLERS] = fillers
