@@ -178,8 +178,10 @@ def identify(
     """Select instruction-specific neurons and experts and report their generality and
     uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
     from sparcom.cluster import dask_cluster
-    from sparcom.identify import identify_store
+    from sparcom.identify import RUN_KIND, identify_store
+    from sparcom.outputs import check_output, claimed
     from sparcom.report import report_generality
+    from sparcom.store import verify_store
 
     settings = _settings(config, identification__rule=rule, identification__epsilon=epsilon,
                          identification__tau=tau, identification__group_by=group_by,
@@ -187,7 +189,9 @@ def identify(
                          identification__bar_ratio=bar_ratio,
                          identification__split_half_seeds=split_half_seeds,
                          dask__address=dask_address, dask__n_workers=dask_workers)
-    with dask_cluster(settings.dask):
+    verify_store(store)
+    check_output(out, RUN_KIND)
+    with dask_cluster(settings.dask), claimed(out, RUN_KIND):  # one run at a time into `out`
         components = identify_store(store, settings.identification, out)
         summary = report_generality(components, out)
     typer.echo(Path(summary["files"]["report.md"]).read_text())
@@ -237,6 +241,11 @@ def curate(
         curation__on_error=on_error, curation__tokenizer=tokenizer,
         curation__max_prompt_tokens=max_prompt_tokens, curation__max_response_tokens=max_response_tokens,
         curation__near_duplicate_threshold=near_duplicate_threshold, curation__out=out, work_dir=work_dir)
+    from sparcom.dataset import DATASET_KIND
+    from sparcom.outputs import check_output
+
+    if settings.curation.out:
+        check_output(settings.curation.out, DATASET_KIND)  # before any work, never a user's folder
     from flows.curate import curate_hexainst  # Prefect only where a flow runs
 
     try:

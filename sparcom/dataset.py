@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,10 +21,12 @@ import datasets
 from pydantic import BaseModel
 
 from sparcom.hexainst import starter_set
+from sparcom.outputs import building
 from sparcom.record_files import read_records
 from sparcom.records import RECORD_FIELDS, InstructionRecord, check_unique_ids, dataset_hash, record_hash
 
 MANIFEST_NAME = "manifest.json"
+DATASET_KIND = "dataset"  # the output marker of dataset folders (sparcom.outputs)
 FEATURES = datasets.Features({name: datasets.Value("string") for name in RECORD_FIELDS})
 
 
@@ -80,15 +81,18 @@ def save_dataset(
     report: dict | None = None,
     attachments: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """Write the dataset atomically: a reader never sees a half-written directory.
+    """Write the dataset atomically: a reader never sees a half-written directory, and a folder
+    that is not an earlier dataset of this tool is refused (`sparcom.outputs`).
 
     `attachments` maps file names to text written alongside (a curation report, quarantine).
     """
     check_unique_ids(records, str(directory))
     directory = Path(directory)
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with building(directory, DATASET_KIND) as partial:
+        return _write_dataset(records, partial, settings, report, attachments)
+
+
+def _write_dataset(records, partial: Path, settings, report, attachments) -> Manifest:
     rows = [r.model_dump() for r in records]
     table = datasets.Dataset.from_list(rows, features=FEATURES)
     table.save_to_disk(str(partial / "data"))
@@ -100,8 +104,6 @@ def save_dataset(
         (partial / name).write_text(text, encoding="utf-8")
     manifest = build_manifest(records, settings, report)
     (partial / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
     return manifest
 
 

