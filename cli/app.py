@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sparcom.cli_errors import ErrorStyleGroup
+from cli.errors import ErrorStyleGroup
 from sparcom.config import PipelineSettings, load_settings
 from sparcom.records import CATEGORIES
 
@@ -34,7 +34,7 @@ app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exce
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option(
-        "--debug", help="show the traceback of an error (default: one line, see sparcom.cli_errors)")] = False,
+        "--debug", help="show the traceback of an error (default: one line, see cli/errors.py)")] = False,
 ) -> None:
     """Errors are one line on stderr: exit 2 for bad input, 1 for failures during work."""
 

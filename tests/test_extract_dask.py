@@ -19,7 +19,7 @@ import zarr
 from distributed import Client
 from typer.testing import CliRunner
 
-from sparcom.cli import app
+from cli.app import app
 from sparcom.cluster import GPU_RESOURCE, gpu_cluster_spec
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
 from sparcom.distributed_extract import FILLERS, ClusterError, extract_on_cluster, worker_model

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sparcom import packaged_sources, sources
-from sparcom.cli import app
+from cli.app import app
 from sparcom.config import CurationSettings, ExtractionSettings, load_settings
 from sparcom.curation import balance_markdown, curate, save_curation
 from sparcom.dataset import MANIFEST_NAME, build_manifest

@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from sparcom.cli import app
+from cli.app import app
 from sparcom.config import ExtractionSettings, IdentificationSettings
 from sparcom.extract import extract_to_store
 from sparcom.identify import group_frequencies

@@ -242,7 +242,7 @@ def test_a_rule_comparing_groups_refuses_one_group_before_any_work(tmp_path, mon
 
 
 def test_cli_refuses_a_bad_rate(tmp_path):
-    from sparcom.cli import app
+    from cli.app import app
 
     path = write_store(small_store(), tmp_path / "s.zarr")
     result = CliRunner().invoke(app, ["identify", "--store", str(path), "--out", str(tmp_path / "o"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sparcom.cli import app
+from cli.app import app
 from sparcom.outputs import MARKER, OutputError, building, check_output, claimed
 
 
