@@ -5,7 +5,8 @@
 - `markdown_report(summary)`: per family the general count, set sizes and unique counts, counts
   per layer, the distribution over experts, the Jaccard matrix and the split-half reliability
   ("is this set specific to its group?"), with the template's share of the counted tokens.
-- `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts).
+- `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts),
+  the split-half table included.
 - `write_report(components, analysis, out_dir)`: all of it on disk: `generality.zarr`, Parquet
   tables under `tables/`, `summary.json`, `report.md`, `jaccard.png`, `layers.png`,
   `split_half.png` where the groups were split and, for MoE stores, `experts.png`.
@@ -191,6 +192,11 @@ def artifact_tables(summary: dict) -> dict[str, dict]:
                            f"(general: {family['general_count']})",
             "table": [{"group": g, "set size": family["set_size"][g], "unique": family["unique_count"][g]}
                       for g in summary["groups"]]}
+        if "split_half" in family:
+            tables[f"{key}-split-half"] = {
+                "description": f"{TITLES[name][1]}: is the set specific to its group? Split-half "
+                               "Jaccard within and across groups, and the gap",
+                "table": [{"group": g, **row} for g, row in family["split_half"].items()]}
         if family["jaccard"] is not None and len(summary["groups"]) <= MAX_GROUPS_SHOWN:
             tables[f"{key}-jaccard"] = {
                 "description": f"{TITLES[name][1]}: Jaccard overlap between groups",

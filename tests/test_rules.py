@@ -250,3 +250,21 @@ def test_cli_refuses_a_bad_rate(tmp_path):
     assert result.exit_code != 0
     assert "top_rate" in str(result.exception) + result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_comparison_checks_the_parameters_of_the_rule_used():
+    from sparcom.compare import ComparisonError, check_components_compatible
+
+    store = small_store()
+    lape = IdentificationSettings(rule="lape", top_rate=0.1, filter_rate=0.8, bar_ratio=0.7)
+    base = identify(store, lape)
+    tuned = identify(store, lape.model_copy(update={"epsilon": 0.5}))
+    check_components_compatible(base, tuned)  # epsilon is inert for lape
+    for name in ("top_rate", "filter_rate", "bar_ratio"):
+        changed = identify(store, lape.model_copy(update={name: 0.6}))
+        with pytest.raises(ComparisonError, match=f"{name} differs"):
+            check_components_compatible(base, changed)
+    contrastive = IdentificationSettings(rule="contrastive", epsilon=0.1)
+    with pytest.raises(ComparisonError, match="epsilon differs"):
+        check_components_compatible(identify(store, contrastive),
+                                    identify(store, contrastive.model_copy(update={"epsilon": 0.2})))
