@@ -5,6 +5,9 @@
   exit closes only the client); without, it starts a `LocalCluster` of one single-threaded
   worker process per usable core, each with an equal share of the memory, and on exit closes
   the client and the cluster, also on error.
+- `dask_cluster_on_demand(settings, on_start)`: the same, started by the first Dask computation
+  inside it, so work that turns out to be cached (a rerun) starts no cluster; `on_start(client)`
+  is called once it is up.
 - `usable_cores()`: the cores this process may run on.
 
     with dask_cluster(DaskSettings()) as client:
@@ -14,9 +17,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
+import dask
 from distributed import Client, LocalCluster
 
 from sparcom.config import DaskSettings
@@ -48,3 +52,24 @@ def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str =
             client = Client(cluster)
         stack.enter_context(client)
         yield client
+
+
+@contextmanager
+def dask_cluster_on_demand(settings: DaskSettings = DaskSettings(),
+                           on_start: Callable[[Client], None] = lambda client: None) -> Iterator[None]:
+    """Until the first computation the default scheduler is a stand-in that opens the cluster;
+    the cluster's client is the default scheduler from then on."""
+    previous = dask.config.get("scheduler", None)
+    with ExitStack() as stack:
+        started: list[Client] = []
+
+        def start_and_compute(graph, keys, **kwargs):
+            if not started:
+                with dask.config.set(scheduler=previous):  # workers are sent the config: no closures in it
+                    started.append(stack.enter_context(dask_cluster(settings)))
+                on_start(started[0])
+            return started[0].get(graph, keys, **kwargs)
+
+        # Entered first, left last: the client restores this stand-in when it closes, then it goes too.
+        stack.enter_context(dask.config.set(scheduler=start_and_compute))
+        yield
