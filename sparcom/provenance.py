@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -49,11 +49,11 @@ def file_sha256(path: Path) -> str:
 def code_version(stage: str) -> str:
     digest = hashlib.sha256(__version__.encode())
     for name in STAGE_MODULES[stage]:
-        try:
-            module = importlib.import_module(f"sparcom.{name}")
-        except ModuleNotFoundError:
+        # The source file, found without importing it: a cached rerun need not load what it runs.
+        spec = importlib.util.find_spec(f"sparcom.{name}")
+        if spec is None or spec.origin is None:
             continue
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()
 
 

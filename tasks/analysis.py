@@ -4,7 +4,6 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from sparcom.provenance import result_key
-from sparcom.report import artifact_tables, report_generality
 from tasks.caching import cached
 
 
@@ -12,6 +11,9 @@ from tasks.caching import cached
     result_key("analyse", Path(components), str(run_dir), prefix))))
 def analyze_generality(components: Path, run_dir: Path, prefix: str = "sparcom") -> dict:
     """The report, published as `<prefix>-findings` (markdown), tables and a link to the files."""
+    # Imported when the task runs: a cached rerun does not load matplotlib.
+    from sparcom.report import artifact_tables, report_generality
+
     summary = report_generality(components, run_dir)
     files = "\n".join(f"- [{name}]({Path(path).resolve().as_uri()})" for name, path in summary["files"].items())
     create_markdown_artifact(
