@@ -5,6 +5,9 @@
   exit closes only the client); without, it starts a `LocalCluster` of one single-threaded
   worker process per usable core, each with an equal share of the memory, and on exit closes
   the client and the cluster, also on error.
+- `dask_cluster_on_demand(settings, on_start)`: the same, started by the first Dask computation
+  inside it, so work that turns out to be cached (a rerun) starts no cluster; `on_start(client)`
+  is called once it is up.
 - `usable_cores()`: the cores this process may run on.
 - `extraction_cluster(settings, device, spread)`: where extraction shards run, as a context
   manager yielding a Client, or None for the single-process path: the scheduler at
@@ -22,9 +25,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
+import dask
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
@@ -104,3 +108,23 @@ def _local_gpu_cluster(devices: list[str], settings: DaskSettings):
         CUDA_VISIBLE_DEVICES=devices, n_workers=len(devices), threads_per_worker=settings.threads_per_worker,
         memory_limit=settings.memory_limit, resources={GPU_RESOURCE: 1}, host="127.0.0.1",
         dashboard_address=":0")
+
+
+def dask_cluster_on_demand(settings: DaskSettings = DaskSettings(),
+                           on_start: Callable[[Client], None] = lambda client: None) -> Iterator[None]:
+    """Until the first computation the default scheduler is a stand-in that opens the cluster;
+    the cluster's client is the default scheduler from then on."""
+    previous = dask.config.get("scheduler", None)
+    with ExitStack() as stack:
+        started: list[Client] = []
+
+        def start_and_compute(graph, keys, **kwargs):
+            if not started:
+                with dask.config.set(scheduler=previous):  # workers are sent the config: no closures in it
+                    started.append(stack.enter_context(dask_cluster(settings)))
+                on_start(started[0])
+            return started[0].get(graph, keys, **kwargs)
+
+        # Entered first, left last: the client restores this stand-in when it closes, then it goes too.
+        stack.enter_context(dask.config.set(scheduler=start_and_compute))
+        yield

@@ -11,7 +11,6 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from sparcom.compare import check_stores_compatible
-from sparcom.compare_report import link_into_report, report_comparison
 from sparcom.provenance import result_key
 from sparcom.store import open_store
 from tasks.caching import cached
@@ -32,6 +31,9 @@ def compare_checkpoints(
     top_movers: int = 10, run_report: Path | None = None,
 ) -> dict:
     """The comparison report; with `run_report`, its headline is added to that report.md."""
+    # Imported when the task runs: a cached rerun does not load matplotlib.
+    from sparcom.compare_report import link_into_report, report_comparison
+
     summary = report_comparison(base_components, tuned_components, out_dir, focus_groups, top_movers)
     if run_report is not None:
         link_into_report(run_report, summary)

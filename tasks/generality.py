@@ -12,7 +12,6 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from sparcom.identify import RUN_KIND
 from sparcom.outputs import claimed
 from sparcom.provenance import result_key
-from sparcom.report import artifact_tables, report_generality
 from tasks.caching import cached
 
 
@@ -20,6 +19,9 @@ from tasks.caching import cached
     result_key("analyse", Path(components), str(run_dir), prefix))))
 def analyze_generality(components: Path, run_dir: Path, prefix: str = "sparcom") -> dict:
     """The report, published as `<prefix>-findings` (markdown), tables and a link to the files."""
+    # Imported when the task runs: a cached rerun does not load matplotlib.
+    from sparcom.report import artifact_tables, report_generality
+
     with claimed(run_dir, RUN_KIND):  # one writer at a time in the run folder
         summary = report_generality(components, run_dir)
     files = "\n".join(f"- [{name}]({Path(path).resolve().as_uri()})" for name, path in summary["files"].items())
