@@ -210,7 +210,7 @@ def naive_counts(loaded, batches) -> list[dict[str, torch.Tensor]]:
             counts["expert_act_count"] = torch.stack([torch.stack([
                 torch.zeros(ids.shape[0], active.shape[-1], dtype=torch.long, device=ids.device).index_add_(
                     0, rows[chosen], ((active > 0) & flat_mask[chosen].unsqueeze(-1)).long())
-                for _, chosen, active in layer]) for layer in routed])
+                for _, chosen, active in layer]) for layer in routed]).permute(2, 0, 1, 3)  # [batch, layer, expert, neuron]
         results.append(counts)
     return results
 

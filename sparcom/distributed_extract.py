@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
 import zarr
 from distributed import Client, as_completed, get_worker
 from tqdm.auto import tqdm
@@ -67,6 +68,10 @@ def worker_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: 
     key = _model_key(model, settings, cache_dir)
     if key not in _loaded:
         _loaded.clear()  # free the previous model before loading the next
+        try:  # torch's own threads would oversubscribe a machine shared by several workers
+            torch.set_num_threads(get_worker().state.nthreads)
+        except ValueError:  # not on a worker
+            pass
         source = resolve_model(model.name, model.revision, model.trust_remote_code)
         _loaded[key] = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
                                   model.device_map, model.max_memory)
