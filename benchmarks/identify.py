@@ -1,7 +1,8 @@
 """Identification at model scale: synthetic count stores the size of a 7B dense model
 (1,200 x 32 x 14,336) and of an 8-expert MoE layer stack (Mixtral-like: 32 x 8 x 14,336 expert
 neurons), identified on a local Dask cluster. Prints wall time, peak memory (this process plus
-every worker, sampled) and throughput (GB of counts read per second).
+every worker, sampled), throughput (GB of counts read per second) and what the store's full
+integrity check (`sparcom verify`) costs beside one identification.
 
     python benchmarks/identify.py                      # both stores, 2 workers
     python benchmarks/identify.py --which dense --group-by instruction
@@ -31,7 +32,7 @@ from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from sparcom.identify import FAMILIES, identify_store
 from sparcom.records import CATEGORIES
-from sparcom.store import seal_store
+from sparcom.store import seal_store, verify_store
 from sparcom.report import report_generality
 
 SHARD = 32  # instructions per chunk, as extraction writes them
@@ -117,6 +118,9 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     count_bytes = write_synthetic_store(store, kind, n)
     written = time.perf_counter() - started
+    started = time.perf_counter()
+    verify_store(store)  # the full check (every chunk's CRC-32); identify_store then finds it memoised
+    verified = time.perf_counter() - started
     settings = IdentificationSettings(group_by=args.group_by, epsilon=args.epsilon)
     dask_settings = DaskSettings(n_workers=args.workers, memory_limit=args.memory_limit)
     with dask_cluster(dask_settings) as client, PeakMemory() as memory:
@@ -135,6 +139,8 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
           f"group_by={args.group_by}, epsilon={args.epsilon}")
     print(f"   identify (frequencies + selection, components.zarr): {identified:8.1f} s  "
           f"{gb / identified:6.3f} GB/s")
+    print(f"   verify (chunk manifest, every byte's CRC-32):         {verified:8.1f} s  "
+          f"{100 * verified / identified:5.1f}% of identify")
     print(f"   identify + generality analysis and report:            {total:8.1f} s  "
           f"{gb / total:6.3f} GB/s")
     print(f"   peak memory, this process + workers: {memory.peak / 2**30:.2f} GiB "

@@ -54,20 +54,37 @@ def test_a_deleted_output_is_recomputed_and_said(tmp_path, prefect_harness, capl
     assert len(CALLS) == 2 and "cannot be used" not in caplog.text  # a plain hit again
 
 
-def test_unusable_output_names_what_is_wrong(tmp_path):
+def small_store(path: Path) -> Path:
     import numpy as np
 
     from conftest import make_record
     from sparcom.store import create_store, finalize_store, write_shard
 
     records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
-    store = tmp_path / "s.zarr"
-    create_store(store, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,
-                 {"extraction_key": "k"})
+    create_store(path, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,
+                 {"extraction_key": "k", "model_fingerprint": "f"})
     for shard in (0, 1):
-        write_shard(store, shard, {"token_count": np.full(2, 4, np.uint32),
-                                   "act_count": np.ones((2, 2, 3), np.uint32)})
-    finalize_store(store)
+        write_shard(path, shard, {"token_count": np.full(2, 4, np.uint32),
+                                  "act_count": np.ones((2, 2, 3), np.uint32)})
+    finalize_store(path)
+    return path
+
+
+def test_compare_refuses_a_damaged_store(tmp_path, prefect_harness):
+    from typer.testing import CliRunner
+
+    from sparcom.cli import app
+
+    base, tuned = small_store(tmp_path / "base.zarr"), small_store(tmp_path / "tuned.zarr")
+    (tuned / "token_count" / "c" / "1").unlink()
+    result = CliRunner().invoke(app, ["compare", "--base-store", str(base), "--tuned-store", str(tuned),
+                                      "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 2, result.output
+    assert "tuned.zarr: damaged store: shard 1 (records t-002, t-003)" in result.output
+
+
+def test_unusable_output_names_what_is_wrong(tmp_path):
+    store = small_store(tmp_path / "s.zarr")
     assert unusable_output({"store": store, "files": {"a": str(store)}}) is None
     (store / "act_count" / "c" / "1" / "0" / "0").unlink()
     assert "shard 1 (records t-002, t-003)" in unusable_output(store)
