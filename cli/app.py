@@ -232,9 +232,6 @@ def curate(
     work_dir: Annotated[Optional[Path], typer.Option(help="datasets, stores and run reports")] = None,
 ) -> None:
     """Curate HexaInst as a Prefect flow: AI-authored half, public sets, your files; balanced."""
-    from sparcom.records import RecordError
-    from sparcom.sources import SourceError
-
     settings = _settings(
         config, curation__inputs=input or None, curation__sources=[] if hub is False else None,
         curation__authored=authored, curation__per_group=per_group, curation__seed=seed,
@@ -248,11 +245,7 @@ def curate(
         check_output(settings.curation.out, DATASET_KIND)  # before any work, never a user's folder
     from flows.curate import curate_hexainst  # Prefect only where a flow runs
 
-    try:
-        summary = curate_hexainst(settings)
-    except (RecordError, SourceError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    summary = curate_hexainst(settings)
     typer.echo(summary["report"])
     typer.echo(f"dataset: {summary['directory']} (hash {summary['dataset_hash']})")
 
@@ -322,8 +315,7 @@ def finetune(
     work_dir: Annotated[Optional[Path], typer.Option(help="checkpoints go to WORK_DIR/checkpoints")] = None,
 ) -> None:
     """Fine-tune a model on HexaInst records or your dataset; prints the (cached) checkpoint."""
-    from sparcom.finetune import FinetuneError, read_provenance
-    from sparcom.records import RecordError
+    from sparcom.finetune import read_provenance
 
     settings = _settings(
         config, model__name=model, model__trust_remote_code=trust_remote_code or None,
@@ -334,11 +326,7 @@ def finetune(
         finetune__dtype=dtype, finetune__device=device, work_dir=work_dir)
     from flows.finetune import sparcom_finetune  # Prefect only where a flow runs
 
-    try:
-        checkpoint = sparcom_finetune(settings, hold_out)
-    except (RecordError, FinetuneError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    checkpoint = sparcom_finetune(settings, hold_out)
     provenance = read_provenance(checkpoint)
     typer.echo(f"loss {provenance['loss_first']:.3f} -> {provenance['loss_last']:.3f} over "
                f"{provenance['steps']} steps ({provenance['wall_seconds']} s when trained)")
@@ -368,24 +356,16 @@ def compare(
     dask_address: DaskAddressOption = None,
 ) -> None:
     """Compare two checkpoints (models or finished stores): kept, gained and lost components."""
-    from sparcom.compare import ComparisonError, model_pair
+    from sparcom.compare import model_pair
     from sparcom.config import ModelSettings
-    from sparcom.models import ModelLoadError
-    from sparcom.store import StoreError
-
-    def fail(message: str) -> None:
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2)
 
     if pair:
-        try:
-            chosen = model_pair(pair)
-        except ValueError as error:
-            fail(str(error))
+        chosen = model_pair(pair)
         base, tuned = base or chosen.base, tuned or chosen.tuned
     for side, model, store in (("base", base, base_store), ("tuned", tuned, tuned_store)):
         if (model is None) == (store is None):
-            fail(f"give the {side} side as --{side} MODEL or --{side}-store STORE (exactly one), or --pair NAME")
+            raise ValueError(f"give the {side} side as --{side} MODEL or --{side}-store STORE (exactly one), "
+                             "or --pair NAME")
     settings = _settings(
         config, dataset__path=dataset, extraction__span=span, extraction__dtype=dtype,
         extraction__device=device, identification__rule=rule, identification__epsilon=epsilon,
@@ -394,11 +374,8 @@ def compare(
     as_model = lambda name: name and ModelSettings(name=name, trust_remote_code=trust_remote_code)  # noqa: E731
     from flows.compare import compare_models  # Prefect only where a flow runs
 
-    try:
-        summary = compare_models(settings, as_model(base), as_model(tuned), base_store, tuned_store,
-                                 _codes(focus) or [])
-    except (ComparisonError, StoreError, ModelLoadError) as error:
-        fail(str(error))
+    summary = compare_models(settings, as_model(base), as_model(tuned), base_store, tuned_store,
+                             _codes(focus) or [])
     typer.echo(Path(summary["files"]["comparison.md"]).read_text())
     typer.echo(f"Results are in {Path(summary['files']['comparison.md']).parent}")
 

@@ -172,6 +172,11 @@ def curate(pools: Sequence[Pool], settings, tokenizer=None) -> Curation:
     ledger.filter("too long", _over_long(ledger.candidates, settings, tokenizer))
     ledger.filter("duplicate", _exact_duplicates(ledger.candidates))
     ledger.filter("near duplicate", _near_duplicates(ledger.candidates, settings))
+    if not ledger.candidates:  # nothing to balance or save: say why, write nothing
+        left = Counter(r.stage for r in ledger.rejections)
+        raise RecordError("no records left to curate: " + (
+            f"all {len(ledger.rejections)} were set aside ("
+            + ", ".join(f"{stage}: {n}" for stage, n in left.items()) + ")" if left else "the inputs hold none"))
     records = _sample(ledger, settings.per_group, settings.seed)
     return Curation(records, ledger.rejections, ledger.reports, settings.per_group,
                     settings.model_dump(mode="json"))

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sparcom.hexainst import starter_set
 from sparcom.outputs import building
 from sparcom.record_files import read_records
-from sparcom.records import RECORD_FIELDS, InstructionRecord, check_unique_ids, dataset_hash, record_hash
+from sparcom.records import RECORD_FIELDS, InstructionRecord, RecordError, check_unique_ids, dataset_hash, record_hash
 
 MANIFEST_NAME = "manifest.json"
 DATASET_KIND = "dataset"  # the output marker of dataset folders (sparcom.outputs)
@@ -115,6 +115,8 @@ def load_records(path: Path) -> list[InstructionRecord]:
 def prepare_dataset(path: Path | None, datasets_dir: Path) -> Path:
     """Save the dataset under its content hash; an unchanged dataset is not written again."""
     records = starter_set() if path is None else load_records(path)
+    if not records:
+        raise RecordError(f"{path}: the dataset holds no records")
     directory = Path(datasets_dir) / dataset_hash(records)[:16]
     if not (directory / MANIFEST_NAME).is_file():
         save_dataset(records, directory, settings={"source": str(path) if path else "starter set"})

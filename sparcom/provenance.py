@@ -16,6 +16,8 @@ version; the hashing under them is `sparcom.hashing`.
   `planned_finetune_key(model, settings, held_out_dataset, cache_dir)`: the same keys computed
   before the stage runs (from the weights' fingerprint, not the loaded model), for the caching.
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings.
+- `unusable_output(result)`: why a cached result can no longer be used (a file or folder it
+  names is gone, a count store it names does not verify), or None.
 
 This module imports the stage modules only inside the planned keys, and is itself left out of
 every code version: a stage's code is what computes its result, not the keys that name it.
@@ -202,3 +204,33 @@ def result_key(stage: str, *inputs: object) -> str:
 def results_dir(work_dir: Path, store: Path, settings: BaseModel) -> Path:
     """Same counts and identification settings, same folder: a cached rerun points at real files."""
     return Path(work_dir).resolve() / "runs" / f"{Path(store).stem}-{identification_key(store, settings)[:12]}"
+
+
+def unusable_output(result: object) -> str | None:
+    """Paths in the result (Path objects, absolute path strings, inside dicts, lists and pydantic
+    models) must exist, and those that are count stores must verify."""
+    from sparcom.store import StoreError, verify_store
+
+    def paths(value: object):
+        if isinstance(value, Path):
+            yield value
+        elif isinstance(value, str) and value.startswith("/"):
+            yield Path(value)
+        elif isinstance(value, BaseModel):
+            yield from paths(value.model_dump())
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from paths(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from paths(item)
+
+    for path in paths(result):
+        if not path.exists():
+            return f"{path} is gone"
+        if (path / "zarr.json").is_file() and (path / "progress").is_dir():  # a count store
+            try:
+                verify_store(path)
+            except StoreError as error:
+                return str(error)
+    return None

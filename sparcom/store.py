@@ -153,8 +153,9 @@ def _shard_arrays(path: Path) -> list[str]:
     for meta in Path(path).glob("*/zarr.json"):
         info = json.loads(meta.read_text())
         dims = info.get("dimension_names") or []
-        if info.get("node_type") == "array" and dims[:1] == ["instruction"] \
-                and info["chunk_grid"]["configuration"]["chunk_shape"][0] == size:
+        if info.get("node_type") != "array" or dims[:1] != ["instruction"] or info["data_type"] != "uint32":
+            continue  # coordinates (strings) are written once, at creation, not by shard
+        if size and info["chunk_grid"]["configuration"]["chunk_shape"][0] == min(size, info["shape"][0]):
             names.append(meta.parent.name)
     return sorted(names)
 

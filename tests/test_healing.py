@@ -1,0 +1,91 @@
+"""A cached stage whose output is gone or damaged is recomputed, saying so; reruns then hit again."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+
+from sparcom.provenance import unusable_output
+from tasks.caching import cached
+
+CALLS: list[str] = []
+
+
+@task(name="write a folder", **cached(lambda out: str(out)))
+def write_folder(out: Path) -> Path:
+    CALLS.append(str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "done.txt").write_text("done")
+    return out
+
+
+@flow
+def folder_flow(out: Path) -> Path:
+    return write_folder(out)
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120), \
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
+        yield
+
+
+def test_a_deleted_output_is_recomputed_and_said(tmp_path, prefect_harness, caplog):
+    out = tmp_path / "out"
+    CALLS.clear()
+    assert folder_flow(out) == out and folder_flow(out) == out
+    assert len(CALLS) == 1  # the second run was a cache hit
+    shutil.rmtree(out)
+    with caplog.at_level(logging.WARNING):
+        assert folder_flow(out) == out
+    assert (out / "done.txt").is_file() and len(CALLS) == 2
+    assert "the cached result cannot be used" in caplog.text and f"{out} is gone" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        folder_flow(out)
+    assert len(CALLS) == 2 and "cannot be used" not in caplog.text  # a plain hit again
+
+
+def small_store(path: Path) -> Path:
+    import numpy as np
+
+    from conftest import make_record
+    from sparcom.store import create_store, finalize_store, write_shard
+
+    records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
+    create_store(path, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,
+                 {"extraction_key": "k", "model_fingerprint": "f"})
+    for shard in (0, 1):
+        write_shard(path, shard, {"token_count": np.full(2, 4, np.uint32),
+                                  "act_count": np.ones((2, 2, 3), np.uint32)})
+    finalize_store(path)
+    return path
+
+
+def test_compare_refuses_a_damaged_store(tmp_path, prefect_harness):
+    from typer.testing import CliRunner
+
+    from sparcom.cli import app
+
+    base, tuned = small_store(tmp_path / "base.zarr"), small_store(tmp_path / "tuned.zarr")
+    (tuned / "token_count" / "c" / "1").unlink()
+    result = CliRunner().invoke(app, ["compare", "--base-store", str(base), "--tuned-store", str(tuned),
+                                      "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 2, result.output
+    assert "tuned.zarr: damaged store: shard 1 (records t-002, t-003)" in result.output
+
+
+def test_unusable_output_names_what_is_wrong(tmp_path):
+    store = small_store(tmp_path / "s.zarr")
+    assert unusable_output({"store": store, "files": {"a": str(store)}}) is None
+    (store / "act_count" / "c" / "1" / "0" / "0").unlink()
+    assert "shard 1 (records t-002, t-003)" in unusable_output(store)
+    assert unusable_output({"files": {"report.md": str(tmp_path / "gone.md")}}) == f"{tmp_path / 'gone.md'} is gone"
