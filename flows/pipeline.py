@@ -1,4 +1,4 @@
-"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> compare with a fine-tune."""
+"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> ablate -> compare with a fine-tune."""
 
 from prefect import flow, get_run_logger
 
@@ -7,6 +7,7 @@ from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.provenance import results_dir
+from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
@@ -20,6 +21,10 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
     run_dir = results_dir(settings.work_dir, store, settings.identification)
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
+    if settings.ablation.enabled:
+        summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
+            run_dir / "components.zarr", store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
+            run_report=run_dir / "report.md")
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
     get_run_logger().info("Results are in %s", run_dir)

@@ -29,6 +29,8 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "analyse": ("analysis", "report"),
     "finetune": ("finetune", "models"),
     "compare": ("compare", "compare_report"),
+    "ablate": ("ablation", "ablation_hooks", "response_nll", "ablation_controls", "ablation_figures",
+               "ablation_report", "prompts", "architectures"),
 }
 
 

@@ -15,7 +15,7 @@ from prefect import Task
 
 from sparcom.provenance import content_hash
 
-Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare"]
+Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare", "ablate"]
 
 
 def cached(key: Callable[..., object]) -> dict:
