@@ -7,7 +7,7 @@ from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.provenance import results_dir
-from tasks.ablation import measure_ablation
+from tasks.ablation import hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import curate_dataset
 from tasks.extraction import extract_activations
@@ -17,6 +17,11 @@ from tasks.extraction import extract_activations
 def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: list[Stage] = []) -> dict:  # noqa: B006
     """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
     dataset = refreshed(curate_dataset, "curate", refresh)(settings.dataset, settings.work_dir)
+    if settings.ablation.enabled and settings.ablation.held_out_fraction:
+        dataset, held_out = hold_out(dataset, settings.ablation.held_out_fraction, settings.ablation.seed,
+                                     settings.work_dir)
+        settings = settings.model_copy(deep=True, update={"ablation": settings.ablation.model_copy(
+            update={"eval_dataset": held_out})})
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir)
     run_dir = results_dir(settings.work_dir, store, settings.identification)

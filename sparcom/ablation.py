@@ -11,6 +11,8 @@ groups' records, and more than control components of the same number, place and 
   `allow_overlap`, and then counted.
 - `split_held_out(records, fraction, seed)`: records split by record hash into an identification
   part and a held-out evaluation part, per category, disjoint.
+- `split_dataset(dataset_dir, fraction, seed, datasets_dir)`: the same for a saved dataset: both
+  parts saved under their hashes (the pipeline identifies on one and evaluates on the other).
 - `find_store(components_path)`: the count store beside an identification folder of a work dir.
 - `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
   stage: checks, then one pass without ablation, one per group, one per group, control and
@@ -34,7 +36,7 @@ from sparcom.ablation_controls import CONTROLS, distinct_random_controls, overal
 from sparcom.ablation_figures import ABLATED, CONTROL, INSTRUCTION, SEED, ablation_figures
 from sparcom.ablation_hooks import Ablation
 from sparcom.config import AblationSettings, ExtractionSettings
-from sparcom.dataset import load_records
+from sparcom.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.hexainst import authored_records
 from sparcom.identify import FAMILIES, GROUP, Family
 from sparcom.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
@@ -102,6 +104,18 @@ def split_held_out(records: Sequence[InstructionRecord], fraction: float, seed: 
         count = min(max(1, round(fraction * len(hashes))), len(hashes) - 1)
         held.update(hashes[:count])
     return ([r for r in records if record_hash(r) not in held], [r for r in records if record_hash(r) in held])
+
+
+def split_dataset(dataset_dir: Path, fraction: float, seed: int, datasets_dir: Path) -> tuple[Path, Path]:
+    """(identification dataset, held-out evaluation dataset) folders."""
+    parts = []
+    for name, records in zip(("identification", "held-out"), split_held_out(load_records(dataset_dir), fraction, seed)):
+        directory = Path(datasets_dir) / dataset_hash(records)[:16]
+        if not (directory / MANIFEST_NAME).is_file():
+            save_dataset(records, directory, settings={"source": f"{dataset_dir}: {name} part", "fraction": fraction,
+                                                       "seed": seed})
+        parts.append(directory)
+    return parts[0], parts[1]
 
 
 def _label(record: InstructionRecord, group_by: str) -> str:

@@ -131,6 +131,9 @@ class AblationSettings(StrictModel):
     eval_dataset: Path | None = Field(
         None, description="records that judge the components; none: shipped HexaInst records of the "
                           "same categories that identification did not use")
+    held_out_fraction: float | None = Field(
+        None, gt=0, lt=1, description="the pipeline identifies on the rest of the dataset and evaluates on this "
+                                      "fraction of each category (by record hash); none: see eval_dataset")
     eval_per_group: int | None = Field(5, gt=0, description="evaluation records per group; none: all")
     max_response_tokens: int | None = Field(
         32, gt=0, description="response tokens scored per record (the first ones); none: all")

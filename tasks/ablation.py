@@ -4,7 +4,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from sparcom.ablation import run_ablation
+from sparcom.ablation import run_ablation, split_dataset
 from sparcom.ablation_report import ablation_markdown, criticality_change, link_into_report, report_ablation
 from sparcom.config import AblationSettings, ExtractionSettings
 from sparcom.hexainst import AUTHORED_DIR
@@ -18,6 +18,13 @@ def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sp
     base = input_fingerprint(baseline) if baseline and Path(baseline).exists() else None
     return result_key("ablate", Path(components), Path(store), settings, extraction, evaluation, str(out_dir),
                       prefix, str(run_report), base)
+
+
+@task(name="hold out evaluation records", **cached(lambda dataset_dir, fraction, seed, work_dir: (
+    input_fingerprint(dataset_dir), fraction, seed, str(Path(work_dir).resolve()))))
+def hold_out(dataset_dir: Path, fraction: float, seed: int, work_dir: Path) -> tuple[Path, Path]:
+    """(identification dataset, evaluation dataset): per category `fraction` of the records held out."""
+    return split_dataset(dataset_dir, fraction, seed, Path(work_dir) / "datasets")
 
 
 @task(name="measure the ablation", **cached(_key))

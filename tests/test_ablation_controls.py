@@ -137,3 +137,16 @@ def test_held_out_split_is_disjoint_by_record_hash():
     assert {c: sum(r.category == c for r in evaluate) for c in ("CLS", "CODE", "QA")} == {"CLS": 3, "CODE": 3, "QA": 3}
     again = split_held_out(records, 0.3, seed=5)[1]
     assert {r.id for r in again} != {r.id for r in evaluate}
+
+
+def test_split_dataset_saves_two_disjoint_parts(tmp_path):
+    from sparcom.ablation import split_dataset
+    from sparcom.dataset import load_records, save_dataset
+
+    records = [make_record(i, category, f"Task {i} for {category}.") for i, category in enumerate(["GEN", "SUM"] * 5)]
+    save_dataset(records, tmp_path / "all")
+    identify, evaluate = split_dataset(tmp_path / "all", 0.4, 0, tmp_path / "datasets")
+    kept, held = load_records(identify), load_records(evaluate)
+    assert {record_hash(r) for r in kept}.isdisjoint(record_hash(r) for r in held)
+    assert sorted(r.id for r in kept + held) == sorted(r.id for r in records)
+    assert sorted(r.category for r in held) == ["GEN", "GEN", "SUM", "SUM"]
