@@ -3,6 +3,7 @@
     sparcom run                                   # the embedded default, end to end
     sparcom extract --model default --dataset d.jsonl --out counts.zarr
     sparcom identify --store counts.zarr --epsilon 0.01 --out findings/
+    sparcom ablate --components findings/ --out ablation/   # do the components matter?
     sparcom curate [--input mine.jsonl] [--on-error quarantine]   # the HexaInst dataset
     sparcom generate --category MATH --count 20 --out new.jsonl
     sparcom finetune --model default --categories CODE,MATH   # cached checkpoint
@@ -85,7 +86,9 @@ def run(
         "--compare/--no-compare", help="end with the comparison against a (cached) fine-tune")] = None,
     refresh: Annotated[Optional[list[str]], typer.Option(
         help="recompute this stage even if cached: curate, extract, identify, analyse, finetune, "
-             "compare (repeatable)")] = None,
+             "compare, ablate (repeatable)")] = None,
+    ablate: Annotated[Optional[bool], typer.Option(
+        "--ablate/--no-ablate", help="switch each group's components off on held-out records")] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: curate, extract, identify, analyse, compare."""
     settings = _settings(
@@ -94,7 +97,8 @@ def run(
         identification__epsilon=epsilon, identification__tau=tau, identification__group_by=group_by,
         identification__top_rate=top_rate, identification__filter_rate=filter_rate,
         identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
-        work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare)
+        work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare,
+        ablation__enabled=ablate)
     from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
 
     summary = sparcom_pipeline(settings, refresh=refresh or [])
@@ -205,6 +209,42 @@ def verify(store: Annotated[Path, typer.Argument(help="a finished count store")]
 
     verify_store(store)
     typer.echo(f"{store}: verified, every chunk present and unchanged")
+
+
+@app.command("ablate")
+def ablate_command(
+    components: Annotated[Path, typer.Option(help="an identification folder (or its components.zarr)")],
+    out: Annotated[Path, typer.Option(help="folder for ablation.zarr and its report")],
+    eval_dataset: Annotated[Optional[Path], typer.Option(
+        help="held-out records (JSONL or saved dataset); default: shipped HexaInst records not identified on")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="the count store; default: found beside the run folder")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the model; default: the store's own")] = None,
+    config: ConfigOption = None,
+    family: Annotated[Optional[str], typer.Option(help="neurons, experts, expert_neurons or shared_neurons")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 3)")] = None,
+    controls: Annotated[Optional[str], typer.Option(help="comma-separated: random,frequency_matched")] = None,
+    eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group")] = None,
+    max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
+    allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+) -> None:
+    """Switch each group's components off on held-out records and report whether they hurt their
+    own group more than others and more than random and frequency-matched controls."""
+    from sparcom.ablation import find_store, run_ablation
+    from sparcom.ablation_report import ablation_markdown, report_ablation
+
+    settings = _settings(
+        config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
+        ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
+        ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
+        extraction__dtype=dtype, extraction__device=device)
+    path = components / "components.zarr" if (components / "components.zarr").exists() else components
+    result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
+                          settings.cache_dir, out, model_name=model)
+    summary = report_ablation(result, out)
+    typer.echo(ablation_markdown(summary, plot=None))
+    typer.echo(f"results: {out}")
 
 
 @app.command("show-config")

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from flows.identify import identify_components
 from sparcom.config import ModelSettings, PipelineSettings
 from sparcom.records import CATEGORIES
+from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.comparison import check_comparable, compare_checkpoints
 from tasks.curation import prepare_dataset_folder
@@ -70,6 +71,12 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     check_comparable(base_store, tuned_store)
     identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh,
                         artifact_prefix="sparcom-tuned")
+    if settings.ablation.enabled and (run_dir / "ablation.json").exists():
+        # The tuned model's own components, switched off on the tuned model, on the same records.
+        refreshed(measure_ablation, "ablate", refresh)(
+            run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
+            settings.cache_dir, run_dir / "tuned", prefix="sparcom-tuned", run_report=run_dir / "report.md",
+            baseline=run_dir / "ablation.json")
     return refreshed(compare_checkpoints, "compare", refresh)(run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
                                fine_tuned_groups(settings), settings.comparison.top_movers,
                                run_report=run_dir / "report.md")

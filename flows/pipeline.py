@@ -1,4 +1,4 @@
-"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> compare with a fine-tune."""
+"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> ablate -> compare with a fine-tune."""
 
 from pathlib import Path
 
@@ -9,6 +9,7 @@ from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.provenance import results_dir
+from tasks.ablation import hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
@@ -19,10 +20,19 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     """Every stage is cached on its content; `refresh` names stages to recompute regardless."""
     dataset = refreshed(prepare_dataset_folder, "curate", refresh)(
         settings.dataset.path, Path(settings.work_dir) / "datasets")
+    if settings.ablation.enabled and settings.ablation.held_out_fraction:
+        dataset, held_out = hold_out(dataset, settings.ablation.held_out_fraction, settings.ablation.seed,
+                                     settings.work_dir)
+        settings = settings.model_copy(deep=True, update={"ablation": settings.ablation.model_copy(
+            update={"eval_dataset": held_out})})
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     run_dir = results_dir(settings.work_dir, store, settings.identification)
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
+    if settings.ablation.enabled:
+        summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
+            run_dir / "components.zarr", store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
+            run_report=run_dir / "report.md")
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
     get_run_logger().info("Results are in %s", run_dir)

@@ -1,7 +1,7 @@
 """Typed settings for every stage, with defaults that a YAML file or command-line flags override.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
-  fine-tune and the before/after comparison, folders).
+  fine-tune and the before/after comparison, the ablation, folders).
 - `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
   such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
@@ -131,6 +131,33 @@ class ComparisonSettings(StrictModel):
     top_movers: int = Field(10, gt=0, description="components listed per group as moving most")
 
 
+class AblationSettings(StrictModel):
+    """The causal check (SPEC section 6). The defaults are sized for the default run on 2 CPU
+    cores (about 3 minutes on the default model): 5 held-out records per category, the first
+    32 response tokens, 3 seeds per control, i.e. 1 + 6 x (1 + 2 x 3) = 43 passes over 30
+    records. On a GPU raise `eval_per_group` and drop `max_response_tokens`."""
+
+    enabled: bool = Field(True, description="the pipeline ablates each group's components after identifying them")
+    family: Literal["auto", "neurons", "experts", "expert_neurons", "shared_neurons"] = Field(
+        "auto", description="components switched off; auto: neurons where the model has dense layers, else experts")
+    controls: list[Literal["random", "frequency_matched"]] = Field(
+        ["random", "frequency_matched"], description="control sets of the same size per layer")
+    seeds: int = Field(3, gt=0, description="draws of each control")
+    seed: int = Field(0, description="seed of the controls, the bootstrap and the permutations")
+    eval_dataset: Path | None = Field(
+        None, description="records that judge the components; none: shipped HexaInst records of the "
+                          "same categories that identification did not use")
+    held_out_fraction: float | None = Field(
+        None, gt=0, lt=1, description="the pipeline identifies on the rest of the dataset and evaluates on this "
+                                      "fraction of each category (by record hash); none: see eval_dataset")
+    eval_per_group: int | None = Field(5, gt=0, description="evaluation records per group; none: all")
+    max_response_tokens: int | None = Field(
+        32, gt=0, description="response tokens scored per record (the first ones); none: all")
+    allow_overlap: bool = Field(False, description="evaluate on records that also selected the components")
+    resamples: int = Field(1000, gt=0, description="bootstrap resamples over records")
+    permutations: int = Field(10000, gt=0, description="sign flips of the permutation test")
+
+
 class PipelineSettings(StrictModel):
     model: ModelSettings = ModelSettings()
     dataset: DatasetSettings = DatasetSettings()
@@ -139,6 +166,7 @@ class PipelineSettings(StrictModel):
     identification: IdentificationSettings = IdentificationSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     comparison: ComparisonSettings = ComparisonSettings()
+    ablation: AblationSettings = AblationSettings()
     dask: DaskSettings = DaskSettings()
     work_dir: Path = Field(Path("sparcom-work"), description="datasets, stores and run reports")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models")

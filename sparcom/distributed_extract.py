@@ -35,7 +35,7 @@ from sparcom.cluster import GPU_RESOURCE
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
 from sparcom.extract import ProgressCallback, extract_to_store, extraction_key
 from sparcom.models import LoadedModel, load_model, resolve_model
-from sparcom.provenance import content_hash
+from sparcom.hashing import content_hash
 from sparcom.records import InstructionRecord, dataset_hash
 from sparcom.store import StoreError, finalize_store, finished_shards, is_complete, shard_count, store_attrs
 

@@ -46,6 +46,7 @@ STAGE_ENTRY_MODULES: dict[str, tuple[str, ...]] = {
     "analyse": ("sparcom.report",),
     "finetune": ("sparcom.finetune",),
     "compare": ("sparcom.compare", "sparcom.compare_report"),
+    "ablate": ("sparcom.ablation", "sparcom.ablation_report"),
 }
 NOT_STAGE_CODE = frozenset({__name__})
 # Settings that change where training runs but not what it computes; kept out of the key.

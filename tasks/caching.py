@@ -22,7 +22,7 @@ from sparcom.provenance import unusable_output
 
 MAX_HEALS = 100  # keys tried past unusable cached results before recomputing under the last
 
-Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare"]
+Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare", "ablate"]
 
 
 def cached(key: Callable[..., object]) -> dict:

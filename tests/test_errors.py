@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sparcom.models
-from sparcom.cli import app
+from cli.app import app
 from sparcom.config import SettingsError, load_settings
 
 from conftest import make_record

@@ -29,12 +29,11 @@ def folder_flow(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
+def prefect_harness(prefect_harness, tmp_path_factory):
+    """The shared test server, with results stored apart: this module counts cache hits."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120), \
-            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
         yield
 
 
@@ -73,7 +72,7 @@ def small_store(path: Path) -> Path:
 def test_compare_refuses_a_damaged_store(tmp_path, prefect_harness):
     from typer.testing import CliRunner
 
-    from sparcom.cli import app
+    from cli.app import app
 
     base, tuned = small_store(tmp_path / "base.zarr"), small_store(tmp_path / "tuned.zarr")
     (tuned / "token_count" / "c" / "1").unlink()

@@ -1,0 +1,32 @@
+"""The ablation on its own: a finished identification folder in (its components and the count
+store they came from), each group's components switched off on held-out records, figures out."""
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from sparcom.ablation import ABLATION_NAME, find_store
+from sparcom.config import AblationSettings, ExtractionSettings, default_cache_dir
+from tasks.ablation import measure_ablation
+from tasks.caching import Stage, refreshed
+
+COMPONENTS = "components.zarr"
+
+
+@flow(name="sparcom-ablate")
+def ablate(
+    components: Path,
+    out_dir: Path,
+    store: Path | None = None,
+    settings: AblationSettings = AblationSettings(),
+    extraction: ExtractionSettings = ExtractionSettings(),
+    cache_dir: Path = default_cache_dir(),
+    refresh: list[Stage] = [],  # noqa: B006
+) -> dict:
+    """`components`: a run folder or its components.zarr; `store`: none finds it beside the run."""
+    components = Path(components)
+    components = components / COMPONENTS if (components / COMPONENTS).exists() else components
+    summary = refreshed(measure_ablation, "ablate", refresh)(
+        components, store or find_store(components), settings, extraction, cache_dir, out_dir)
+    get_run_logger().info("Ablation is in %s", Path(out_dir) / ABLATION_NAME)
+    return summary

@@ -1,0 +1,64 @@
+"""Ablation tasks: the held-out split and the measured ablation with its artifacts.
+
+- `hold_out(dataset_dir, fraction, seed, work_dir)`: a dataset split in identification and
+  evaluation records, per category, by record hash.
+- `measure_ablation(...)`: `sparcom.ablation.run_ablation` and its report, published as the
+  `<prefix>-ablation` markdown artifact with a progress artifact; content-cached like every stage.
+"""
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from sparcom.ablation import run_ablation, split_dataset
+from sparcom.ablation_report import ablation_markdown, criticality_change, link_into_report, report_ablation
+from sparcom.config import AblationSettings, ExtractionSettings
+from sparcom.hexainst import AUTHORED_DIR
+from sparcom.hashing import input_fingerprint
+from sparcom.provenance import result_key
+from tasks.caching import cached
+
+
+def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sparcom", run_report=None,
+         baseline=None) -> str:
+    evaluation = input_fingerprint(settings.eval_dataset or AUTHORED_DIR)
+    base = input_fingerprint(baseline) if baseline and Path(baseline).exists() else None
+    return result_key("ablate", Path(components), Path(store), settings, extraction, evaluation, str(out_dir),
+                      prefix, str(run_report), base)
+
+
+@task(name="hold out evaluation records", **cached(lambda dataset_dir, fraction, seed, work_dir: (
+    input_fingerprint(dataset_dir), fraction, seed, str(Path(work_dir).resolve()))))
+def hold_out(dataset_dir: Path, fraction: float, seed: int, work_dir: Path) -> tuple[Path, Path]:
+    """(identification dataset, evaluation dataset): per category `fraction` of the records held out."""
+    return split_dataset(dataset_dir, fraction, seed, Path(work_dir) / "datasets")
+
+
+@task(name="measure the ablation", **cached(_key))
+def measure_ablation(components: Path, store: Path, settings: AblationSettings, extraction: ExtractionSettings,
+                     cache_dir: Path, out_dir: Path, prefix: str = "sparcom", run_report: Path | None = None,
+                     baseline: Path | None = None) -> dict:
+    """ablation.zarr and its report in `out_dir`, published as `<prefix>-ablation`. With
+    `run_report`, its section goes into that report.md; with `baseline` (another ablation.json,
+    of the model before fine-tuning), the section says whether the components became more or
+    less critical."""
+    artifact = create_progress_artifact(0.0, description="Ablation: passes over the held-out records")
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / total)
+
+    path = run_ablation(components, store, settings, extraction, cache_dir, out_dir, on_progress=report)
+    update_progress_artifact(artifact, 100.0)
+    summary = report_ablation(path, out_dir)
+    create_markdown_artifact(
+        ablation_markdown(summary, plot=None), key=f"{prefix}-ablation",
+        description="Ablation: NLL change per group switched off and records evaluated, against controls")
+    if run_report is not None and baseline is not None:
+        section = criticality_change(json.loads(Path(baseline).read_text()), summary)
+        link_into_report(run_report, section, heading=section.splitlines()[0])
+    elif run_report is not None:
+        plot = Path(summary["files"]["ablation.png"]).resolve().relative_to(Path(run_report).resolve().parent)
+        link_into_report(run_report, ablation_markdown(summary, plot=str(plot)))
+    return summary

@@ -1,0 +1,65 @@
+"""The ablation in the pipeline (base and fine-tuned model) and on the command line, tiny settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+from sparcom.ablation_report import SECTION
+from cli.app import app
+from sparcom.config import AblationSettings, DatasetSettings, FinetuneSettings, ModelSettings, PipelineSettings
+
+from test_ablation_stage import identified  # noqa: F401 - the fixture
+from test_pipeline import write_jsonl
+
+TINY = AblationSettings(eval_per_group=1, seeds=1, resamples=20, permutations=20, max_response_tokens=4)
+
+
+def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, tiny_llama_dir, cache_dir,  # noqa: F811
+                                                     sample_records):
+    from flows.pipeline import sparcom_pipeline
+    from cli.runs import task_run_states
+
+    settings = PipelineSettings(
+        model=ModelSettings(name=str(tiny_llama_dir)),
+        dataset=DatasetSettings(path=write_jsonl(sample_records, tmp_path / "d.jsonl")),
+        finetune=FinetuneSettings(steps=2, batch_size=2), ablation=TINY,
+        work_dir=tmp_path / "work", cache_dir=cache_dir)
+    state = sparcom_pipeline(settings, return_state=True)
+    summary = state.result()
+    run_dir = Path(summary["files"]["report.md"]).parent
+    report = (run_dir / "report.md").read_text()
+    assert SECTION in report and report.count(SECTION) == 1
+    assert "![ablation](ablation.png)" in report and (run_dir / "ablation.png").is_file()
+    assert "## Before and after fine-tuning: are the components more critical?" in report
+    for group in summary["groups"]:
+        assert f"- **{group}**" in report
+    base = xr.open_zarr(run_dir / "ablation.zarr")
+    tuned = xr.open_zarr(run_dir / "tuned" / "ablation.zarr")
+    assert base.attrs["model_fingerprint"] != tuned.attrs["model_fingerprint"]
+    assert list(base.record_hash.values) == list(tuned.record_hash.values)  # the same held-out records
+    assert summary["ablation"]["per_group"]["CODE"]["size"] == int(base.ablated_size.sel(ablated="CODE"))
+    states = task_run_states(state.state_details.flow_run_id)
+    assert [s for name, s in states.items() if name.startswith("measure the ablation")]
+
+    again = sparcom_pipeline(settings, refresh=["ablate"], return_state=True)
+    rerun = {name.rsplit("-", 1)[0]: s for name, s in task_run_states(again.state_details.flow_run_id).items()}
+    assert rerun["measure the ablation"] == ["Completed", "Completed"]
+    assert rerun["extract activation counts"] == ["Cached", "Cached"]
+    assert (run_dir / "report.md").read_text().count(SECTION) == 1
+
+
+def test_cli_ablate(tmp_path, identified, cache_dir, monkeypatch):  # noqa: F811
+    work, store, components, held_out = identified
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
+    runner = CliRunner()
+    args = ["ablate", "--components", str(components.parent), "--eval-dataset", str(held_out),
+            "--out", str(tmp_path / "out"), "--seeds", "1", "--controls", "random", "--max-response-tokens", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Delta matrix" in result.output and (tmp_path / "out" / "ablation.zarr" / "zarr.json").is_file()
+    bad = runner.invoke(app, args[:-6] + ["--family", "experts"])
+    assert bad.exit_code == 2 and "error: unknown family 'experts'" in bad.output

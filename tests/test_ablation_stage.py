@@ -1,0 +1,151 @@
+"""The ablation stage end to end on a tiny LLaMA: the stored figures against the test's own
+computations (full-model NLL, a weight copy with the set's down_proj columns zeroed, plain
+means), and every refusal of bad input before the model is loaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparcom.ablation import AblationInputError, find_store, run_ablation
+from sparcom.config import AblationSettings, ExtractionSettings, IdentificationSettings
+from sparcom.extract import extract_to_store
+from sparcom.identify import identify_store
+from sparcom.models import load_model, resolve_model
+
+from conftest import SAMPLE_TEXTS, make_record, reference_tokens
+
+HELD_OUT = [(c, f"{i} {text}", extra, f"{answer} {i}") for i, (c, text, extra, answer) in enumerate(SAMPLE_TEXTS)]
+FAST = dict(seeds=2, resamples=50, permutations=200, max_response_tokens=None)
+
+
+def write_jsonl(records, path):
+    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def identified(tmp_path_factory, tiny_llama_dir, cache_dir):
+    """work/stores/<store>.zarr and work/runs/<run>/components.zarr, laid out as the pipeline does."""
+    work = tmp_path_factory.mktemp("work")
+    loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float32", device="cpu")
+    sample_records = [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]
+    store = extract_to_store(loaded, sample_records, work / "stores" / "tiny.zarr", ExtractionSettings())
+    components = identify_store(store, IdentificationSettings(epsilon=0.05), work / "runs" / "tiny-run")
+    held_out = write_jsonl([make_record(100 + i, *texts) for i, texts in enumerate(HELD_OUT)], work / "held.jsonl")
+    return work, store, components, held_out
+
+
+def naive_nll(model, record, tokenizer) -> float:
+    ids, first = reference_tokens(record, tokenizer, "response")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return float(-torch.log_softmax(logits[first - 1:-1], -1).gather(1, torch.tensor(ids[first:])[:, None]).mean())
+
+
+def test_stage_writes_the_spec_figures(tmp_path, identified, tiny_llama_dir, cache_dir):
+    work, store, components, held_out = identified
+    assert find_store(components) == store
+    path = run_ablation(components, store, AblationSettings(eval_dataset=held_out, **FAST),
+                        ExtractionSettings(max_batch_size=4), cache_dir, tmp_path)
+    result = xr.open_zarr(path).load()
+    assert result.nll_base.dims == ("instruction",)
+    assert result.nll.dims == ("ablated", "instruction")
+    assert result.nll_control.dims == ("control", "seed", "ablated", "instruction")
+    assert result.delta.dims == ("ablated", "evaluated")
+    assert result.delta_control.dims == ("control", "ablated", "evaluated")
+    assert result.ablated_size.dims == ("ablated",)
+    assert list(result.control.values) == ["random", "frequency_matched"]
+    assert {"instruction_id", "category"} <= set(result.coords)
+    assert result.attrs["family"] == "neurons" and result.attrs["rule"] == "global_percentile"
+    assert result.attrs["overlap"] == 0 and len(result.attrs["model_fingerprint"]) == 64
+
+    chosen = xr.open_zarr(components).isn.load()
+    np.testing.assert_array_equal(result.ablated_size.values, chosen.sum(["layer", "neuron"]).values)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    records = [make_record(100 + i, *texts) for i, texts in enumerate(HELD_OUT)]
+    order = [list(result.instruction_id.values).index(r.id) for r in records]
+    np.testing.assert_allclose(result.nll_base.values[order], [naive_nll(model, r, tokenizer) for r in records],
+                               atol=1e-4)
+    copied = copy.deepcopy(model)
+    code = chosen.sel(group="CODE")
+    with torch.no_grad():
+        for layer, mlp in enumerate(layer.mlp for layer in copied.model.layers):
+            mlp.down_proj.weight[:, np.flatnonzero(code.values[layer])] = 0
+    np.testing.assert_allclose(result.nll.sel(ablated="CODE").values[order],
+                               [naive_nll(copied, r, tokenizer) for r in records], atol=1e-4)
+    # delta: plain means of nll - nll_base over each category's records
+    change = result.nll.values - result.nll_base.values
+    categories = result.category.values
+    for g, group in enumerate(result.ablated.values):
+        for evaluated in result.evaluated.values:
+            assert abs(float(result.delta.sel(ablated=group, evaluated=evaluated))
+                       - change[g, categories == evaluated].mean()) < 1e-9
+    # controls are never the set itself, and never leave the base pass unchanged
+    assert np.isfinite(result.nll_control.values).all()
+    assert (result.specificity_ci.sel(bound="low") <= result.specificity_ci.sel(bound="high")).all()
+
+
+def test_overlap_is_refused_unless_asked(tmp_path, identified, cache_dir, sample_records):
+    work, store, components, _ = identified
+    same = write_jsonl(sample_records, tmp_path / "same.jsonl")
+    with pytest.raises(AblationInputError, match=r"same.jsonl: 12 of its records also selected the components"):
+        run_ablation(components, store, AblationSettings(eval_dataset=same, **FAST), ExtractionSettings(),
+                     cache_dir, tmp_path / "a")
+    path = run_ablation(components, store, AblationSettings(eval_dataset=same, allow_overlap=True, seeds=1,
+                                                            resamples=10, permutations=10, controls=["random"],
+                                                            eval_per_group=1),
+                        ExtractionSettings(), cache_dir, tmp_path / "b")
+    result = xr.open_zarr(path)
+    assert result.attrs["overlap"] == 6 and bool(result.attrs["allow_overlap"])
+
+
+def test_default_evaluation_is_held_out_shipped_records(tmp_path, identified, cache_dir):
+    from sparcom.hexainst import authored_records
+    from sparcom.records import record_hash
+
+    work, store, components, _ = identified
+    path = run_ablation(components, store, AblationSettings(eval_per_group=1, seeds=1, resamples=10,
+                                                            permutations=10, controls=["frequency_matched"],
+                                                            max_response_tokens=4),
+                        ExtractionSettings(), cache_dir, tmp_path)
+    result = xr.open_zarr(path)
+    shipped = {record_hash(r) for r in authored_records()}
+    assert set(result.record_hash.values.tolist()) <= shipped
+    assert sorted(result.category.values.tolist()) == sorted(["CLS", "CODE", "QA", "GEN", "MATH", "SUM"])
+
+
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, identified, tiny_llama_dir, cache_dir):
+    work, store, components, held_out = identified
+    settings = AblationSettings(eval_dataset=held_out, **FAST)
+    run = lambda s=settings, c=components, **kw: run_ablation(  # noqa: E731
+        c, store, s, ExtractionSettings(), cache_dir, tmp_path, **kw)
+    with pytest.raises(AblationInputError, match="unknown family 'experts' for these components; they hold: neurons"):
+        run(settings.model_copy(update={"family": "experts"}))
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    no_math = write_jsonl([make_record(200 + i, r["category"], r["instruction"], r["input"], r["response"])
+                           for i, r in enumerate(rows) if r["category"] != "MATH"], tmp_path / "no-math.jsonl")
+    with pytest.raises(AblationInputError, match="no-math.jsonl: no evaluation record of group MATH"):
+        run(settings.model_copy(update={"eval_dataset": no_math}))
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_llama_dir, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    model.save_pretrained(other)
+    with pytest.raises(AblationInputError, match="weights are not the ones the components were found in"):
+        run(model_name=str(other))
+    dense = identify_store(store, IdentificationSettings(rule="threshold", tau=0.001), tmp_path / "dense")
+    with pytest.raises(AblationInputError, match="allow no control of the same size per layer"):
+        run(c=dense)
+    narrow = identify_store(store, IdentificationSettings(epsilon=1 / 144), tmp_path / "narrow")
+    with pytest.raises(AblationInputError, match="--seeds 100: group .* allow only .* use at most"):
+        run(settings.model_copy(update={"seeds": 100}), c=narrow)
