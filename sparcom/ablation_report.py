@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from sparcom.report import _table
+from sparcom.markdown import table
 
 ALPHA = 0.05
 SECTION = "## Do the components matter? (ablation)"
@@ -136,10 +136,10 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
             row += [_fmt(figures["delta"]), _fmt(figures["ratio"], 2),
                     "n/a" if figures["p_value"] is None else f"{figures['p_value']:.4f}"]
         rows.append(row)
-    lines.append(_table(header, rows))
+    lines.append(table(header, rows))
     evaluated = list(next(iter(summary["delta"].values())))
     lines += ["", "Delta matrix (rows: components switched off; columns: records evaluated):", "",
-              _table(["switched off"] + evaluated, [[a] + ["n/a" if v is None else f"{v:.3f}" for v in row.values()]
+              table(["switched off"] + evaluated, [[a] + ["n/a" if v is None else f"{v:.3f}" for v in row.values()]
                                                      for a, row in summary["delta"].items()])]
     if plot:
         lines += ["", f"![ablation]({plot})"]
@@ -223,5 +223,5 @@ def criticality_change(base: dict, tuned: dict) -> str:
             verdict = "more critical (intervals overlap)" if after["value"] > before["value"] else \
                 "less critical (intervals overlap)"
         rows.append([group, _fmt(before), _fmt(after), verdict])
-    return "\n".join(lines) + _table(["group", "base own delta", "tuned own delta", "fine-tuning made them"],
+    return "\n".join(lines) + table(["group", "base own delta", "tuned own delta", "fine-tuning made them"],
                                      rows) + "\n"
