@@ -7,8 +7,6 @@ off hurts its own records more than other groups' records and more than each con
 - `plot_ablation(ablation, path)`: heatmap of delta[ablated, evaluated] beside each group's own
   delta against its controls' (95% intervals).
 - `report_ablation(ablation_path, out_dir)`: `ablation.md`, `ablation.json`, `ablation.png`.
-- `link_into_report(report, summary, heading)`: the section in a run's report.md (replaced, not
-  repeated, when the stage reruns).
 - `criticality_change(base, tuned)`: did fine-tuning make each group's components more or less
   critical to their own category (own delta of the tuned model's components on the tuned model
   against the base model's on the base model)?
@@ -189,17 +187,6 @@ def report_ablation(ablation_path: Path, out_dir: Path) -> dict:
     (out_dir / "ablation.md").write_text(ablation_markdown(summary, "# Ablation"))
     (out_dir / "ablation.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def link_into_report(report: Path, section: str, heading: str = SECTION) -> None:
-    """Put `section` (starting with `heading`) into report.md, replacing an earlier copy."""
-    report = Path(report)
-    text = report.read_text(encoding="utf-8") if report.exists() else ""
-    start = text.find(heading + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    report.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
 
 
 def criticality_change(base: dict, tuned: dict) -> str:

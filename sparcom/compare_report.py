@@ -8,7 +8,7 @@
 - `write_comparison_report(base, tuned, out_dir, focus_groups, top)`: compare, then write
   `comparison.zarr`, `comparison.json`, `comparison.md` and the plots.
 - `report_comparison(base_path, tuned_path, out_dir, ...)`: the stage, on saved components.
-- `link_into_report(report, summary)`: adds the headline and a link to a run's report.md.
+- `link_into_report(report, summary)`: the headline and a link in a run's report.md (replaced on a rerun).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from sparcom.compare import compare_components, families_in, top_movers
 from sparcom.identify import GROUP, Family
 from sparcom.rules import rule_parameters
-from sparcom.markdown import table
+from sparcom.markdown import put_section, table
 from sparcom.store import save_zarr
 
 MEASURES = {
@@ -336,8 +336,6 @@ def report_comparison(base_components: Path, tuned_components: Path, out_dir: Pa
 def link_into_report(report: Path, summary: dict) -> None:
     """Append the comparison's headline to a run's report.md, with a link to the full report."""
     relative = Path(summary["files"]["comparison.md"]).relative_to(Path(report).parent)
-    section = (f"\n## Before and after fine-tuning\n\n"
-               f"Compared with `{summary.get('tuned_model')}`. {summary['note']}\n\n"
-               f"Full comparison: [{relative}]({relative}).\n")
-    with open(report, "a", encoding="utf-8") as out:
-        out.write(section)
+    put_section(report, f"## Before and after fine-tuning\n\n"
+                        f"Compared with `{summary.get('tuned_model')}`. {summary['note']}\n\n"
+                        f"Full comparison: [{relative}]({relative}).\n")

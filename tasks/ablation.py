@@ -13,7 +13,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from sparcom.ablation import run_ablation, split_dataset
-from sparcom.ablation_report import ablation_markdown, criticality_change, link_into_report, report_ablation
+from sparcom.ablation_report import ablation_markdown, criticality_change, report_ablation
+from sparcom.markdown import put_section
 from sparcom.config import AblationSettings, ExtractionSettings
 from sparcom.hexainst import AUTHORED_DIR
 from sparcom.hashing import input_fingerprint
@@ -57,8 +58,8 @@ def measure_ablation(components: Path, store: Path, settings: AblationSettings, 
         description="Ablation: NLL change per group switched off and records evaluated, against controls")
     if run_report is not None and baseline is not None:
         section = criticality_change(json.loads(Path(baseline).read_text()), summary)
-        link_into_report(run_report, section, heading=section.splitlines()[0])
+        put_section(run_report, section)
     elif run_report is not None:
         plot = Path(summary["files"]["ablation.png"]).resolve().relative_to(Path(run_report).resolve().parent)
-        link_into_report(run_report, ablation_markdown(summary, plot=str(plot)))
+        put_section(run_report, ablation_markdown(summary, plot=str(plot)))
     return summary

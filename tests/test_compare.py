@@ -373,7 +373,9 @@ def test_report_files_and_focus_verdict(tmp_path, moe):
     report = tmp_path / "report.md"
     report.write_text("# findings\n")
     link_into_report(report, summary)
-    assert "## Before and after fine-tuning" in report.read_text()
+    link_into_report(report, summary)  # a rerun replaces the section, it does not repeat it
+    assert report.read_text().startswith("# findings\n")
+    assert report.read_text().count("## Before and after fine-tuning") == 1
     assert "[comparison.md](comparison.md)" in report.read_text()
 
 
