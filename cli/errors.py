@@ -17,6 +17,7 @@ import os
 import sys
 
 import click
+import typer
 from typer.core import TyperGroup
 
 BAD_INPUT = (  # (module, class): raised for what the user gave, not for a failure while working
@@ -63,8 +64,8 @@ class ErrorStyleGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+            raise  # a command's own exit, and click's usage errors (exit 2 already)
         except Exception as error:  # noqa: BLE001 - every error of a command, mapped once
             if ctx.params.get("debug") or os.environ.get("SPARCOM_DEBUG") == "1":
                 raise
