@@ -68,8 +68,12 @@ def run(
         extraction__dtype=dtype, extraction__device=device, identification__rule=rule,
         identification__epsilon=epsilon, identification__tau=tau, identification__group_by=group_by,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare)
-    from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
+    from flows.server import temporary_server_early  # Prefect only where a flow runs
 
+    server_ready = temporary_server_early()  # boots while the pipeline's modules load
+    from flows.pipeline import sparcom_pipeline
+
+    server_ready()
     summary = sparcom_pipeline(settings, refresh=refresh or [])
     typer.echo(Path(summary["files"]["report.md"]).read_text())
     typer.echo(f"Results are in {Path(summary['files']['report.md']).parent}")
