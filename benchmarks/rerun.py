@@ -50,7 +50,7 @@ def main() -> None:
     rows = []
     for label, options in runs:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "sparcom.cli", "run", *options], env=env, check=True,
+        subprocess.run([sys.executable, "-m", "cli.app", "run", *options], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         rows.append((label, time.perf_counter() - start, os.getloadavg()[0]))
     states = pipeline_task_states()

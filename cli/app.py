@@ -99,8 +99,12 @@ def run(
         identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare,
         ablation__enabled=ablate)
-    from flows.pipeline import sparcom_pipeline  # Prefect only where a flow runs
+    from cli.server import temporary_server_early  # Prefect only where a flow runs
 
+    server_ready = temporary_server_early()  # boots while the pipeline's modules load
+    from flows.pipeline import sparcom_pipeline
+
+    server_ready()
     summary = sparcom_pipeline(settings, refresh=refresh or [])
     typer.echo(Path(summary["files"]["report.md"]).read_text())
     typer.echo(f"Results are in {Path(summary['files']['report.md']).parent}")
