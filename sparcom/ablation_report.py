@@ -101,7 +101,7 @@ def _sentence(group: str, entry: dict, family: str) -> str:
              f"response NLL rises by {_fmt(entry['own_delta'])} nats per token, the others' by "
              f"{_fmt(entry['other_delta'])} (specificity {_fmt(entry['specificity'], 2)})."]
     for control, figures in entry["controls"].items():
-        verdict = "more" if figures["hurts_more"] else "not more"
+        verdict = "more" if figures["hurts_more"] else f"not significantly more (p >= {ALPHA})"
         parts.append(f"It hurts its own category {verdict} than {CONTROL_WORDS.get(control, control)} of the "
                      f"same size per layer ({_fmt(figures['delta'])}; ratio {_fmt(figures['ratio'], 2)}, "
                      f"p = {figures['p_value']:.4f}).")
