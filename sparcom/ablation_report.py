@@ -99,7 +99,7 @@ def _sentence(group: str, entry: dict, family: str) -> str:
              f"response NLL rises by {_fmt(entry['own_delta'])} nats per token, the others' by "
              f"{_fmt(entry['other_delta'])} (specificity {_fmt(entry['specificity'], 2)})."]
     for control, figures in entry["controls"].items():
-        verdict = "more" if figures["hurts_more"] else "not more"
+        verdict = "more" if figures["hurts_more"] else f"not significantly more (p >= {ALPHA})"
         parts.append(f"It hurts its own category {verdict} than {CONTROL_WORDS.get(control, control)} of the "
                      f"same size per layer ({_fmt(figures['delta'])}; ratio {_fmt(figures['ratio'], 2)}, "
                      f"p = {figures['p_value']:.4f}).")
@@ -194,7 +194,10 @@ def criticality_change(base: dict, tuned: dict) -> str:
     their own category than the base model's did."""
     lines = ["## Before and after fine-tuning: are the components more critical?", "",
              "Own-category NLL change when each group's components are switched off, base model "
-             "(its components) against tuned model (its own components), same held-out records:", ""]
+             "(its components) against tuned model (its own components), same held-out records. "
+             "Held out from identification, these records may still be among the fine-tune's training "
+             "data (the default fine-tune trains on shipped HexaInst records): read the tuned "
+             "categories' rows with that in mind.", ""]
     rows = []
     for group in base["groups"]:
         if group not in tuned["per_group"]:
