@@ -158,7 +158,7 @@ def batched_counts(loaded: LoadedModel, records, settings: ExtractionSettings) -
 
 
 def compare(label: str, got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> bool:
-    """Within float32 rounding: counts move by at most 2 and almost never (SPEC section 7)."""
+    """Within float32 rounding: counts move by at most 2 and almost never (docs/method.md section 7)."""
     ok = True
     for name, want in expected.items():
         difference = np.abs(got[name].astype(np.int64) - want)

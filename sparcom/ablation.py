@@ -1,6 +1,6 @@
 """The ablation stage: do a group's components matter more to its own records than to other
 groups' records, and more than control components of the same number, place and activity?
-(SPEC section 6)
+(docs/method.md section 6)
 
 - `plan_ablation(components, store_path, settings)`: everything that can be checked without the
   model: the family, the evaluation records (held out from identification by record hash), the
@@ -16,7 +16,7 @@ groups' records, and more than control components of the same number, place and 
 - `find_store(components_path)`: the count store beside an identification folder of a work dir.
 - `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
   stage: checks, then one pass without ablation, one per group, one per group, control and
-  seed; writes `out_dir/ablation.zarr` (SPEC section 6 names) and returns its path.
+  seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Control sets for an ablation: other components of the same number per layer (SPEC section 6).
+"""Control sets for an ablation: other components of the same number per layer (docs/method.md section 6).
 
 - `overall_frequency(components, family)`: each component's frequency over all instructions of the
   store, exact from the group frequencies and token totals of `components.zarr`.
 - `random_control(selected, layer_dim, rng)`: per layer, as many components as the set holds
   there, drawn uniformly from the layer's components outside the set.
 - `frequency_matched_control(selected, frequency, layer_dim, rng)`: per layer, for each component
-  of the set (taken in a seeded random order, our choice: the SPEC leaves the order open), the
+  of the set (taken in a seeded random order, our choice: the method leaves the order open), the
   not-yet-drawn component outside the set whose overall frequency is nearest, ties broken at
   random by the seed.
 - `distinct_random_controls(selected, layer_dim)`: how many different random controls exist

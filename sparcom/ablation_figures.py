@@ -1,4 +1,4 @@
-"""The figures of an ablation, with intervals over records (SPEC section 6).
+"""The figures of an ablation, with intervals over records (docs/method.md section 6).
 
 - `group_weights(labels, groups)`: weights[instruction, evaluated] that average over each group's
   records; `bootstrap_weights(labels, groups, resamples, seed)`: the same for every bootstrap

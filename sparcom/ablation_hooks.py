@@ -1,4 +1,4 @@
-"""Switching components off during the forward pass (SPEC section 6), for every family a store holds.
+"""Switching components off during the forward pass (docs/method.md section 6), for every family a store holds.
 
 - `Ablation(model, off)`: a context manager that switches off the components marked
   True in `off` (family name -> boolean numpy array over the family's component dims, as in

@@ -81,7 +81,7 @@ class IdentificationSettings(StrictModel):
     rule: SelectionRule = "global_percentile"
     epsilon: float = Field(0.01, gt=0, le=1, description="fraction kept by the percentile rules")
     tau: float = Field(0.5, gt=0, le=1, description="frequency threshold of the 'threshold' rule")
-    # lape's three rates, defaults as in the released identify.py of Tang et al. 2024 (SPEC 4a)
+    # lape's three rates, defaults as in the released identify.py of Tang et al. 2024 (docs/method.md section 4a)
     top_rate: float = Field(0.01, gt=0, lt=1, description="lape: fraction of components kept by entropy")
     filter_rate: float = Field(0.95, gt=0, lt=1, description="lape: quantile a candidate's frequency exceeds")
     bar_ratio: float = Field(0.95, gt=0, lt=1, description="lape: quantile a member's frequency exceeds")
@@ -132,7 +132,7 @@ class ComparisonSettings(StrictModel):
 
 
 class AblationSettings(StrictModel):
-    """The causal check (SPEC section 6). The defaults are sized for the default run on 2 CPU
+    """The causal check (docs/method.md section 6). The defaults are sized for the default run on 2 CPU
     cores (about 3 minutes on the default model): 5 held-out records per category, the first
     32 response tokens, 3 seeds per control, i.e. 1 + 6 x (1 + 2 x 3) = 43 passes over 30
     records. On a GPU raise `eval_per_group` and drop `max_response_tokens`."""

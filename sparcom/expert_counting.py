@@ -1,4 +1,4 @@
-"""Counting routed experts from the values their own computation produces (SPEC sections 2 and 3).
+"""Counting routed experts from the values their own computation produces (docs/method.md sections 2 and 3).
 
 transformers 5 fuses a layer's experts into one module whose forward dispatches, through the
 `ExpertsInterface`, to the implementation the model's config names (eager, batched_mm,

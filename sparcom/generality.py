@@ -8,7 +8,7 @@
   into one dataset whose names carry the family's name (`neurons_general`, `experts_jaccard`,
   `expert_neurons_unique`, ...). Lazy (Dask) when the components are. Where identification
   split the groups in halves, also the split-half reliability (`neurons_split_within[group]`,
-  `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, SPEC 4b), and
+  `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, docs/method.md section 4b), and
   where the template's share of the counted tokens is known, `neurons_template_level[group]`:
   set members whose frequency is at or below it (they could owe their place to the template).
 - `family_part(analysis, family)`: one family's variables back under their own names.

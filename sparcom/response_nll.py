@@ -1,4 +1,4 @@
-"""How well a model predicts each record's reference response (SPEC section 6).
+"""How well a model predicts each record's reference response (docs/method.md section 6).
 
 - `tokenize_responses(records, tokenizer, max_response_tokens)`: per record the prompt (the
   `prompt` span: chat template with the generation prompt) followed by

@@ -1,4 +1,4 @@
-"""Selection rules: each group's set of components from frequency[group, *components] (SPEC 2, 4a).
+"""Selection rules: each group's set of components from frequency[group, *components] (docs/method.md sections 2, 4a).
 
 - `RULES`, `COMPARING_RULES`: the rule names, and those that compare groups (need two or more).
 - `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
@@ -38,7 +38,7 @@ SELECTION_BLOCK_BYTES = 64 * 2**20
 
 
 def top_count(epsilon: float, n: int) -> int:
-    """m of SPEC section 2: the number of values a fraction epsilon keeps, at least 1."""
+    """m of docs/method.md section 2: the number of values a fraction epsilon keeps, at least 1."""
     return max(1, math.ceil(epsilon * n - EPSILON_TOLERANCE))
 
 
@@ -125,7 +125,7 @@ def entropy(frequency: xr.DataArray) -> xr.DataArray:
 def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio: float) -> xr.Dataset:
     """The LAPE rule, transcribed from `identify.py` of github.com/RUCAIBox/Language-Specific-Neurons
     (commit 4eb5ea3, "Setting top_rate to default value": top_rate 0.01, filter_rate 0.95,
-    activation_bar_ratio 0.95), with languages replaced by groups. Where SPEC 4a differs from
+    activation_bar_ratio 0.95), with languages replaced by groups. Where docs/method.md section 4a differs from
     the script it is said on the line: float64 instead of float32, ties at the entropy boundary
     kept (the script's topk picks exactly k), and never a non-candidate (the script's topk
     takes infinite-entropy ones when there are fewer than k candidates)."""

@@ -1,5 +1,5 @@
 """Split-half reliability: is a group's set reproducible from other instructions of the group,
-and more alike its own other half than other groups' halves? (SPEC 4b)
+and more alike its own other half than other groups' halves? (docs/method.md section 4b)
 
 - `half_assignment(labels, origins, seeds)`: in_half_a[split_seed, instruction], each group's
   instructions split in two with each seed, stratified by origin, halves differing by at most one;

@@ -2,7 +2,7 @@
 every prompt shares (the system prompt, role markers, the generation prompt).
 
 - `template_tokens(path)`: the tokens the chat template adds to a prompt (the prompt span
-  minus the content span, SPEC 2), the fewest over a few sample messages, from the tokenizer
+  minus the content span, docs/method.md section 2), the fewest over a few sample messages, from the tokenizer
   saved with the model.
 - `template_share(attrs, labels, token_total)`: template_share[group] = template tokens x the
   group's instructions / the group's counted tokens, with the tokens per prompt as an attribute;

@@ -1,4 +1,4 @@
-"""Every selection rule against a plain NumPy implementation written here from SPEC 2 and 4a
+"""Every selection rule against a plain NumPy implementation written here from docs/method.md section 2 and 4a
 (ties at the boundary, all-zero groups and components, fewer non-zero values than m), lape also
 against a transcription of the released script's arithmetic, and bad parameters refused."""
 
@@ -21,10 +21,10 @@ from tests.test_identify import make_store, write_store
 GROUPS = ["CLS", "CODE", "MATH", "QA"]
 
 
-# --- references, from the SPEC text ------------------------------------------------------------
+# --- references, from the text of docs/method.md ------------------------------------------------------------
 
 def top_m(values: np.ndarray, epsilon: float) -> np.ndarray:
-    """SPEC 2 on one flat list: the m-th largest is the threshold; keep >= it and > 0."""
+    """docs/method.md section 2 on one flat list: the m-th largest is the threshold; keep >= it and > 0."""
     ordered = sorted(values.tolist(), reverse=True)
     m = max(1, math.ceil(epsilon * len(ordered) - 1e-9))
     return (values >= ordered[m - 1]) & (values > 0)

@@ -1,4 +1,4 @@
-"""Split-half reliability (SPEC 4b) and the one pass over the counts: halves disjoint, balanced,
+"""Split-half reliability (docs/method.md section 4b) and the one pass over the counts: halves disjoint, balanced,
 stratified and seeded; the group and half sums, the halves' sets and Jaccard values and the
 specificity gap against NumPy written here; a planted group is specific, the others are not."""
 
