@@ -121,7 +121,9 @@ def timed(function, loaded) -> float:
 
 
 def run_mode(mode: str, model: str, n_records: int, device: str, workers: int) -> dict:
-    settings = ExtractionSettings(device=device)
+    # With workers, shards small enough that each worker gets several (counts do not depend on it).
+    settings = ExtractionSettings(device=device, shard_size=min(32, max(1, n_records // (4 * workers))) if workers
+                                  else 32)
     records = authored_records()[:n_records]
     if mode.startswith("dask"):
         return run_on_dask(model, records, settings, workers)
