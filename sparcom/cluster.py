@@ -110,6 +110,7 @@ def _local_gpu_cluster(devices: list[str], settings: DaskSettings):
         dashboard_address=":0")
 
 
+@contextmanager
 def dask_cluster_on_demand(settings: DaskSettings = DaskSettings(),
                            on_start: Callable[[Client], None] = lambda client: None) -> Iterator[None]:
     """Until the first computation the default scheduler is a stand-in that opens the cluster;
