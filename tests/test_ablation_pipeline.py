@@ -18,6 +18,7 @@ from test_pipeline import write_jsonl
 TINY = AblationSettings(eval_per_group=1, seeds=1, resamples=20, permutations=20, max_response_tokens=4)
 
 
+@pytest.mark.slow  # a Prefect server, the pipeline, a fine-tune
 def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, tiny_llama_dir, cache_dir,  # noqa: F811
                                                      sample_records):
     from flows.pipeline import sparcom_pipeline

@@ -37,6 +37,7 @@ def prefect_harness(prefect_harness, tmp_path_factory):
         yield
 
 
+@pytest.mark.slow  # a Prefect server
 def test_a_deleted_output_is_recomputed_and_said(tmp_path, prefect_harness, caplog):
     out = tmp_path / "out"
     CALLS.clear()
@@ -69,6 +70,7 @@ def small_store(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a Prefect server
 def test_compare_refuses_a_damaged_store(tmp_path, prefect_harness):
     from typer.testing import CliRunner
 
