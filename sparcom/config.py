@@ -132,10 +132,10 @@ class ComparisonSettings(StrictModel):
 
 
 class AblationSettings(StrictModel):
-    """The causal check (docs/method.md section 6). The defaults are sized for the default run on 2 CPU
-    cores (about 3 minutes on the default model): 5 held-out records per category, the first
-    32 response tokens, 3 seeds per control, i.e. 1 + 6 x (1 + 2 x 3) = 43 passes over 30
-    records. On a GPU raise `eval_per_group` and drop `max_response_tokens`."""
+    """The causal check (docs/method.md section 6). The defaults are sized for the default run on 2
+    CPU cores: 3 held-out records per category, the first 16 response tokens, 3 seeds per control,
+    i.e. 1 + 6 x (1 + 2 x 3) = 43 passes over 18 records, for the model and again for its fine-tune.
+    On a GPU raise `eval_per_group` and drop `max_response_tokens`."""
 
     enabled: bool = Field(True, description="the pipeline ablates each group's components after identifying them")
     family: Literal["auto", "neurons", "experts", "expert_neurons", "shared_neurons"] = Field(
@@ -150,9 +150,9 @@ class AblationSettings(StrictModel):
     held_out_fraction: float | None = Field(
         None, gt=0, lt=1, description="the pipeline identifies on the rest of the dataset and evaluates on this "
                                       "fraction of each category (by record hash); none: see eval_dataset")
-    eval_per_group: int | None = Field(5, gt=0, description="evaluation records per group; none: all")
+    eval_per_group: int | None = Field(3, gt=0, description="evaluation records per group; none: all")
     max_response_tokens: int | None = Field(
-        32, gt=0, description="response tokens scored per record (the first ones); none: all")
+        16, gt=0, description="response tokens scored per record (the first ones); none: all")
     allow_overlap: bool = Field(False, description="evaluate on records that also selected the components")
     resamples: int = Field(1000, gt=0, description="bootstrap resamples over records")
     permutations: int = Field(10000, gt=0, description="sign flips of the permutation test")
