@@ -266,7 +266,8 @@ def test_pipeline_deployment_completes_with_findings(server, pipeline_runs):
         artifacts = tree_artifacts(api, first["id"])
     assert {t["name"].rsplit("-", 1)[0] for t in task_runs} >= {
         "curate dataset", "extract activation counts", "identify instruction-specific components",
-        "analyse generality and uniqueness", "fine-tune model", "compare base and tuned components"}
+        "analyse generality and uniqueness", "measure the ablation", "fine-tune model",
+        "compare base and tuned components"}
     assert all(t["state_name"] == "Completed" for t in task_runs)
     findings = model_findings(artifacts, pipeline_runs.model_dir)
     assert findings["type"] == "markdown" and "General neurons" in findings["data"]
@@ -274,7 +275,9 @@ def test_pipeline_deployment_completes_with_findings(server, pipeline_runs):
     assert keys.count("sparcom-findings") == keys.count("sparcom-tuned-findings") == 1
     [comparison] = [a for a in artifacts if a["key"] == "sparcom-comparison"]
     assert "SPARCOM: before and after fine-tuning" in comparison["data"]
-    assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 3  # 2 extractions, fine-tune
+    assert keys.count("sparcom-ablation") == keys.count("sparcom-tuned-ablation") == 1
+    # 2 extractions, the fine-tune, 2 ablations (the model's components, the fine-tune's)
+    assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 5
     assert any(a["type"] == "table" for a in artifacts)
 
 
