@@ -213,5 +213,5 @@ def criticality_change(base: dict, tuned: dict) -> str:
             verdict = "more critical (intervals overlap)" if after["value"] > before["value"] else \
                 "less critical (intervals overlap)"
         rows.append([group, _fmt(before), _fmt(after), verdict])
-    return "\n".join(lines) + table(["group", "base own delta", "tuned own delta", "fine-tuning made them"],
-                                     rows) + "\n"
+    header = ["group", "base own delta", "tuned own delta", "fine-tuning made them"]
+    return "\n".join(lines) + "\n" + table(header, rows) + "\n"
