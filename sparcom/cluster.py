@@ -15,7 +15,8 @@
   cluster of one worker per GPU, each pinned to its own device and declaring the resource
   `GPU=1` (dask-cuda's `LocalCUDACluster` where installed, else Nanny workers with their own
   `CUDA_VISIBLE_DEVICES`); else, with `n_workers` asked for, local CPU workers; else None.
-  A model spread over several devices (`spread`) runs in one process.
+  A model spread over several devices (`spread`) runs in one process. Local workers it starts
+  keep glibc's adaptive allocator (Dask's memory trimming slows torch down).
 - `gpu_cluster_spec(devices, settings)`: the worker specs of that local GPU cluster.
 
     with dask_cluster(DaskSettings()) as client:
@@ -35,6 +36,14 @@ from distributed.system import MEMORY_LIMIT
 from sparcom.config import DaskSettings
 
 GPU_RESOURCE = "GPU"
+# Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which fixes glibc's mmap
+# threshold: every activation tensor of a forward pass is then mapped and faulted in afresh, and
+# a one-thread extraction worker ran 1.3x slower than a plain process. Extraction workers get
+# glibc's own adaptive allocator; identification workers keep Dask's memory trimming.
+TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
+# Read before any nanny starts here: nannies also write their value into this process's
+# environment, from which every later worker would inherit it.
+USER_TRIM_THRESHOLD = os.environ.get(TRIM_VARIABLE)
 
 
 def usable_cores() -> int:
@@ -67,6 +76,26 @@ def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str |
 @contextmanager
 def extraction_cluster(settings: DaskSettings, device: str = "auto", spread: bool = False) -> Iterator[Client | None]:
     gpus = _visible_gpus() if device in ("auto", "cuda") and not spread else []
+    with _adaptive_allocator():
+        yield from _extraction_client(settings, gpus)
+
+
+@contextmanager
+def _adaptive_allocator() -> Iterator[None]:
+    """Workers started inside it do not trim memory, unless the user's environment asks them to."""
+    if USER_TRIM_THRESHOLD is not None:
+        yield
+        return
+    set_by_a_nanny = os.environ.pop(TRIM_VARIABLE, None)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM_VARIABLE}": None}):
+            yield
+    finally:
+        if set_by_a_nanny is not None:
+            os.environ[TRIM_VARIABLE] = set_by_a_nanny
+
+
+def _extraction_client(settings: DaskSettings, gpus: list[str]) -> Iterator[Client | None]:
     if settings.address or (settings.n_workers and not gpus):
         with dask_cluster(settings) as client:
             yield client

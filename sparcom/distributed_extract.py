@@ -8,6 +8,8 @@
   lost is rerun elsewhere: its flag was not set, so the rerun rewrites all of it; a shard whose
   flag was set is skipped. The client marks the store complete and records, per shard, the
   worker, host and devices that filled it (store attribute `shard_fillers`).
+- `shard_cost(records, shard, settings)`: the characters a shard's passes read; shards are
+  submitted with it as their priority, longest first, so the workers finish together.
 - `shard_resources(dask, extraction)`: the resources a shard asks for: `dask.shard_resources`,
   or GPU=1 when the extraction device is cuda.
 - `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
@@ -161,10 +163,11 @@ def extract_on_cluster(
         done = finished_shards(store)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
     shared_records = client.scatter(list(records), broadcast=False, hash=False)
+    costs = {shard: shard_cost(records, shard, settings) for shard in wanted}
     futures = [client.submit(_fill_shard, model, settings, Path(cache_dir), shared_records, store, shard,
                              [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
-                             key=f"sparcom-shard-{key[:12]}-{shard}")
-               for shard in wanted]
+                             key=f"sparcom-shard-{key[:12]}-{shard}", priority=costs[shard])
+               for shard in sorted(wanted, key=costs.get, reverse=True)]
     sizes = {s: min(settings.shard_size, len(records) - s * settings.shard_size) for s in range(n_shards)}
     counted = sum(sizes[s] for s in done)
     progress = tqdm(total=n_shards, initial=len(done), unit="shard", desc=f"extracting on {len(workers)} workers")
@@ -184,6 +187,14 @@ def extract_on_cluster(
     if len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store
+
+
+def shard_cost(records: Sequence[InstructionRecord], shard: int, settings: ExtractionSettings) -> int:
+    """The characters a shard's forward passes read: its cost, known before any tokenizer loads.
+    Shards run longest first, so the last ones to finish are short and workers end together."""
+    rows = records[shard * settings.shard_size:(shard + 1) * settings.shard_size]
+    with_response = settings.span == "response"
+    return sum(len(r.user_turn()) + (len(r.response) if with_response else 0) for r in rows)
 
 
 def _record_filler(store: Path, filled: dict) -> None:

@@ -26,11 +26,13 @@ every code version: a stage's code is what computes its result, not the keys tha
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 
@@ -68,7 +70,7 @@ def modules_version(entries: Iterable[str], package: str = PACKAGE) -> str:
     `package` they import, at any depth."""
     digest = hashlib.sha256(__version__.encode())
     for name in module_closure(entries, package):
-        digest.update(f"{name}\n{ast.dump(_without_docstrings(_parse(name)))}\n".encode())
+        digest.update(f"{name}\n{_module_facts(name, package).tree}\n".encode())
     return digest.hexdigest()
 
 
@@ -84,7 +86,7 @@ def module_closure(entries: Iterable[str], package: str = PACKAGE) -> list[str]:
             raise ModuleNotFoundError(f"code version: {name} (imported by {importer}) is not found; "
                                       "a stage's code must be complete to be versioned")
         seen.add(name)
-        pending += [(imported, name) for imported in _imported_modules(name, package)]
+        pending += [(imported, name) for imported in _module_facts(name, package).imports]
     return sorted(seen)
 
 
@@ -102,16 +104,30 @@ def _source_file(name: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _parse(name: str) -> ast.Module:
-    return ast.parse(_source_file(name).read_text(encoding="utf-8"))
+class _ModuleFacts(NamedTuple):
+    tree: str  # the syntax tree without docstrings, dumped
+    imports: frozenset[str]  # the modules of the package it imports
 
 
-def _imported_modules(name: str, package: str) -> set[str]:
+def _module_facts(name: str, package: str) -> _ModuleFacts:
+    return _facts_of_source(_source_file(name).read_text(encoding="utf-8"), package)
+
+
+# A stage asks for its code version once per shard, and parsing every module each time cost a
+# third of a second per shard; reading the files again is cheap and sees every edit.
+@functools.lru_cache(maxsize=512)
+def _facts_of_source(source: str, package: str) -> _ModuleFacts:
+    tree = ast.parse(source)
+    imports = _imported_modules(tree, package)
+    return _ModuleFacts(ast.dump(_without_docstrings(tree)), imports)
+
+
+def _imported_modules(tree: ast.Module, package: str) -> frozenset[str]:
     def ours(module: str) -> bool:
         return module == package or module.startswith(f"{package}.")
 
     found: set[str] = set()
-    for node in ast.walk(_parse(name)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if ours(alias.name)}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and ours(node.module):
@@ -119,7 +135,7 @@ def _imported_modules(name: str, package: str) -> set[str]:
             # `from sparcom import extract` names a module; `from sparcom import __version__` does not
             found |= {f"{node.module}.{alias.name}" for alias in node.names
                       if _source_file(f"{node.module}.{alias.name}") is not None}
-    return found
+    return frozenset(found)
 
 
 def _without_docstrings(tree: ast.Module) -> ast.Module:

@@ -198,6 +198,22 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
         assert other is not first and other.dtype == torch.float32
 
 
+def test_the_longest_shards_run_first(threads_client, tiny_llama_dir, cache_dir, records, tmp_path):
+    from distributed import get_task_stream
+
+    lengths = [len(f"{r.instruction}\n\n{r.input}" if r.input else r.instruction) for r in records]
+    per_shard = [sum(lengths[i:i + SETTINGS.shard_size]) for i in range(0, len(records), SETTINGS.shard_size)]
+    with get_task_stream(threads_client) as stream:
+        extract_on_cluster(threads_client, ModelSettings(name=str(tiny_llama_dir)), records, tmp_path / "s.zarr",
+                           SETTINGS, {}, cache_dir)
+    started = sorted((task["startstops"][0]["start"], task["key"]) for task in stream.data
+                     if task["key"].startswith("sparcom-shard-"))
+    ran = [int(key.rsplit("-", 1)[1]) for _, key in started]
+    assert len(set(per_shard)) > 1  # the records give shards of different lengths
+    assert sorted(ran) == list(range(len(per_shard)))
+    assert [per_shard[shard] for shard in ran] == sorted(per_shard, reverse=True)  # ties in any order
+
+
 def test_no_worker_with_the_gpu_resource_is_a_clear_error(threads_client, tiny_llama_dir, cache_dir, records,
                                                            tmp_path):
     with pytest.raises(ClusterError, match="no worker .* offers the resources GPU=1"):
@@ -267,3 +283,18 @@ def test_the_local_gpu_cluster_pins_one_device_per_worker():
         info = client.scheduler_info()["workers"]
     assert sorted(seen.values()) == ["0", "1"]
     assert all(w["resources"] == {GPU_RESOURCE: 1} for w in info.values())
+
+
+@pytest.mark.slow
+def test_local_extraction_workers_keep_the_adaptive_allocator_and_identification_workers_trim():
+    from sparcom.cluster import dask_cluster, extraction_cluster
+
+    def trim_threshold():
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    settings = DaskSettings(n_workers=1, memory_limit="1GB")
+    seen = []
+    for cluster in (extraction_cluster, dask_cluster, extraction_cluster):  # the second nanny set it here
+        with cluster(settings) as client:
+            seen.append(set(client.run(trim_threshold).values()))
+    assert seen == [{None}, {"65536"}, {None}]  # 65536: Dask's default, which identification keeps
