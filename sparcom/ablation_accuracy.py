@@ -77,7 +77,7 @@ def greedy_generate(
             logits = head(output.last_hidden_state[:, -1]).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
-            token = logits.argmax(dim=-1)
+            token = logits.argmax(dim=-1).to(device)  # the head may sit on another device (device_map)
             chosen.append(token)
             finished |= torch.isin(token, eos)
             if finished.all():
@@ -86,8 +86,7 @@ def greedy_generate(
             attention = torch.cat([attention, attention.new_ones(len(batch), 1)], dim=1)
             positions = positions[:, -1:] + 1
         stops = set(eos.tolist())
-        for row, index in enumerate(batch):
-            tokens = torch.stack(chosen, dim=1)[row].tolist()
+        for index, tokens in zip(batch, torch.stack(chosen, dim=1).tolist()):
             end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
             texts[index] = tokenizer.decode(tokens[:end], skip_special_tokens=True)
         if on_batch:
