@@ -7,15 +7,17 @@ whether a generation gives it (docs/method.md section 6, accuracy).
   when that is one number, optionally after `name =` and before a unit: "$38.50", "x = 7",
   "13 cm", "5/36", "1 7/12"). Every other category, and a record of CLS or MATH whose answer is
   not of that form, has none.
-- `reference_answer(record)`: that answer as text ("Negative", "77/2"), or None.
+- `reference_answer(record)`: that answer as text (the label lower-cased, "negative"; the number
+  as a fraction, "77/2"), or None.
 - `is_correct(record, generation)`: CLS: the generation's first line, without markup and an
-  "Answer:"-like lead, begins with the label (case-insensitive, whole words); MATH: the number
+  "Answer:"-like lead, begins with the label (case-insensitive, whole words); MATH: the first number
   after the generation's last answer marker (`\\boxed{}`, "Answer:", "answer is"), else its last
   number, equals the reference as a fraction.
 - `numbers(text)`: the numbers of a text as exact fractions, normalised: digit-group commas,
-  currency signs, a trailing ".0", the Unicode minus, `\\frac{a}{b}`, "a/b" and mixed "1 7/12".
+  currency signs, a trailing ".0", the Unicode minus, "a/b", mixed "1 7/12", and simple LaTeX
+  (`\\frac{a}{b}`, `\\text{}`, `\\$`, `\\%`, `^\\circ`, `{,}`).
 
-    reference_answer(record)  # 'Negative' for a CLS record answered "Negative. The battery died..."
+    reference_answer(record)  # 'negative' for a CLS record answered "Negative. The battery died..."
     is_correct(record, "**Negative** - the customer is unhappy")  # True
 """
 
@@ -37,6 +39,9 @@ _NUMBER = re.compile(
     r"|(?P<decimal>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"  # 6,348.67 or 38.50
     r")(?![\w.]*\d)(?!\w)")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX = [(re.compile(pattern), plain) for pattern, plain in (
+    (r"\\(?:text|mathrm|textbf)\{([^{}]*)\}", r"\1"), (r"\\([$%])", r"\1"), (r"\^\{?\\circ\}?", "°"),
+    (r"\{,\}", ","), (r"\\[,!; ]", ""), (r"\\(?:left|right)\b", ""))]
 _UNIT = r"(?:%|°|[^\W\d_][^\W\d_²³/.]*(?:/[^\W\d_]+)?[²³]?)"
 # "name =" before the number, a unit (words, %, °, m/s, cm²) after it, nothing else.
 _SINGLE_NUMBER = re.compile(rf"(?:[^\W\d]\w*\s*=\s*)?(?P<number>.+?)(?:\s*{_UNIT})*\s*\.?")
@@ -47,26 +52,30 @@ _SHORT_LEAD = re.compile(r"^[^\W\d][\w ]{0,30}:\s*")
 _MARKUP = re.compile(r"[*_`#>\"“”]")
 
 
-def _latex_fractions(text: str) -> str:
+def _latex_plain(text: str) -> str:
+    """LaTeX of simple answers as plain text: fractions a/b, \\text{} content, escaped $ and %,
+    degrees, thin spaces and the {,} digit-group comma."""
+    for latex, plain in _LATEX:
+        text = latex.sub(plain, text)
     return _FRAC.sub(lambda m: f"{m.group(1)}/{m.group(2)}", text)
 
 
 def numbers(text: str) -> list[Fraction]:
     found = []
-    for match in _NUMBER.finditer(_latex_fractions(text)):
-        if match["whole"] is not None:
-            value = int(match["whole"]) + Fraction(int(match["num"]), int(match["den"]) or 1)
-        elif match["fnum"] is not None:
-            if int(match["fden"]) == 0:
-                continue
-            value = Fraction(int(match["fnum"]), int(match["fden"]))
-        else:
+    for match in _NUMBER.finditer(_latex_plain(text)):
+        if match["decimal"] is not None:
             value = Fraction(match["decimal"].replace(",", ""))
+        else:
+            whole, numerator, denominator = (int(match[k] or 0) for k in ("whole", "num", "den")) \
+                if match["whole"] is not None else (0, int(match["fnum"]), int(match["fden"]))
+            if denominator == 0:
+                continue
+            value = whole + Fraction(numerator, denominator)
         found.append(-value if match["sign"] else value)
     return found
 
 
-def boxed(text: str) -> str | None:
+def _boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` (nested braces allowed), or None."""
     start = text.rfind("\\boxed{")
     if start < 0:
@@ -80,29 +89,27 @@ def boxed(text: str) -> str | None:
 
 
 def _answer_text(response: str) -> str:
-    content = boxed(response)
+    content = _boxed(response)
     if content is not None:
         return content
     markers = list(_ANSWER_MARKER.finditer(response))
-    lines = [line for line in response.splitlines() if line.strip()]
     if markers:
         after = response[markers[-1].end():].strip()
         return after.splitlines()[0] if after else ""
+    lines = [line for line in response.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def reference_number(response: str) -> Fraction | None:
+def _reference_number(response: str) -> Fraction | None:
     """The final number of a MATH reference, when its answer is one number (with name and unit)."""
-    text = _latex_fractions(_answer_text(response)).strip()
-    match = _SINGLE_NUMBER.fullmatch(text)
-    if not match:
+    answer = _SINGLE_NUMBER.fullmatch(_latex_plain(_answer_text(response)).strip())
+    if not answer or not _NUMBER.fullmatch(answer["number"].strip()):
         return None
-    found = numbers(match["number"])
-    return found[0] if len(found) == 1 and _NUMBER.fullmatch(match["number"].strip()) else None
+    return numbers(answer["number"])[0] if numbers(answer["number"]) else None
 
 
-def predicted_number(generation: str) -> Fraction | None:
-    content = boxed(generation)
+def _predicted_number(generation: str) -> Fraction | None:
+    content = _boxed(generation)
     markers = list(_ANSWER_MARKER.finditer(generation))
     if content is not None:
         found = numbers(content)
@@ -117,7 +124,7 @@ def _normalised(text: str) -> str:
     return " ".join(_MARKUP.sub("", text).casefold().split()).strip(" .,;:!?-()[]'")
 
 
-def reference_label(response: str) -> str | None:
+def _reference_label(response: str) -> str | None:
     text = response.strip()
     if not text or "\n" in text:
         return None
@@ -125,7 +132,7 @@ def reference_label(response: str) -> str | None:
     return label if label and len(label.split()) <= MAX_LABEL_WORDS else None
 
 
-def predicted_labels(generation: str) -> list[str]:
+def _predicted_labels(generation: str) -> list[str]:
     """The generation's first non-empty line, normalised, without an 'Answer:'-like lead; and
     also without any short lead before a colon ("Sentiment: Negative")."""
     lines = [line for line in _MARKUP.sub("", generation).splitlines() if line.strip()]
@@ -138,9 +145,9 @@ def predicted_labels(generation: str) -> list[str]:
 
 def reference_answer(record: InstructionRecord) -> str | None:
     if record.category == "CLS":
-        return reference_label(record.response)
+        return _reference_label(record.response)
     if record.category == "MATH":
-        number = reference_number(record.response)
+        number = _reference_number(record.response)
         return None if number is None else str(number)
     return None
 
@@ -151,6 +158,7 @@ def is_correct(record: InstructionRecord, generation: str) -> bool:
     if reference is None:
         raise ValueError(f"record {record.id} ({record.category}): no checkable answer")
     if record.category == "CLS":
-        return any(predicted == reference or (predicted.startswith(reference) and not predicted[len(reference)].isalnum())
-                   for predicted in predicted_labels(generation))
-    return predicted_number(generation) == Fraction(reference)
+        return any(predicted == reference
+                   or (predicted.startswith(reference) and not predicted[len(reference)].isalnum())
+                   for predicted in _predicted_labels(generation))
+    return _predicted_number(generation) == Fraction(reference)

@@ -79,7 +79,8 @@ def test_numbers_are_normalised():
     ("CLS", "Negative", "Answer: Negative.", True), ("CLS", "Negative", "Sentiment: negative", True),
     ("CLS", "Negative", "\n\nNegative\nbecause", True), ("CLS", "Negative", "Negatively charged", False),
     ("CLS", "Spam", "Not spam", False), ("CLS", "Not spam", "Spam", False),
-    ("CLS", "Negative", "The review is positive, not negative", False), ("CLS", "Open-ended question", "open-ended question.", True),
+    ("CLS", "Negative", "The review is positive, not negative", False),
+    ("CLS", "Open-ended question", "open-ended question.", True),
     ("MATH", "Answer: 38.50", "So 14 x 2.75 = 38.5", True), ("MATH", "Answer: 7", "x = 7.0", True),
     ("MATH", "Answer: 7", "Answer: 7 (since 28/4 = 7)", True), ("MATH", "Answer: 7", "The answer is 7, not 8.", True),
     ("MATH", "Answer: 7", "7 is wrong, it is 8", False), ("MATH", "Answer: 2/3", "\\boxed{\\frac{2}{3}}", True),
@@ -200,7 +201,8 @@ def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, c
     assert set(on.data_vars) == NLL_VARIABLES | ACCURACY_VARIABLES
     for name in NLL_VARIABLES:
         xr.testing.assert_identical(on[name], off[name])
-    assert on.accuracy.dims == ("ablated", "evaluated") and on.accuracy_control.dims == ("control", "ablated", "evaluated")
+    assert on.accuracy.dims == ("ablated", "evaluated")
+    assert on.accuracy_control.dims == ("control", "ablated", "evaluated")
     assert on.correct_control.dims == ("control", "seed", "ablated", "instruction")
     assert on.attrs["accuracy_categories"] == ["CLS", "MATH"]
     assert on.attrs["accuracy_skipped"] == ["CODE", "GEN", "QA", "SUM"] and on.attrs["max_new_tokens"] == NEW_TOKENS
@@ -214,7 +216,8 @@ def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, c
     with torch.no_grad():
         for layer, mlp in enumerate(layer.mlp for layer in copied.model.layers):
             mlp.down_proj.weight[:, np.flatnonzero(code.values[layer])] = 0
-    by_id = {r.id: r for r in (make_record(300 + i, c, f"{i} {t}", e, a) for i, (c, t, e, a) in enumerate(SAMPLE_TEXTS))}
+    by_id = {r.id: r for r in (make_record(300 + i, c, f"{i} {t}", e, a)
+                               for i, (c, t, e, a) in enumerate(SAMPLE_TEXTS))}
     checkable = on.category.isin(["CLS", "MATH"]).values
     np.testing.assert_array_equal(on.answer_checkable.values, checkable)
     for k, identifier in enumerate(on.instruction_id.values):
@@ -278,8 +281,8 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
     report = tmp_path / "report.md"
     report.write_text("")
     monkeypatch.setattr(cli.server, "temporary_server_early", lambda: lambda: None)
-    monkeypatch.setattr(flows.pipeline, "sparcom_pipeline",
-                        lambda settings, refresh: seen.append(settings.ablation) or {"files": {"report.md": str(report)}})
+    monkeypatch.setattr(flows.pipeline, "sparcom_pipeline", lambda settings, refresh: seen.append(
+        settings.ablation) or {"files": {"report.md": str(report)}})
     assert runner.invoke(app, ["run", "--ablation-accuracy"]).exit_code == 0
     assert seen[-1].accuracy is True
 
