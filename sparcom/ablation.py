@@ -214,7 +214,7 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
 def _accuracy_attrs(records: Sequence[InstructionRecord], checkable: np.ndarray, settings: AblationSettings) -> dict:
     categories = sorted({r.category for r in records})
     checked = sorted({r.category for r, c in zip(records, checkable) if c})
-    return {"accuracy": True, "max_new_tokens": settings.max_new_tokens, "accuracy_categories": checked,
+    return {"max_new_tokens": settings.max_new_tokens, "accuracy_categories": checked,
             "accuracy_skipped": [c for c in categories if c not in checked]}
 
 
