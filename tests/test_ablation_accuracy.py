@@ -21,7 +21,7 @@ from cli.app import app
 from sparcom.ablation import AblationInputError, run_ablation
 from sparcom.ablation_accuracy import accuracy_dataset, answers_correct, greedy_generate, tokenize_prompts
 from sparcom.ablation_hooks import Ablation
-from sparcom.ablation_report import report_ablation
+from sparcom.ablation_report import ablation_markdown, report_ablation, summarize_ablation
 from sparcom.answers import is_correct, numbers, reference_answer
 from sparcom.architectures import ffn_sites
 from sparcom.config import AblationSettings, ExtractionSettings, load_settings
@@ -116,42 +116,48 @@ def hf_greedy(model, record_, tokenizer, new_tokens: int = NEW_TOKENS) -> str:
     return tokenizer.decode(tokens[:end], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2_moe"])
-def test_greedy_batched_equals_one_at_a_time_and_hf_generate(sample_records, tokenizer, family):
-    model = tiny(family, tokenizer)
-    prompts = tokenize_prompts(sample_records, tokenizer)
+@pytest.fixture
+def records(sample_records):
+    """One record of each category: prompts of six lengths."""
+    return sample_records[:6]
+
+
+def test_greedy_batched_equals_one_at_a_time_and_hf_generate(records, tokenizer):
+    """On an MoE model with a shared expert; the dense case is the ablation test's below."""
+    model = tiny("qwen2_moe", tokenizer)
+    prompts = tokenize_prompts(records, tokenizer)
     lengths = [len(p) + NEW_TOKENS for p in prompts]
     batches = plan_batches(lengths, PADDED.batch_tokens, PADDED.max_batch_size, PADDED.max_padding)
     assert any(len({lengths[b] for b in batch}) > 1 for batch in batches)  # padded batches
     batched = greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     alone = greedy_generate(model, prompts, tokenizer, ExtractionSettings(max_batch_size=1), DEVICE, NEW_TOKENS)
-    expected = [hf_greedy(model, r, tokenizer) for r in sample_records]
+    expected = [hf_greedy(model, r, tokenizer) for r in records]
     assert batched == alone == expected
     assert sum(bool(text.strip()) for text in expected) >= len(expected) // 2  # real text, not all EOS
 
 
-def test_greedy_under_ablation_equals_a_zeroed_copy_and_a_no_op_changes_nothing(sample_records, tokenizer):
+def test_greedy_under_ablation_equals_a_zeroed_copy_and_a_no_op_changes_nothing(records, tokenizer):
     model = tiny("mistral", tokenizer)
     sites = ffn_sites(model)
     rng = np.random.default_rng(1)
     mask = rng.random((len(sites.dense_layers), sites.dense_neurons)) < 0.3
-    prompts = tokenize_prompts(sample_records, tokenizer)
+    prompts = tokenize_prompts(records, tokenizer)
     plain = greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     copied = copy.deepcopy(model)
     for mlp, row in zip(_mlps(copied), mask):
         _zero_down_columns(mlp, np.flatnonzero(row).tolist(), "mistral")
     with Ablation(model, {"neurons": mask}):
         ablated = greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
-    assert ablated == [hf_greedy(copied, r, tokenizer) for r in sample_records]
+    assert ablated == [hf_greedy(copied, r, tokenizer) for r in records]
     assert ablated != plain  # the hooks act during decoding
     # In the copy the masked neurons already contribute nothing: switching them off there is a no-op.
     intact = greedy_generate(copied, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     with Ablation(copied, {"neurons": mask}):
         no_op = greedy_generate(copied, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     assert no_op == intact
-    records = [make_record(i, "CLS", r.instruction, r.input, response=text.strip().split("\n")[0][:20] or "x")
-               for i, (r, text) in enumerate(zip(sample_records, intact))]
-    np.testing.assert_array_equal(answers_correct(records, no_op), answers_correct(records, intact))
+    labelled = [make_record(i, "CLS", r.instruction, r.input, response=text.strip().split("\n")[0][:20] or "x")
+                for i, (r, text) in enumerate(zip(records, intact))]
+    np.testing.assert_array_equal(answers_correct(labelled, no_op), answers_correct(labelled, intact))
     with pytest.raises(ValueError, match="max_new_tokens 0: greedy decoding needs at least 1 new token"):
         greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, 0)
 
@@ -187,7 +193,7 @@ def eval_file(tmp_path: Path, math: str | None = None, cls: str | None = None) -
     return write_jsonl(rows, tmp_path / "eval.jsonl")
 
 
-FAST = dict(seeds=1, controls=["random"], resamples=20, permutations=20, max_response_tokens=4)
+FAST = dict(seeds=1, controls=["random"], resamples=20, permutations=20, max_response_tokens=4, eval_per_group=1)
 
 
 def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, cache_dir):  # noqa: F811
@@ -228,24 +234,22 @@ def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, c
             assert on.generation_base.values[k] == "" and np.isnan(on.correct_base.values[k])
     for evaluated in ("CLS", "MATH"):
         members = on.category.values == evaluated
-        assert int(on.accuracy_records.sel(evaluated=evaluated)) == members.sum() == 2
+        assert int(on.accuracy_records.sel(evaluated=evaluated)) == members.sum() == 1
         assert float(on.accuracy_base.sel(evaluated=evaluated)) == on.correct_base.values[members].mean()
     assert np.isnan(on.accuracy_base.sel(evaluated="CODE"))
 
-    report = (tmp_path / "on" / "ablation.md")
     report_ablation(tmp_path / "on" / "ablation.zarr", tmp_path / "on")
-    report_ablation(tmp_path / "off" / "ablation.zarr", tmp_path / "off")
-    text = report.read_text()
+    text = (tmp_path / "on" / "ablation.md").read_text()
     assert "### Accuracy (greedy decoding)" in text and "Skipped, no checkable answer: CODE, GEN, QA, SUM." in text
-    assert "CLS 2 of 2, MATH 2 of 2 records" in text and "| nothing (intact) |" in text
-    assert "Accuracy" not in (tmp_path / "off" / "ablation.md").read_text()
+    assert "CLS 1 of 1, MATH 1 of 1 records" in text and "| nothing (intact) |" in text
+    assert "Accuracy" not in ablation_markdown(summarize_ablation(off))
 
 
 def test_accuracy_without_a_checkable_answer_is_refused(tmp_path, identified, cache_dir):  # noqa: F811
     work, store, components, _ = identified
     held = eval_file(tmp_path, math="Answer: x = 1, y = 2", cls="Food: good\nService: bad")
     settings = AblationSettings(eval_dataset=held, accuracy=True, **FAST)
-    with pytest.raises(AblationInputError, match=r"accuracy: none of the 12 evaluation records \(.*eval.jsonl\) "
+    with pytest.raises(AblationInputError, match=r"accuracy: none of the 6 evaluation records \(.*eval.jsonl\) "
                                                  r"has a checkable answer; categories with one: CLS .*MATH"):
         run_ablation(components, store, settings, PADDED, cache_dir, tmp_path / "out", model_name="/no/such/model")
     with pytest.raises(ValidationError, match="max_new_tokens"):
