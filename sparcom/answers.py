@@ -10,7 +10,8 @@ whether a generation gives it (docs/method.md section 6, accuracy).
 - `reference_answer(record)`: that answer as text (the label lower-cased, "negative"; the number
   as a fraction, "77/2"), or None.
 - `is_correct(record, generation)`: CLS: the generation's first line, without markup and an
-  "Answer:"-like lead, begins with the label (case-insensitive, whole words); MATH: the first number
+  "Answer:"-like lead, begins with the label (case-insensitive, whole words), not followed by
+  more options (", ...", "or ..."); MATH: the first number
   after the generation's last answer marker (`\\boxed{}`, "Answer:", "answer is"), else its last
   number, equals the reference as a fraction.
 - `numbers(text)`: the numbers of a text as exact fractions, normalised: digit-group commas,
@@ -50,6 +51,8 @@ _LEAD = re.compile(r"^(?:the\s+)?(?:final\s+)?(?:answer|label|category|class|cla
                    re.IGNORECASE)
 _SHORT_LEAD = re.compile(r"^[^\W\d][\w ]{0,30}:\s*")
 _MARKUP = re.compile(r"[*_`#>\"“”]")
+# After the label, the options listed on: "Sports, politics or health" repeats the question.
+_LIST_GOES_ON = re.compile(r"\s*(?:[,/|]|or\b|and\b)")
 
 
 def _latex_plain(text: str) -> str:
@@ -159,6 +162,7 @@ def is_correct(record: InstructionRecord, generation: str) -> bool:
         raise ValueError(f"record {record.id} ({record.category}): no checkable answer")
     if record.category == "CLS":
         return any(predicted == reference
-                   or (predicted.startswith(reference) and not predicted[len(reference)].isalnum())
+                   or (predicted.startswith(reference) and not predicted[len(reference)].isalnum()
+                       and not _LIST_GOES_ON.match(predicted[len(reference):]))
                    for predicted in _predicted_labels(generation))
     return _predicted_number(generation) == Fraction(reference)

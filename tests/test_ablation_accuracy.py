@@ -80,6 +80,8 @@ def test_numbers_are_normalised():
     ("CLS", "Negative", "\n\nNegative\nbecause", True), ("CLS", "Negative", "Negatively charged", False),
     ("CLS", "Spam", "Not spam", False), ("CLS", "Not spam", "Spam", False),
     ("CLS", "Negative", "The review is positive, not negative", False),
+    ("CLS", "Sports", "Sports, politics, technology, or health.", False), ("CLS", "Spam", "Spam or not spam?", False),
+    ("CLS", "Negative", "Negative sentiment, clearly", True),
     ("CLS", "Open-ended question", "open-ended question.", True),
     ("MATH", "Answer: 38.50", "So 14 x 2.75 = 38.5", True), ("MATH", "Answer: 7", "x = 7.0", True),
     ("MATH", "Answer: 7", "Answer: 7 (since 28/4 = 7)", True), ("MATH", "Answer: 7", "The answer is 7, not 8.", True),
