@@ -1,13 +1,19 @@
 """Ablation throughput on the default model (or any model), against a plain forward pass.
 
     python benchmarks/ablate.py [--model default] [--records 30] [--max-response-tokens 32] [--repeats 2]
+                                [--new-tokens 16]
 
 Over the same records and the same padding-capped batches (`padded_batches`), alternately:
   plain     the model's full forward pass with its LM head on every position (the baseline);
   measured  `response_nll` with nothing switched off (decoder, LM head on response positions);
   ablated   `response_nll` inside `Ablation` with 1% of the dense neurons switched off.
-Prints records per second and each time relative to the plain pass (target: ablated <= 1.1x),
-with the load average beside them: on a shared machine only the ratios mean something.
+With `--new-tokens N`, the accuracy's greedy decoding too, of the same records' prompts:
+  generate  Hugging Face's `generate(do_sample=False)` over the same left-padded batches (baseline);
+  greedy    `greedy_generate` (decoder with its cache, LM head on the last position);
+  greedy ablated  the same inside `Ablation`.
+Prints records per second and each time relative to the plain pass (target: ablated <= 1.1x;
+greedy modes relative to `generate`), with the load average beside them: on a shared machine
+only the ratios mean something.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import time
 import numpy as np
 import torch
 
+from sparcom.ablation_accuracy import greedy_generate, tokenize_prompts
 from sparcom.ablation_hooks import Ablation
 from sparcom.architectures import ffn_sites
 from sparcom.config import ExtractionSettings, default_cache_dir
-from sparcom.extract import padded_batches
+from sparcom.extract import pad_batch, padded_batches, plan_batches
 from sparcom.hexainst import authored_records
 from sparcom.models import load_model, resolve_model
 from sparcom.response_nll import response_nll, tokenize_responses
@@ -35,6 +42,7 @@ def main() -> None:
     parser.add_argument("--max-response-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=0, help="also time greedy decoding of this many tokens")
     args = parser.parse_args()
 
     settings = ExtractionSettings(device=args.device)
@@ -60,6 +68,27 @@ def main() -> None:
             response_nll(loaded.model, tokenized, loaded.tokenizer, settings, loaded.device)
 
     modes = {"plain": plain, "measured": measured, "ablated": ablated}
+    prompts = tokenize_prompts(records, loaded.tokenizer)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    greedy_plan = plan_batches([len(p) + args.new_tokens for p in prompts], settings.batch_tokens,
+                               settings.max_batch_size, settings.max_padding)
+    greedy_batches = [pad_batch([prompts[b] for b in batch], pad_id, "left", loaded.device)[:2] for batch in greedy_plan]
+
+    def generate() -> None:
+        with torch.inference_mode():
+            for ids, attention in greedy_batches:
+                loaded.model.generate(input_ids=ids, attention_mask=attention, do_sample=False, num_beams=1,
+                                      max_new_tokens=args.new_tokens, pad_token_id=pad_id)
+
+    def greedy() -> None:
+        greedy_generate(loaded.model, prompts, loaded.tokenizer, settings, loaded.device, args.new_tokens)
+
+    def greedy_ablated() -> None:
+        with Ablation(loaded.model, {"neurons": mask}, sites):
+            greedy()
+
+    if args.new_tokens:
+        modes |= {"generate": generate, "greedy": greedy, "greedy ablated": greedy_ablated}
     times = {name: [] for name in modes}
     plain()  # warm-up
     for _ in range(args.repeats):
@@ -70,10 +99,11 @@ def main() -> None:
     tokens = sum(len(t) for t in tokenized)
     print(f"{len(tokenized)} records, {tokens} tokens ({sum(sum(t.counted) for t in tokenized)} response), "
           f"{len(batches)} batches, load average {os.getloadavg()}")
-    base = min(times["plain"])
     for name, values in times.items():
+        baseline = "generate" if name in ("generate", "greedy", "greedy ablated") else "plain"
         best = min(values)
-        print(f"{name:>9}: {len(tokenized) / best:8.2f} records/s  {best:7.2f} s  {best / base:5.2f}x plain")
+        print(f"{name:>14}: {len(tokenized) / best:8.2f} records/s  {best:7.2f} s  "
+              f"{best / min(times[baseline]):5.2f}x {baseline}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def run(
              "compare, ablate (repeatable)")] = None,
     ablate: Annotated[Optional[bool], typer.Option(
         "--ablate/--no-ablate", help="switch each group's components off on held-out records")] = None,
+    ablation_accuracy: Annotated[Optional[bool], typer.Option(
+        "--ablation-accuracy/--no-ablation-accuracy",
+        help="the ablation also scores greedy-decoded answers (CLS label, MATH final number); slow on CPU")] = None,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: curate, extract, identify, analyse, compare."""
     settings = _settings(
@@ -98,7 +101,7 @@ def run(
         identification__top_rate=top_rate, identification__filter_rate=filter_rate,
         identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare,
-        ablation__enabled=ablate)
+        ablation__enabled=ablate, ablation__accuracy=ablation_accuracy)
     from cli.server import temporary_server_early  # Prefect only where a flow runs
 
     server_ready = temporary_server_early()  # boots while the pipeline's modules load
@@ -230,6 +233,11 @@ def ablate_command(
     eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group")] = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
+    accuracy: Annotated[Optional[bool], typer.Option(
+        "--accuracy/--no-accuracy", help="also greedy-decode records with a checkable answer (CLS label, MATH "
+                                         "final number) and score accuracy, intact and ablated; default off")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="with --accuracy: tokens greedy-decoded per record at most (default 128)")] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
 ) -> None:
@@ -242,6 +250,7 @@ def ablate_command(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
         ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
+        ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
         extraction__dtype=dtype, extraction__device=device)
     path = components / "components.zarr" if (components / "components.zarr").exists() else components
     result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,

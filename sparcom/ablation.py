@@ -4,7 +4,8 @@ groups' records, and more than control components of the same number, place and 
 
 - `plan_ablation(components, store_path, settings)`: everything that can be checked without the
   model: the family, the evaluation records (held out from identification by record hash), the
-  sets and their seeded controls. Bad input raises an `AblationInputError` naming what is wrong.
+  sets and their seeded controls, which records have a checkable answer (with `accuracy`, at
+  least one must). Bad input raises an `AblationInputError` naming what is wrong.
 - `evaluation_records(settings, groups, group_by, identified)`: the records that judge the
   components: `settings.eval_dataset`, or the shipped HexaInst records of the same categories
   that identification did not use; overlap with `identified` (record hashes) is refused unless
@@ -17,15 +18,17 @@ groups' records, and more than control components of the same number, place and 
 - `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
+  With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
+  answer (`sparcom.ablation_accuracy`), add the accuracy variables.
 """
 
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +36,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from sparcom.ablation_controls import CONTROLS, distinct_random_controls, overall_frequency
-from sparcom.ablation_figures import ABLATED, CONTROL, INSTRUCTION, SEED, ablation_figures
+from sparcom.ablation_figures import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED, ablation_figures
 from sparcom.ablation_hooks import Ablation
+from sparcom.answers import CHECKS, reference_answer
 from sparcom.config import AblationSettings, ExtractionSettings
 from sparcom.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.hexainst import authored_records
@@ -62,6 +66,7 @@ class AblationPlan:
     overlap: int                            # evaluation records that also selected the components
     eval_source: str
     attrs: dict
+    checkable: np.ndarray                   # each record has an answer greedy decoding is scored on
 
 
 def choose_family(components: xr.Dataset, name: str) -> Family:
@@ -169,6 +174,12 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
     groups = [str(g) for g in components[GROUP].values]
     identified = {str(h) for h in open_store(store_path).record_hash.values}
     records, overlap, source = evaluation_records(settings, groups, group_by, identified)
+    checkable = np.array([reference_answer(r) is not None for r in records], dtype=bool)
+    if settings.accuracy and not checkable.any():
+        raise AblationInputError(
+            f"accuracy: none of the {len(records)} evaluation records ({source}) has a checkable answer; "
+            f"categories with one: {', '.join(f'{c} ({what})' for c, what in CHECKS.items())}; evaluated: "
+            f"{', '.join(sorted({r.category for r in records}))}. Evaluate such records, or leave --accuracy off")
     selected = components[family.selected].transpose(GROUP, family.layer_dim, ...).load()
     frequency = overall_frequency(components, family).transpose(*selected.dims[1:]).load()
     sets = {g: selected.sel({GROUP: g}, drop=True).reset_coords(drop=True) for g in groups}
@@ -189,14 +200,22 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
     return AblationPlan(
         family=family, groups=groups, records=records,
         labels=np.array([_label(r, group_by) for r in records]), sets=sets, controls=controls,
-        frequency=frequency, overlap=overlap, eval_source=source,
+        frequency=frequency, overlap=overlap, eval_source=source, checkable=checkable,
         attrs={**{k: attrs[k] for k in ("model", "model_fingerprint", "dataset_hash", "token_span", "rule",
                                          "epsilon", "group_by") if k in attrs},
                "family": family.name, "eval_source": source, "eval_dataset_hash": dataset_hash(records),
                "overlap": overlap, "allow_overlap": settings.allow_overlap, "seeds": settings.seeds,
                "seed": settings.seed, "controls": list(settings.controls),
                "max_response_tokens": settings.max_response_tokens or 0, "resamples": settings.resamples,
-               "permutations": settings.permutations})
+               "permutations": settings.permutations, **(_accuracy_attrs(records, checkable, settings)
+                                                          if settings.accuracy else {})})
+
+
+def _accuracy_attrs(records: Sequence[InstructionRecord], checkable: np.ndarray, settings: AblationSettings) -> dict:
+    categories = sorted({r.category for r in records})
+    checked = sorted({r.category for r, c in zip(records, checkable) if c})
+    return {"max_new_tokens": settings.max_new_tokens, "accuracy_categories": checked,
+            "accuracy_skipped": [c for c in categories if c not in checked]}
 
 
 def _mean_frequency(frequency: xr.DataArray, chosen: xr.DataArray) -> float:
@@ -215,6 +234,7 @@ def run_ablation(
 ) -> Path:
     """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
     and must have the components' weights fingerprint."""
+    from sparcom.ablation_accuracy import accuracy_dataset, greedy_generate, tokenize_prompts
     from sparcom.models import load_model, model_fingerprint, resolve_model
     from sparcom.response_nll import response_nll, tokenize_responses
 
@@ -228,37 +248,59 @@ def run_ablation(
                                  f"(fingerprint {plan.attrs['model_fingerprint'][:12]}); pass that model")
     loaded = load_model(source, cache_dir, extraction.dtype, extraction.device)
     tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
+    checked = np.flatnonzero(plan.checkable) if settings.accuracy else np.array([], dtype=int)
+    prompts = tokenize_prompts([plan.records[i] for i in checked], loaded.tokenizer)
     passes = 1 + len(plan.sets) * (1 + len(settings.controls) * settings.seeds)
-    progress = tqdm(total=passes * len(tokenized), unit="record", desc="ablating")
+    total = passes * (len(tokenized) + len(prompts))
+    progress = tqdm(total=total, unit="record", desc="ablating")
 
     def advance(n: int) -> None:
         progress.update(n)
         if on_progress:
-            on_progress(progress.n, passes * len(tokenized))
+            on_progress(progress.n, total)
 
-    def measure(chosen: xr.DataArray | None) -> np.ndarray:
-        """NLL with `chosen` switched off (None: nothing; an empty set is the base pass again)."""
-        if chosen is not None and not chosen.any():
-            advance(len(tokenized))
-            return base
-        with Ablation(loaded.model, {plan.family.name: chosen.values}) if chosen is not None else nullcontext():
-            return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device, advance)
+    def nll() -> np.ndarray:
+        return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device, advance)
 
-    base = measure(None)
-    nll = np.stack([measure(plan.sets[g]) for g in plan.groups])
-    controls, seeds = list(settings.controls), range(settings.seeds)
-    nll_control = np.full((len(controls), len(seeds), len(plan.groups), len(tokenized)), np.nan)
-    control_frequency = np.full(nll_control.shape[:3], np.nan)
-    for c, control in enumerate(controls):
-        for s in seeds:
-            for g, group in enumerate(plan.groups):
-                chosen = plan.controls.get((control, s, group), plan.sets[group])  # empty set: no control
-                nll_control[c, s, g] = measure(chosen)
-                control_frequency[c, s, g] = _mean_frequency(plan.frequency, chosen)
+    def generations() -> np.ndarray:
+        texts = np.full(len(plan.records), "", dtype=object)
+        texts[checked] = greedy_generate(loaded.model, prompts, loaded.tokenizer, extraction, loaded.device,
+                                         settings.max_new_tokens, advance)
+        return texts
+
+    def under_each(measure: Callable[[], np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`measure()` intact, with each group's set switched off, with each control switched off."""
+        base = measure()
+
+        def switched_off(chosen: xr.DataArray) -> np.ndarray:
+            if not chosen.any():  # an empty set is the intact pass again
+                advance(size)
+                return base
+            with Ablation(loaded.model, {plan.family.name: chosen.values}):
+                return measure()
+
+        ablated = np.stack([switched_off(plan.sets[g]) for g in plan.groups])
+        controlled = np.full((len(controls), settings.seeds, *ablated.shape), np.nan, dtype=base.dtype)
+        for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds),
+                                                   enumerate(plan.groups)):
+            controlled[c, s, g] = switched_off(plan.controls.get((control, s, group), plan.sets[group]))
+        return base, ablated, controlled
+
+    controls = list(settings.controls)
+    base, nll_ablated, nll_control = under_each(nll, len(tokenized))
+    texts = under_each(generations, len(prompts)) if settings.accuracy else None
     progress.close()
+    control_frequency = np.full(nll_control.shape[:3], np.nan)
+    for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds), enumerate(plan.groups)):
+        # a group with an empty set has no control: its set (nothing) again
+        control_frequency[c, s, g] = _mean_frequency(plan.frequency, plan.controls.get((control, s, group),
+                                                                                      plan.sets[group]))
+    dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
+    if texts is not None:
+        dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
     path = Path(out_dir) / ABLATION_NAME
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_zarr(ablation_dataset(plan, base, nll, nll_control, control_frequency, controls, settings), path)
+    save_zarr(dataset, path)
     return path
 
 

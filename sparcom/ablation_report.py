@@ -3,7 +3,8 @@ off hurts its own records more than other groups' records and more than each con
 
 - `summarize_ablation(ablation)`: the figures of `ablation.zarr` as plain data, per group, with
   a verdict for each comparison (an interval above 1, or p < ALPHA).
-- `ablation_markdown(summary)`: the section: one sentence per group and the table.
+- `ablation_markdown(summary)`: the section: one sentence per group and the table; where the
+  accuracy ran, its tables too (`accuracy_markdown`).
 - `plot_ablation(ablation, path)`: heatmap of delta[ablated, evaluated] beside each group's own
   delta against its controls' (95% intervals).
 - `report_ablation(ablation_path, out_dir)`: `ablation.md`, `ablation.json`, `ablation.png`.
@@ -78,8 +79,29 @@ def summarize_ablation(ablation: xr.Dataset) -> dict:
         per_group[group] = entry
     delta = {str(a): {str(e): _value(ablation.delta.sel(ablated=a, evaluated=e)) for e in ablation.evaluated.values}
              for a in ablation.ablated.values}
-    return {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ablation.attrs.items()},
-            "groups": groups, "controls_run": controls, "per_group": per_group, "delta": delta}
+    summary = {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ablation.attrs.items()},
+               "groups": groups, "controls_run": controls, "per_group": per_group, "delta": delta}
+    if "accuracy" in ablation:
+        summary["accuracy"] = _accuracy_summary(ablation)
+    return summary
+
+
+def _accuracy_summary(ablation: xr.Dataset) -> dict:
+    """Accuracies over the records with a checkable answer, for the evaluated groups that have some."""
+    labels = ablation.category if ablation.attrs.get("group_by") == "category" else ablation.origin
+    evaluated = [str(e) for e in ablation.evaluated.values if int(ablation.accuracy_records.sel(evaluated=e))]
+    return {
+        "max_new_tokens": ablation.attrs.get("max_new_tokens"),
+        "checked": {e: int(ablation.accuracy_records.sel(evaluated=e)) for e in evaluated},
+        "records": {e: int((labels == e).sum()) for e in evaluated},
+        "skipped": list(ablation.attrs.get("accuracy_skipped", [])),
+        "intact": {e: _value(ablation.accuracy_base.sel(evaluated=e)) for e in evaluated},
+        "ablated": {str(a): {e: _value(ablation.accuracy.sel(ablated=a, evaluated=e)) for e in evaluated}
+                    for a in ablation.ablated.values},
+        "controls": {str(c): {str(a): {e: _value(ablation.accuracy_control.sel(control=c, ablated=a, evaluated=e))
+                                       for e in evaluated} for a in ablation.ablated.values}
+                     for c in ablation.control.values},
+    }
 
 
 def _fmt(figure: dict, digits: int = 3) -> str:
@@ -141,7 +163,37 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
                                                      for a, row in summary["delta"].items()])]
     if plot:
         lines += ["", f"![ablation]({plot})"]
+    if "accuracy" in summary:
+        lines += ["", accuracy_markdown(summary["accuracy"])]
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def accuracy_markdown(accuracy: dict) -> str:
+    """The accuracy matrix (intact, then each group's set off) and each group's own records against its controls."""
+    evaluated = list(accuracy["checked"])
+    checked = ", ".join(f"{e} {accuracy['checked'][e]} of {accuracy['records'][e]}" for e in evaluated)
+    skipped = (f" Skipped, no checkable answer: {', '.join(accuracy['skipped'])}." if accuracy["skipped"] else "")
+    lines = [
+        "### Accuracy (greedy decoding)", "",
+        f"Greedy decoding of at most {accuracy['max_new_tokens']} new tokens after the prompt, intact and with "
+        f"each set (and each control, mean over seeds) switched off, scored on the evaluation records with a "
+        f"checkable answer (CLS: the label; MATH: the final number): {checked} records.{skipped}", "",
+        table(["switched off"] + evaluated,
+              [["nothing (intact)"] + [_share(accuracy["intact"][e]) for e in evaluated]]
+              + [[a] + [_share(row[e]) for e in evaluated] for a, row in accuracy["ablated"].items()]),
+    ]
+    own = [a for a in accuracy["ablated"] if a in evaluated]
+    if own:
+        controls = list(accuracy["controls"])
+        lines += ["", "Each group's own records:", "",
+                  table(["group", "records", "intact", "own set off"] + [f"{c} off" for c in controls],
+                        [[a, accuracy["checked"][a], _share(accuracy["intact"][a]), _share(accuracy["ablated"][a][a])]
+                         + [_share(accuracy["controls"][c][a][a]) for c in controls] for a in own])]
+    return "\n".join(lines)
 
 
 def plot_ablation(ablation: xr.Dataset, path: Path) -> None:

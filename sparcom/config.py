@@ -154,6 +154,10 @@ class AblationSettings(StrictModel):
     max_response_tokens: int | None = Field(
         16, gt=0, description="response tokens scored per record (the first ones); none: all")
     allow_overlap: bool = Field(False, description="evaluate on records that also selected the components")
+    accuracy: bool = Field(
+        False, description="also greedy-decode the records with a checkable answer (CLS label, MATH final "
+                           "number) intact and under every ablation, and score their accuracy; off by default: slow on CPU")
+    max_new_tokens: int = Field(128, gt=0, description="accuracy: tokens greedy-decoded per record at most")
     resamples: int = Field(1000, gt=0, description="bootstrap resamples over records")
     permutations: int = Field(10000, gt=0, description="sign flips of the permutation test")
 
