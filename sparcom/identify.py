@@ -40,7 +40,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.config import IdentificationSettings
-from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
+from sparcom.rules import GROUP, RANK_RULES, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
 from sparcom.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
 from sparcom.outputs import building, claimed
 from sparcom.store import StoreError, open_store
@@ -254,12 +254,25 @@ def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSet
     dims = [d for d in whole.dims if d != GROUP]
     per_seed = []
     for seed in range(sums.sizes[SEED]):
-        a_tokens = sums.half_tokens.isel({SEED: seed}, drop=True)
-        a = select_by(_frequency(half_a.isel({SEED: seed}, drop=True), a_tokens), settings, family.layer_dim)
-        b = select_by(_frequency(whole - half_a.isel({SEED: seed}, drop=True), sums.token_total - a_tokens),
-                      settings, family.layer_dim)
-        per_seed.append(cross_jaccard(a.selected, b.selected, dims))
+        a_sums, a_tokens = half_a.isel({SEED: seed}, drop=True), sums.half_tokens.isel({SEED: seed}, drop=True)
+        a = _half_sets(a_sums, a_tokens, family, settings)
+        b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
+        per_seed.append(cross_jaccard(a, b, dims))
     return xr.concat(per_seed, SEED)
+
+
+def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, settings: IdentificationSettings
+               ) -> xr.DataArray:
+    """One half's sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
+    from the summed counts as from the frequencies, so only their extremes are divided, to check
+    them as frequencies are checked."""
+    if settings.rule not in RANK_RULES:
+        return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
+    dims = [d for d in sums.dims if d != GROUP]
+    _frequency(xr.concat([sums.min(dims), sums.max(dims)], "extreme"), tokens, family.frequency)
+    if (tokens == 0).any():  # frequencies are 0 there, whatever an inconsistent store counted
+        sums = sums.where(tokens > 0, 0)
+    return select_by(sums, settings, family.layer_dim).selected
 
 
 def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
