@@ -49,7 +49,7 @@ from sparcom.template import template_share
 INSTRUCTION = "instruction"
 COLUMN = "sum_column"
 # The one-pass contraction reads blocks of whole store chunks of about this size.
-CONTRACTION_BLOCK_BYTES = 64 * 2**20
+CONTRACTION_BLOCK_BYTES = 128 * 2**20
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
@@ -100,12 +100,15 @@ def _one_hot(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def _block_sums(matrices: list[np.ndarray], blocks: list[np.ndarray]) -> np.ndarray:
-    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype."""
-    total = None
-    for matrix, counts in zip(matrices, blocks):
-        part = matrix.T @ counts.reshape(len(counts), -1).astype(matrix.dtype)
-        total = part if total is None else np.add(total, part, out=total)
-    return total.reshape(matrices[0].shape[1], *blocks[0].shape[1:])
+    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype, as one matrix
+    product of the blocks stacked along instructions: with few rows (one store chunk) writing
+    the product costs as much as computing it, so more rows per product cost less per row."""
+    counts = np.empty((sum(map(len, blocks)), math.prod(blocks[0].shape[1:])), dtype=matrices[0].dtype)
+    start = 0
+    for block in blocks:
+        counts[start:start + len(block)] = block.reshape(len(block), -1)
+        start += len(block)
+    return (np.concatenate(matrices).T @ counts).reshape(matrices[0].shape[1], *blocks[0].shape[1:])
 
 
 def _added(parts: list[np.ndarray]) -> np.ndarray:
