@@ -120,10 +120,10 @@ def _added(parts: list[np.ndarray]) -> np.ndarray:
 
 def _contract(counts: xr.DataArray, matrix: np.ndarray) -> xr.DataArray:
     """sum over instructions of matrix[instruction, column] * counts[instruction, ...]: matrix
-    products (BLAS) over runs of store chunks of about CONTRACTION_BLOCK_BYTES, added in place,
-    then added up in a tree of in-place sums: one read of every chunk, no copy of the counts,
-    memory a few chunks per worker. Exact: every partial sum is an integer no larger than the
-    total, and the caller picks a float type that holds the total."""
+    products (BLAS), one per run of store chunks of about CONTRACTION_BLOCK_BYTES (the run
+    converted once to the product's float type), added up in a tree of in-place sums: one read
+    of every chunk, memory a few runs per worker. Exact: every partial sum is an integer no
+    larger than the total, and the caller picks a float type that holds the total."""
     data = _plain(counts).data
     dims = (COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
     if not isinstance(data, da.Array):
@@ -224,16 +224,19 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
     # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
     matrix = matrix.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
+    # The sums leave the workers in the smallest integer type that holds every column's tokens
+    # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
+    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), matrix.dtype)
     coords = {GROUP: groups.astype(object)}
     families = families_in(store)
-    computed = dask.compute(*[_contract(store[f.count], matrix) for f in families])
+    computed = dask.compute(*[_contract(store[f.count], matrix).astype(exact) for f in families])
     result = xr.Dataset({"token_total": (GROUP, tokens[:len(groups)])}, coords=coords)
     if seeds:
         result["half_tokens"] = ((SEED, GROUP), tokens[len(groups):].reshape(seeds, len(groups)))
     for family, sums in zip(families, computed):
         sums = sums.transpose(COLUMN, ...)
         dims = sums.dims[1:]
-        values = sums.values  # float32 where exact: divided by float64 tokens, the same frequencies
+        values = sums.values  # integers: divided by float64 tokens, the same frequencies
         result[family.count] = ((GROUP, *dims), values[:len(groups)])
         if seeds:
             result[f"{family.count}_half_a"] = (

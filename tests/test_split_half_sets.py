@@ -11,10 +11,10 @@ import pytest
 import xarray as xr
 
 from sparcom.config import IdentificationSettings
-from sparcom.identify import identify
+from sparcom.identify import identify, one_pass_sums
 from sparcom.split_half import cross_jaccard, half_assignment
-from sparcom.store import StoreError
-from tests.test_identify import make_store, test_report_of_a_moe_store_matches_set_arithmetic
+from sparcom.store import StoreError, open_store
+from tests.test_identify import make_store, test_report_of_a_moe_store_matches_set_arithmetic, write_store
 from tests.test_rules import naive_rule
 
 
@@ -102,3 +102,25 @@ def test_lazy_analysis_of_sets_too_large_for_memory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sparcom.generality, "IN_MEMORY_BYTES", 0)
     test_report_of_a_moe_store_matches_set_arithmetic(tmp_path)
+
+
+def test_group_sums_above_16_bits_stay_exact(tmp_path):
+    """Sums leave the workers as integers of the width their tokens need: 32 bits here."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(["CLS", "QA"], 6)
+    tokens = rng.integers(20000, 40000, len(labels))
+    counts = (rng.random((len(labels), 3, 10)) * tokens[:, None, None]).astype(np.int64)
+    store = make_store(counts, tokens, labels.tolist())
+    in_a, _ = half_assignment(labels, np.array(store.origin.values, dtype=str), 2)
+    sums = one_pass_sums(open_store(write_store(store, tmp_path / "s.zarr")), labels, in_a)
+    assert sums.act_count.dtype == np.uint32
+    for k, group in enumerate(["CLS", "QA"]):
+        rows = labels == group
+        np.testing.assert_array_equal(sums.act_count.sel(group=group).values, counts[rows].sum(0))
+        for seed in range(2):
+            np.testing.assert_array_equal(sums.act_count_half_a.isel(split_seed=seed, group=k).values,
+                                          counts[rows & in_a[seed]].sum(0))
+    frequency = identify(store, IdentificationSettings(split_half_seeds=2)).frequency
+    for group in ("CLS", "QA"):
+        rows = labels == group
+        np.testing.assert_array_equal(frequency.sel(group=group).values, counts[rows].sum(0) / tokens[rows].sum())
