@@ -3,7 +3,8 @@
 neurons), identified on a local Dask cluster. Prints, per selection rule, wall time, peak memory
 (this process plus every worker, sampled) and throughput (GB of counts read per second), beside
 the time of one plain read-and-sum of every chunk of the same store on the same cluster (the
-least any identification can cost), with the ratios and the load average of the same run.
+least any identification can cost), with the ratios and the load average of the same run. The
+store is read again after each rule, and the ratios are to the mean of the reads around it.
 
     python benchmarks/identify.py                      # both stores, 2 workers, the paper's rule
     python benchmarks/identify.py --which dense --rules global_percentile,lape,contrastive
@@ -157,10 +158,16 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
             identified, peak = timed(lambda: identify_store(store, settings, out))
             analysed, analysis_peak = timed(lambda: report_generality(out / "components.zarr", out))
             first = first or identified
-            print(f"   {rule:>17}: identify {identified:6.1f} s = {identified / read:4.2f} x one read "
+            # Another read after it: on a shared machine the load drifts, so the base of the
+            # ratios is the mean of the reads just before and just after.
+            again, _ = timed(lambda: one_read(store))
+            base = (read + again) / 2
+            print(f"   {rule:>17}: identify {identified:6.1f} s = {identified / base:4.2f} x one read "
                   f"({identified / first:4.2f} x {args.rules.split(',')[0]}); + generality "
-                  f"{analysed:5.1f} s = {analysed / read:4.2f} x one read; peak "
-                  f"{max(peak, analysis_peak) / 2**30:.2f} GiB", flush=True)
+                  f"{analysed:5.1f} s = {analysed / base:4.2f} x one read; peak "
+                  f"{max(peak, analysis_peak) / 2**30:.2f} GiB; reads before and after "
+                  f"{read:.1f} s, {again:.1f} s", flush=True)
+            read = again
         print(f"   verify (chunk manifest, every byte's CRC-32): {verified:6.1f} s = "
               f"{100 * verified / first:5.1f}% of one identification ({args.rules.split(',')[0]})")
     load = psutil.getloadavg()

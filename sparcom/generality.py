@@ -6,7 +6,8 @@
   set's distribution over layers and, where there is an `expert` dim, over experts.
 - `analyze(components)`: `generality` of every component family in a components dataset, merged
   into one dataset whose names carry the family's name (`neurons_general`, `experts_jaccard`,
-  `expert_neurons_unique`, ...). Lazy (Dask) when the components are. Where identification
+  `expert_neurons_unique`, ...). Sets up to IN_MEMORY_BYTES are analysed in memory, larger
+  ones lazily (Dask), chunk by chunk. Where identification
   split the groups in halves, also the split-half reliability (`neurons_split_within[group]`,
   `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, docs/method.md section 4b), and
   where the template's share of the counted tokens is known, `neurons_template_level[group]`:
@@ -27,6 +28,10 @@ EXPERT = "expert"
 # The Jaccard matrix costs groups^2 x components multiply-adds; above this (per-instruction sets
 # of a large model) it is left out and the analysis says so in its attributes.
 JACCARD_MAX_WORK = 2e11
+# Sets up to this size (a byte per group and component: categories or origins of any model) are
+# analysed in memory, where a task graph over their stored chunks costs more than the work;
+# larger ones (per-instruction sets) stay lazy and are analysed chunk by chunk.
+IN_MEMORY_BYTES = 2**28
 
 
 def jaccard_matrix(selected: xr.DataArray, component_dims: list[str]) -> xr.DataArray:
@@ -95,6 +100,8 @@ def analyze(components: xr.Dataset) -> xr.Dataset:
     attrs = dict(components.attrs)
     for family in families_in(components, by="selected"):
         selected = components[family.selected].reset_coords(drop=True)
+        if selected.nbytes <= IN_MEMORY_BYTES:
+            selected = selected.load()
         dims = tuple(d for d in selected.dims if d != GROUP)
         part = generality(selected, dims, family.layer_dim)
         if f"{family.name}_{SPLIT_JACCARD}" in components:

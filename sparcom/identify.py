@@ -40,7 +40,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.config import IdentificationSettings
-from sparcom.rules import GROUP, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
+from sparcom.rules import GROUP, RANK_RULES, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
 from sparcom.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
 from sparcom.outputs import building, claimed
 from sparcom.store import StoreError, open_store
@@ -49,7 +49,7 @@ from sparcom.template import template_share
 INSTRUCTION = "instruction"
 COLUMN = "sum_column"
 # The one-pass contraction reads blocks of whole store chunks of about this size.
-CONTRACTION_BLOCK_BYTES = 64 * 2**20
+CONTRACTION_BLOCK_BYTES = 128 * 2**20
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
@@ -100,12 +100,15 @@ def _one_hot(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def _block_sums(matrices: list[np.ndarray], blocks: list[np.ndarray]) -> np.ndarray:
-    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype."""
-    total = None
-    for matrix, counts in zip(matrices, blocks):
-        part = matrix.T @ counts.reshape(len(counts), -1).astype(matrix.dtype)
-        total = part if total is None else np.add(total, part, out=total)
-    return total.reshape(matrices[0].shape[1], *blocks[0].shape[1:])
+    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype, as one matrix
+    product of the blocks stacked along instructions: with few rows (one store chunk) writing
+    the product costs as much as computing it, so more rows per product cost less per row."""
+    counts = np.empty((sum(map(len, blocks)), math.prod(blocks[0].shape[1:])), dtype=matrices[0].dtype)
+    start = 0
+    for block in blocks:
+        counts[start:start + len(block)] = block.reshape(len(block), -1)
+        start += len(block)
+    return (np.concatenate(matrices).T @ counts).reshape(matrices[0].shape[1], *blocks[0].shape[1:])
 
 
 def _added(parts: list[np.ndarray]) -> np.ndarray:
@@ -117,10 +120,10 @@ def _added(parts: list[np.ndarray]) -> np.ndarray:
 
 def _contract(counts: xr.DataArray, matrix: np.ndarray) -> xr.DataArray:
     """sum over instructions of matrix[instruction, column] * counts[instruction, ...]: matrix
-    products (BLAS) over runs of store chunks of about CONTRACTION_BLOCK_BYTES, added in place,
-    then added up in a tree of in-place sums: one read of every chunk, no copy of the counts,
-    memory a few chunks per worker. Exact: every partial sum is an integer no larger than the
-    total, and the caller picks a float type that holds the total."""
+    products (BLAS), one per run of store chunks of about CONTRACTION_BLOCK_BYTES (the run
+    converted once to the product's float type), added up in a tree of in-place sums: one read
+    of every chunk, memory a few runs per worker. Exact: every partial sum is an integer no
+    larger than the total, and the caller picks a float type that holds the total."""
     data = _plain(counts).data
     dims = (COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
     if not isinstance(data, da.Array):
@@ -221,16 +224,19 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
     # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
     matrix = matrix.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
+    # The sums leave the workers in the smallest integer type that holds every column's tokens
+    # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
+    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), matrix.dtype)
     coords = {GROUP: groups.astype(object)}
     families = families_in(store)
-    computed = dask.compute(*[_contract(store[f.count], matrix) for f in families])
+    computed = dask.compute(*[_contract(store[f.count], matrix).astype(exact) for f in families])
     result = xr.Dataset({"token_total": (GROUP, tokens[:len(groups)])}, coords=coords)
     if seeds:
         result["half_tokens"] = ((SEED, GROUP), tokens[len(groups):].reshape(seeds, len(groups)))
     for family, sums in zip(families, computed):
         sums = sums.transpose(COLUMN, ...)
         dims = sums.dims[1:]
-        values = sums.values  # float32 where exact: divided by float64 tokens, the same frequencies
+        values = sums.values  # integers: divided by float64 tokens, the same frequencies
         result[family.count] = ((GROUP, *dims), values[:len(groups)])
         if seeds:
             result[f"{family.count}_half_a"] = (
@@ -254,12 +260,25 @@ def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSet
     dims = [d for d in whole.dims if d != GROUP]
     per_seed = []
     for seed in range(sums.sizes[SEED]):
-        a_tokens = sums.half_tokens.isel({SEED: seed}, drop=True)
-        a = select_by(_frequency(half_a.isel({SEED: seed}, drop=True), a_tokens), settings, family.layer_dim)
-        b = select_by(_frequency(whole - half_a.isel({SEED: seed}, drop=True), sums.token_total - a_tokens),
-                      settings, family.layer_dim)
-        per_seed.append(cross_jaccard(a.selected, b.selected, dims))
+        a_sums, a_tokens = half_a.isel({SEED: seed}, drop=True), sums.half_tokens.isel({SEED: seed}, drop=True)
+        a = _half_sets(a_sums, a_tokens, family, settings)
+        b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
+        per_seed.append(cross_jaccard(a, b, dims))
     return xr.concat(per_seed, SEED)
+
+
+def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, settings: IdentificationSettings
+               ) -> xr.DataArray:
+    """One half's sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
+    from the summed counts as from the frequencies, so only their extremes are divided, to check
+    them as frequencies are checked."""
+    if settings.rule not in RANK_RULES:
+        return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
+    dims = [d for d in sums.dims if d != GROUP]
+    _frequency(xr.concat([sums.min(dims), sums.max(dims)], "extreme"), tokens, family.frequency)
+    if (tokens == 0).any():  # frequencies are 0 there, whatever an inconsistent store counted
+        sums = sums.where(tokens > 0, 0)
+    return select_by(sums, settings, family.layer_dim).selected
 
 
 def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:

@@ -1,6 +1,7 @@
 """Selection rules: each group's set of components from frequency[group, *components] (docs/method.md sections 2, 4a).
 
-- `RULES`, `COMPARING_RULES`: the rule names, and those that compare groups (need two or more).
+- `RULES`, `COMPARING_RULES`, `RANK_RULES`: the rule names, those that compare groups (need two
+  or more), and those that rank within each group (the same sets from counts as from frequencies).
 - `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
 - `select(frequency, rule, ...)`: the boolean sets (`selected`, like `frequency`) and `threshold`.
   global_percentile: per group, p >= the m-th largest frequency of all layers, ties included (the
@@ -31,10 +32,16 @@ import xarray as xr
 GROUP = "group"
 RULES = ("global_percentile", "layer_percentile", "threshold", "lape", "contrastive")
 COMPARING_RULES = ("lape", "contrastive")
+# Rules that rank each group's values (in a layer, or in all): they select the same sets from a
+# group's summed counts as from its frequencies, the sums divided by the group's token count.
+# Exact for integer sums below 2**52: distinct sums stay distinct, in order, after the division.
+RANK_RULES = ("global_percentile", "layer_percentile")
 EPSILON_TOLERANCE = 1e-9
 # Percentile selection reads whole groups (all components of a group, or of a group's layer) in
 # blocks of about this size.
 SELECTION_BLOCK_BYTES = 64 * 2**20
+# The m-th largest value of a row is searched near a bound from every this-many-th value.
+SAMPLE_STRIDE = 64
 
 
 def top_count(epsilon: float, n: int) -> int:
@@ -48,8 +55,26 @@ def top_fraction_threshold(values: np.ndarray, epsilon: float) -> float:
 
 
 def _row_thresholds(rows: np.ndarray, epsilon: float) -> np.ndarray:
+    """The m-th largest value of every row (last axis)."""
     n = rows.shape[-1]
-    return np.partition(rows, n - top_count(epsilon, n), axis=-1)[..., n - top_count(epsilon, n)]
+    m = top_count(epsilon, n)
+    flat = rows.reshape(-1, n)
+    return np.array([_mth_largest(row, m) for row in flat], dtype=rows.dtype).reshape(rows.shape[:-1])
+
+
+def _mth_largest(row: np.ndarray, m: int):
+    """The m-th largest value of a row, searched among the values at or above a bound that about
+    2m of them reach, taken from every SAMPLE_STRIDE-th value: a partition of a few m values, not
+    of the whole row. Exact: every value below the bound is below every candidate. Rows too short
+    for a sample, or where fewer than m values reach the bound, are partitioned whole."""
+    sample = row[::SAMPLE_STRIDE]
+    above = 2 * m // SAMPLE_STRIDE
+    if 0 < above <= len(sample) // 8:  # a bound that keeps most of the row saves nothing
+        bound = np.partition(sample, len(sample) - above)[len(sample) - above]
+        candidates = row[row >= bound]
+        if len(candidates) >= m:
+            return np.partition(candidates, len(candidates) - m)[len(candidates) - m]
+    return np.partition(row, len(row) - m)[len(row) - m]
 
 
 def _select_block(block: np.ndarray, n_core: int, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +82,12 @@ def _select_block(block: np.ndarray, n_core: int, epsilon: float) -> tuple[np.nd
     leading = block.shape[:block.ndim - n_core]
     rows = block.reshape(*leading, -1)
     threshold = _row_thresholds(rows, epsilon)
-    # `rows > 0`: with fewer than m positive values the threshold is 0 (or a negative margin),
-    # and only the positive ones are kept.
-    selected = (rows >= threshold[..., None]) & (rows > 0)
+    selected = rows >= threshold[..., None]
+    # With fewer than m positive values the threshold is 0 (or a negative margin): only the
+    # positive ones are kept. A positive threshold keeps only positive values anyway.
+    low = threshold <= 0
+    if low.any():
+        selected[low] &= rows[low] > 0
     return selected.reshape(block.shape), threshold
 
 
