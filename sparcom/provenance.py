@@ -26,6 +26,7 @@ every code version: a stage's code is what computes its result, not the keys tha
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -68,7 +69,7 @@ def modules_version(entries: Iterable[str], package: str = PACKAGE) -> str:
     `package` they import, at any depth."""
     digest = hashlib.sha256(__version__.encode())
     for name in module_closure(entries, package):
-        digest.update(f"{name}\n{ast.dump(_without_docstrings(_parse(name)))}\n".encode())
+        digest.update(f"{name}\n{_syntax(_source_text(name))[0]}\n".encode())
     return digest.hexdigest()
 
 
@@ -102,8 +103,23 @@ def _source_file(name: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _parse(name: str) -> ast.Module:
-    return ast.parse(_source_file(name).read_text(encoding="utf-8"))
+def _source_text(name: str) -> str:
+    return _source_file(name).read_text(encoding="utf-8")
+
+
+# Every key of a run versions the same few dozen files: each source text is parsed once.
+@functools.lru_cache(maxsize=512)
+def _syntax(source: str) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """The dumped comment- and docstring-free syntax tree of `source`, and its absolute imports:
+    (module, names taken from it) per `from module import names`, (name, ()) per `import name`."""
+    tree = ast.parse(source)
+    imports: list[tuple[str, tuple[str, ...]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports += [(alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imports.append((node.module, tuple(alias.name for alias in node.names)))
+    return ast.dump(_without_docstrings(tree)), tuple(imports)
 
 
 def _imported_modules(name: str, package: str) -> set[str]:
@@ -111,14 +127,12 @@ def _imported_modules(name: str, package: str) -> set[str]:
         return module == package or module.startswith(f"{package}.")
 
     found: set[str] = set()
-    for node in ast.walk(_parse(name)):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if ours(alias.name)}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and ours(node.module):
-            found.add(node.module)
-            # `from sparcom import extract` names a module; `from sparcom import __version__` does not
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if _source_file(f"{node.module}.{alias.name}") is not None}
+    for module, names in _syntax(_source_text(name))[1]:
+        if not ours(module):
+            continue
+        found.add(module)
+        # `from sparcom import extract` names a module; `from sparcom import __version__` does not
+        found |= {f"{module}.{alias}" for alias in names if _source_file(f"{module}.{alias}") is not None}
     return found
 
 
