@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sparcom.models import load_tokenizer
 from sparcom.records import InstructionRecord
+
+# torch and transformers are imported where used: with `-n 2`, the process that only hands out
+# tests to the workers then starts them seconds sooner.
 
 
 # Every Prefect server the tests start is a small SQLite one on a loaded machine: database calls
@@ -32,6 +32,13 @@ for _name, _value in SMALL_SERVER_SETTINGS.items():
 
 # A local Dask cluster has one worker process per core: 64 on a 64-core runner. Tests need two.
 TEST_DASK_WORKERS = 2
+
+# pytest-xdist workers (`-n 2`) share the cores: torch's default of one thread per core in each
+# would oversubscribe them, and tiny models then spend their time waiting for threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,6 +68,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The default model's tokenizer (chat template included), read from its GGUF file."""
+    from sparcom.models import load_tokenizer
+
     directory = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer("default").save_pretrained(directory)
     return directory
@@ -69,6 +78,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A randomly initialised 3-layer LLaMA with the default tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -117,6 +129,8 @@ def reference_tokens(record: InstructionRecord, tokenizer, span: str) -> tuple[l
 
 def forward_with_hooks(model, ids: list[int], hooks: list) -> None:
     """One unpadded forward pass of the full model; the hooks are removed even on error."""
+    import torch
+
     try:
         with torch.no_grad():
             model(torch.tensor([ids]))

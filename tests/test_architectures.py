@@ -156,12 +156,12 @@ def test_counts_are_exact_for_every_family(tmp_path, tiny_models, cache_dir, sam
     # Gemma2's eager attention overflows its float64 mask under left padding (NaN, refused below).
     sides = ["right"] if family == "gemma2" else ["left", "right"]
     for span in spans:
+        expected = [naive_counts(model, *reference_tokens(r, tokenizer, span)) for r in sample_records]
         for max_batch_size, side in [(3, sides[0]), (64, sides[-1])]:
             settings = ExtractionSettings(span=span, max_batch_size=max_batch_size, padding_side=side,
                                           shard_size=5)
             store = open_store(extract_to_store(
                 loaded, sample_records, tmp_path / f"{span}-{max_batch_size}.zarr", settings))
-            expected = [naive_counts(model, *reference_tokens(r, tokenizer, span)) for r in sample_records]
             assert set(expected[0]) == set(store.data_vars) - {"token_count"}
             for name in expected[0]:
                 np.testing.assert_array_equal(

@@ -8,7 +8,10 @@ from typer.testing import CliRunner
 
 import sparcom.models
 from cli.app import app
-from sparcom.config import SettingsError, load_settings
+from sparcom.config import CurationSettings, SettingsError, load_settings
+from sparcom.curation import curate
+from sparcom.record_files import file_pool
+from sparcom.records import RecordError
 
 from conftest import make_record
 
@@ -118,6 +121,16 @@ def test_a_failure_during_work_exits_1(tmp_path, dataset, monkeypatch):
     assert "RuntimeError: the disk is on fire" in result.output and "Traceback" not in result.output
 
 
+def test_curation_with_every_record_quarantined_says_why(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n{"id": "b"}\n')
+    with pytest.raises(RecordError, match=r"^no records left to curate: all 2 were set aside \(invalid: 2\)$"):
+        curate([file_pool(bad, "quarantine")], CurationSettings(
+            on_error="quarantine", inputs=[bad], sources=[], authored=False,
+            max_prompt_tokens=None, max_response_tokens=None))
+
+
+@pytest.mark.slow  # the curate command runs a flow: Prefect starts its temporary server
 def test_curation_with_every_record_quarantined_is_one_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\n{"id": "b"}\n')
