@@ -265,8 +265,11 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
     assert load_settings(config).ablation.model_dump(include={"accuracy", "max_new_tokens"}) == {
         "accuracy": True, "max_new_tokens": 32}
 
+    import cli.server
+    import flows.pipeline  # before the stand-ins below: its tasks must bind the real functions
     import sparcom.ablation
     import sparcom.ablation_report
+    from tasks.ablation import _key
 
     seen = []
     monkeypatch.setattr(sparcom.ablation, "run_ablation", lambda *args, **kwargs: seen.append(args[2]) or "x")
@@ -279,10 +282,6 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
     assert [(s.accuracy, s.max_new_tokens) for s in seen] == [(True, 7), (False, 128)]
     bad = runner.invoke(app, base + ["--accuracy", "--max-new-tokens", "0"])
     assert bad.exit_code == 2 and "ablation.max_new_tokens" in bad.output
-
-    import cli.server
-    import flows.pipeline
-    from tasks.ablation import _key
 
     report = tmp_path / "report.md"
     report.write_text("")
