@@ -7,6 +7,7 @@
 - `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
 - `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
+- `shard_range(shard, shard_size, n)`: the record indices of one shard.
 - `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
   (no records, shards out of range).
 - `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
@@ -181,7 +182,7 @@ def extract_to_store(
     n_shards = shard_count(len(records), settings.shard_size)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
     reusable = DonorRows(donors, counts_key(loaded.fingerprint, settings.span, loaded.dtype))
-    done_before = len(records) - sum(len(_shard_range(s, settings.shard_size, len(records))) for s in wanted)
+    done_before = len(records) - sum(len(shard_range(s, settings.shard_size, len(records))) for s in wanted)
     progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting",
                     disable=not show_progress)
 
@@ -193,13 +194,13 @@ def extract_to_store(
     with FFNCounter(sites) as counter:
         for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
             window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
-            indices = [i for s in window for i in _shard_range(s, settings.shard_size, len(records))]
+            indices = [i for s in window for i in shard_range(s, settings.shard_size, len(records))]
             counts = reusable.take({i: record_hash(records[i]) for i in indices})
             advance(len(counts))
             fresh = [i for i in indices if i not in counts]
             counts.update(_count(counter, loaded, [records[i] for i in fresh], fresh, settings, advance))
             for shard in window:
-                rows = _shard_range(shard, settings.shard_size, len(records))
+                rows = shard_range(shard, settings.shard_size, len(records))
                 write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
                                            for name in counts[rows[0]]})
     progress.close()
@@ -295,7 +296,7 @@ def parse_shards(text: str) -> list[int]:
     return shards
 
 
-def _shard_range(shard: int, shard_size: int, n: int) -> range:
+def shard_range(shard: int, shard_size: int, n: int) -> range:
     return range(shard * shard_size, min((shard + 1) * shard_size, n))
 
 

@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 from cli.app import app
 from sparcom.cluster import GPU_RESOURCE, gpu_cluster_spec
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
-from sparcom.distributed_extract import FILLERS, ClusterError, extract_on_cluster, worker_model
-from sparcom.extract import extract_to_store
+from sparcom.distributed_extract import (
+    FILLERS, TASKS_PER_WORKER, ClusterError, extract_on_cluster, shard_tasks, task_shards, worker_model,
+)
+from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.models import ModelLoadError, load_model, resolve_model
 from sparcom.store import PROGRESS, finished_shards, is_complete, open_store, shard_count
 
@@ -104,7 +106,9 @@ def test_two_worker_processes_fill_one_store_with_the_naive_counts(
     assert {f["worker"] for f in fillers.values()} == workers  # both workers took shards
     assert {f["model_loads"] for f in fillers.values()} == {1}  # each loaded the model once
     assert {tuple(f["devices"]) for f in fillers.values()} == {("cpu",)}
-    assert done[-1] == (len(records), len(records)) and len(done) == len(fillers)
+    # Progress comes per task: 12 shards on 2 workers are TASKS_PER_WORKER tasks each.
+    assert done[-1] == (len(records), len(records)) and len(done) == 2 * TASKS_PER_WORKER
+    assert [n for n, _ in done] == sorted(n for n, _ in done)
 
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("".join(r.model_dump_json() + "\n" for r in records))
@@ -141,8 +145,8 @@ def test_a_worker_killed_mid_run_has_its_shard_redone(tmp_path_factory, tiny_lla
             interrupted: list[int] = []
             while time.monotonic() < deadline and not interrupted:
                 if (store / "zarr.json").is_file() and len(finished_shards(store)) >= 4:
-                    interrupted = [int(k.rsplit("-", 1)[1]) for k in client.processing([victim])[victim]
-                                   if k.startswith("sparcom-shard-")]
+                    interrupted = [shard for k in client.processing([victim])[victim]
+                                   if k.startswith("sparcom-shards-") for shard in task_shards(k)]
                 if not interrupted:
                     time.sleep(0.01)
             workers[victim].kill()
@@ -198,7 +202,8 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
         assert other is not first and other.dtype == torch.float32
 
 
-def test_the_longest_shards_run_first(threads_client, tiny_llama_dir, cache_dir, records, tmp_path):
+def test_tasks_group_shards_evenly_and_run_costliest_first(threads_client, tiny_llama_dir, cache_dir, records,
+                                                           tmp_path):
     from distributed import get_task_stream
 
     lengths = [len(f"{r.instruction}\n\n{r.input}" if r.input else r.instruction) for r in records]
@@ -207,11 +212,44 @@ def test_the_longest_shards_run_first(threads_client, tiny_llama_dir, cache_dir,
         extract_on_cluster(threads_client, ModelSettings(name=str(tiny_llama_dir)), records, tmp_path / "s.zarr",
                            SETTINGS, {}, cache_dir)
     started = sorted((task["startstops"][0]["start"], task["key"]) for task in stream.data
-                     if task["key"].startswith("sparcom-shard-"))
-    ran = [int(key.rsplit("-", 1)[1]) for _, key in started]
-    assert len(set(per_shard)) > 1  # the records give shards of different lengths
-    assert sorted(ran) == list(range(len(per_shard)))
-    assert [per_shard[shard] for shard in ran] == sorted(per_shard, reverse=True)  # ties in any order
+                     if task["key"].startswith("sparcom-shards-"))
+    ran = [task_shards(key) for _, key in started]
+    assert len(ran) == TASKS_PER_WORKER  # one worker, 12 shards
+    assert sorted(s for task in ran for s in task) == list(range(len(per_shard)))
+    costs = [sum(per_shard[s] for s in task) for task in ran]
+    assert costs == sorted(costs, reverse=True)
+    assert max(costs) - min(costs) <= max(per_shard)
+
+
+def test_shard_tasks_known_answers():
+    # Costliest shard first into the cheapest task: 10 | 9, then 8 joins 9 (17), the 1s join 10.
+    assert shard_tasks({0: 10, 1: 9, 2: 8, 3: 1, 4: 1, 5: 1}, workers=1) == [[1, 2], [0, 3, 4, 5]]
+    assert shard_tasks({7: 5}, workers=4) == [[7]]  # never more tasks than shards
+    assert shard_tasks({}, workers=2) == []
+    # Tasks hold at most SORT_WINDOW_SHARDS shards: 20 alike ones on one worker need 3 tasks.
+    alike = shard_tasks(dict.fromkeys(range(20), 3), workers=1)
+    assert sorted(map(len, alike)) == [6, 7, 7] and max(map(len, alike)) <= SORT_WINDOW_SHARDS
+
+
+def test_shard_tasks_cover_every_shard_once_with_even_costs():
+    rng = np.random.default_rng(0)
+    for n_shards, workers in [(3, 2), (10, 2), (38, 8), (200, 3), (1000, 16)]:
+        costs = dict(zip(rng.permutation(n_shards * 2)[:n_shards].tolist(),
+                         rng.integers(100, 5000, n_shards).tolist()))
+        tasks = shard_tasks(costs, workers)
+        assert sorted(s for task in tasks for s in task) == sorted(costs)
+        assert len(tasks) == min(n_shards, max(-(-n_shards // SORT_WINDOW_SHARDS), TASKS_PER_WORKER * workers))
+        assert all(task == sorted(task) and 0 < len(task) <= SORT_WINDOW_SHARDS for task in tasks)
+        totals = [sum(costs[s] for s in task) for task in tasks]
+        assert totals == sorted(totals, reverse=True)
+        if n_shards <= SORT_WINDOW_SHARDS * TASKS_PER_WORKER * workers:  # the cap never binds
+            assert totals[0] - totals[-1] <= max(costs.values())
+
+
+def test_task_keys_name_their_shards():
+    assert task_shards("sparcom-shards-0123456789ab-3_7_12") == [3, 7, 12]
+    with pytest.raises(ValueError, match="not an extraction task"):
+        task_shards("sparcom-load-tcp://127.0.0.1:1")
 
 
 def test_no_worker_with_the_gpu_resource_is_a_clear_error(threads_client, tiny_llama_dir, cache_dir, records,
