@@ -12,12 +12,14 @@ store is read again after each rule, and the ratios are to the mean of the reads
     python benchmarks/identify.py --which moe --instructions 240 --dir /data/bench
 
 The stores are written chunk by chunk (never whole in memory) with the extraction's chunking,
-into --dir (a temporary folder by default, removed at the end unless --keep).
+into --dir (a temporary folder by default, removed at the end unless --keep). With --reuse the
+stores stay in --dir itself, and a later run with the same sizes reads them again unwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -35,8 +37,9 @@ from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from sparcom.identify import FAMILIES, identify_store
 from sparcom.records import CATEGORIES
+import sparcom.report
 from sparcom.report import report_generality
-from sparcom.store import open_store, seal_store, verify_store
+from sparcom.store import is_complete, open_store, seal_store, verify_store
 
 SHARD = 32  # instructions per chunk, as extraction writes them
 SHAPES = {
@@ -122,6 +125,26 @@ def one_read(store: Path) -> None:
     dask.compute(*[opened[f.count].data.sum(axis=0, dtype=np.uint64) for f in FAMILIES if f.count in opened])
 
 
+@contextlib.contextmanager
+def plot_time():
+    """Seconds the stage spends in `write_plots`, measured in the stage's own run."""
+    spent = [0.0]
+    draw = sparcom.report.write_plots
+
+    def timed_draw(*args):
+        started = time.perf_counter()
+        try:
+            return draw(*args)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    sparcom.report.write_plots = timed_draw
+    try:
+        yield spent
+    finally:
+        sparcom.report.write_plots = draw
+
+
 def timed(work) -> tuple[float, int]:
     """(seconds, peak memory of this process and the workers) of one call."""
     with PeakMemory() as memory:
@@ -131,13 +154,17 @@ def timed(work) -> tuple[float, int]:
 
 
 def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
-    store = folder / f"{kind}.zarr"
+    store = folder / f"{kind}-{n}.zarr"
     started = time.perf_counter()
-    count_bytes = write_synthetic_store(store, kind, n)
+    if args.reuse and is_complete(store):
+        opened = open_store(store)
+        count_bytes, how = sum(opened[f.count].nbytes for f in FAMILIES if f.count in opened), "reused"
+    else:
+        count_bytes, how = write_synthetic_store(store, kind, n), "written"
     written = time.perf_counter() - started
     gb = count_bytes / 1e9
     print(f"\n== {kind}: {n} instructions, counts {gb:.2f} GB uint32 "
-          f"({disk_bytes(store) / 1e9:.2f} GB on disk, written in {written:.1f} s)", flush=True)
+          f"({disk_bytes(store) / 1e9:.2f} GB on disk, {how} in {written:.1f} s)", flush=True)
     started = time.perf_counter()
     verify_store(store)  # the full check (every chunk's CRC-32); identify_store then finds it memoised
     verified = time.perf_counter() - started
@@ -156,7 +183,8 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
                                               split_half_seeds=args.split_half_seeds)
             out = folder / f"{kind}-{rule}"
             identified, peak = timed(lambda: identify_store(store, settings, out))
-            analysed, analysis_peak = timed(lambda: report_generality(out / "components.zarr", out))
+            with plot_time() as plotting:
+                analysed, analysis_peak = timed(lambda: report_generality(out / "components.zarr", out))
             first = first or identified
             # Another read after it: on a shared machine the load drifts, so the base of the
             # ratios is the mean of the reads just before and just after.
@@ -164,7 +192,8 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
             base = (read + again) / 2
             print(f"   {rule:>17}: identify {identified:6.1f} s = {identified / base:4.2f} x one read "
                   f"({identified / first:4.2f} x {args.rules.split(',')[0]}); + generality "
-                  f"{analysed:5.1f} s = {analysed / base:4.2f} x one read; peak "
+                  f"{analysed:5.1f} s = {analysed / base:4.2f} x one read, of which the plots {plotting[0]:4.1f} s "
+                  f"(without them {(analysed - plotting[0]) / base:4.2f} x); peak "
                   f"{max(peak, analysis_peak) / 2**30:.2f} GiB; reads before and after "
                   f"{read:.1f} s, {again:.1f} s", flush=True)
             read = again
@@ -173,7 +202,7 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
     load = psutil.getloadavg()
     print(f"   load average (1, 5, 15 min) after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {psutil.cpu_count()} cores")
-    if not args.keep:
+    if not (args.keep or args.reuse):
         shutil.rmtree(store)
 
 
@@ -192,16 +221,20 @@ def main() -> None:
     parser.add_argument("--split-half-seeds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the stores and outputs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="stores in --dir itself, reused by a later run of the same sizes")
     args = parser.parse_args()
+    if args.reuse and args.dir is None:
+        parser.error("--reuse needs --dir")
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="sparcom-bench-", dir=args.dir))
+    folder = args.dir if args.reuse else Path(tempfile.mkdtemp(prefix="sparcom-bench-", dir=args.dir))
     try:
         for kind in ("dense", "moe") if args.which == "all" else (args.which,):
             bench(kind, args.moe_instructions or args.instructions if kind == "moe" else args.instructions,
                   folder, args)
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(folder, ignore_errors=True)
 
 

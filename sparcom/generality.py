@@ -48,7 +48,9 @@ def generality(selected: xr.DataArray, component_dims: tuple[str, ...] = ("layer
                layer_dim: str = "layer") -> xr.Dataset:
     dims = list(component_dims)
     within_layer = [d for d in dims if d != layer_dim]
-    membership = selected.sum(GROUP, dtype=np.int64)
+    # How many groups hold each component, in the smallest type that holds the group count:
+    # a component-sized array, written to generality.zarr.
+    membership = selected.sum(GROUP, dtype=np.min_scalar_type(selected.sizes[GROUP]))
     general = membership == selected.sizes[GROUP]
     unique = selected & (membership == 1)
     set_size = selected.sum(dims, dtype=np.int64)
