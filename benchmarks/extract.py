@@ -13,7 +13,8 @@ after the last MLP with no counting hook (`uncounted`, the same stop: a hook tha
 the counting pass (`counted`, `FFNCounter.count`), best round of each.
 With `--workers N`: the whole extraction of the same records by one process with one torch
 thread, one process with all cores, and N local Dask workers of one thread each (models loaded
-before the clock starts). `--model mixtral-random` is a randomly initialised Mixtral-like MoE
+before the clock starts), in `--rounds` alternating rounds (default 3; medians printed): on a
+shared machine the speed drifts by 10% within minutes. `--model mixtral-random` is a randomly initialised Mixtral-like MoE
 (8 layers, hidden 512, 8 experts, top-2) with the default tokenizer, built once into the cache.
 The machine's load average is printed beside the figures: compare ratios within one run.
 """
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,6 +225,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=300)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="also time N one-thread Dask workers")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --workers: alternating rounds of the three scale-out runs (median)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -230,16 +234,19 @@ def main() -> None:
         return
     model = model_path(args.model)
     modes = ["plain", "sparcom", "naive", "overhead"]
+    scale_out = ["sparcom-1thread", "sparcom", "dask"]
     if args.workers:
-        modes += ["sparcom-1thread", "dask"]
-    results, loads = {}, {}
+        modes += ["sparcom-1thread", "dask"] + scale_out * (args.rounds - 1)
+    results, loads, scale_out_runs = {}, {}, {mode: [] for mode in scale_out}
     for mode in modes:
         output = subprocess.run(
             [sys.executable, __file__, "--mode", mode, "--model", model, "--records", str(args.records),
              "--device", args.device, "--workers", str(args.workers)],
             check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(output.strip().splitlines()[-1])
-        loads[mode] = os.getloadavg()[0]
+        results.setdefault(mode, json.loads(output.strip().splitlines()[-1]))
+        loads.setdefault(mode, os.getloadavg()[0])
+        if mode in scale_out_runs:
+            scale_out_runs[mode].append((json.loads(output.strip().splitlines()[-1])["seconds"], os.getloadavg()[0]))
     plain = results["plain"]["seconds"]
     print(f"model {args.model}, {args.records} instructions, {results['plain']['tokens']} prompt tokens, "
           f"padded tokens {1 - results['plain']['tokens'] / results['plain']['processed']:.1%} of processed, "
@@ -256,15 +263,19 @@ def main() -> None:
           f"counted / uncounted = {overhead['counted'] / overhead['uncounted']:.3f}")
     if args.workers:
         single = results["sparcom-1thread"]
-        print(f"scale-out, whole extraction of the same records ({single['tokens']} tokens):")
-        print(f"{'how':<34}{'seconds':>9}{'tokens/s':>10}{'vs 1 thread':>13}{'load avg':>10}")
-        for label, mode in ((f"1 process, 1 torch thread", "sparcom-1thread"),
+        print(f"scale-out, whole extraction of the same records ({single['tokens']} tokens), "
+              f"{args.rounds} alternating rounds, median seconds (each round's in brackets):")
+        print(f"{'how':<34}{'seconds':>9}{'tokens/s':>10}{'vs 1 thread':>13}  rounds (load avg)")
+        median = {mode: statistics.median(s for s, _ in runs) for mode, runs in scale_out_runs.items()}
+        for label, mode in (("1 process, 1 torch thread", "sparcom-1thread"),
                             (f"1 process, {results['sparcom']['threads']} torch threads", "sparcom"),
                             (f"{args.workers} Dask workers, 1 thread each", "dask")):
-            r = results[mode]
-            print(f"{label:<34}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.0f}"
-                  f"{single['seconds'] / r['seconds']:>13.2f}{loads[mode]:>10.2f}")
-
+            rounds = ", ".join(f"{s:.1f} ({load:.1f})" for s, load in scale_out_runs[mode])
+            print(f"{label:<34}{median[mode]:>9.2f}{single['tokens'] / median[mode]:>10.0f}"
+                  f"{median['sparcom-1thread'] / median[mode]:>13.2f}  {rounds}")
+        print(f"Dask workers against one process with all cores: {median['sparcom'] / median['dask']:.2f}x "
+              f"(median); per round: " + ", ".join(
+                  f"{a / d:.2f}x" for (a, _), (d, _) in zip(scale_out_runs["sparcom"], scale_out_runs["dask"])))
 
 if __name__ == "__main__":
     main()

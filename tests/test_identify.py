@@ -336,6 +336,7 @@ def test_generality_matches_set_arithmetic():
                 assert value == pytest.approx(naive["jaccard"][g, h])
     np.testing.assert_array_equal(result.set_size_per_layer.values, sets.sum(2))
     np.testing.assert_array_equal(result.membership.values, sets.sum(0))
+    assert result.membership.dtype == np.uint8  # the smallest type that holds 4 groups
 
     general = generality(isn.sel(group=groups[:3]))
     assert int(general.general_count) == int(np.logical_and.reduce(sets[:3]).sum()) >= 4
