@@ -10,7 +10,9 @@ Each approach runs in its own process over the same length-sorted batches, so pe
   naive      a forward pass whose hooks keep every activation, counted after the pass.
 The cost of counting itself: one process alternates, round by round, a forward pass that stops
 after the last MLP with no counting hook (`uncounted`, the same stop: a hook that raises) and
-the counting pass (`counted`, `FFNCounter.count`), best round of each.
+the counting pass (`counted`, `FFNCounter.count`), best round of each; on a MoE model also the
+counting pass with the routed experts counted by the pre-hook (the path before the counting
+experts backend), every pass with the experts computing as eager does.
 With `--workers N`: the whole extraction of the same records by one process with one torch
 thread, one process with all cores, and N local Dask workers of one thread each (models loaded
 before the clock starts), in `--rounds` alternating rounds (default 3; medians printed): on a
@@ -37,13 +39,14 @@ import torch.nn.functional as F
 
 from sparcom.architectures import ffn_sites
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings, default_cache_dir
-from sparcom.counting import FFNCounter
+from sparcom.counting import FFNCounter, expert_counting_path
 from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store, padded_batches
 from sparcom.hexainst import authored_records
 from sparcom.models import default_model_file, load_model, resolve_model
 from sparcom.prompts import tokenize_instruction
 
 ROUNDS = 3
+UNCOVERED = "sparcom-benchmark-uncovered"  # an experts implementation the counting backend does not know
 MIXTRAL_RANDOM = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1792, num_local_experts=8,
                       num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=4,
                       max_position_embeddings=4096)
@@ -112,6 +115,22 @@ def counted_pass(loaded, batches) -> None:
             counter.count(loaded.model, ids, attention, counted)
 
 
+def pre_hook_pass(loaded, batches) -> None:
+    """The counting pass as it was before the counting experts backend: the experts compute as
+    eager does under a name the backend does not cover, so the pre-hook computes each routed
+    token's gate projection again."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS[UNCOVERED] = lambda experts, *args: type(experts).forward.__wrapped__(experts, *args)
+    loaded.model.set_experts_implementation(UNCOVERED)
+    try:
+        assert expert_counting_path(ffn_sites(loaded.model)) == "pre_hook"
+        counted_pass(loaded, batches)
+    finally:
+        loaded.model.set_experts_implementation("eager")
+        del ALL_EXPERTS_FUNCTIONS[UNCOVERED]
+
+
 def timed(function, loaded) -> float:
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,10 +170,13 @@ def run_mode(mode: str, model: str, n_records: int, device: str, workers: int) -
     elif mode == "naive":
         result["seconds"] = timed(lambda: naive_counts(loaded, batches), loaded)
     elif mode == "overhead":
-        rounds = [(timed(lambda: uncounted_pass(loaded, batches), loaded),
-                   timed(lambda: counted_pass(loaded, batches), loaded)) for _ in range(ROUNDS)]
-        result["uncounted"] = min(u for u, _ in rounds)
-        result["counted"] = min(c for _, c in rounds)
+        moe = bool(ffn_sites(loaded.model).moe_layers)
+        if moe:  # the pre-hook path computes as eager does: every pass here does
+            loaded.model.set_experts_implementation("eager")
+        passes = {"uncounted": uncounted_pass, "counted": counted_pass, **({"pre_hook": pre_hook_pass} if moe else {})}
+        rounds = [{name: timed(lambda: run(loaded, batches), loaded) for name, run in passes.items()}
+                  for _ in range(ROUNDS)]
+        result.update({name: min(r[name] for r in rounds) for name in passes})
         result["seconds"] = result["counted"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if loaded.device.type == "cuda" else 0
@@ -261,6 +283,9 @@ def main() -> None:
     print(f"counting cost (best of {ROUNDS} alternating rounds, one process, one thread, load avg {loads['overhead']:.2f}): "
           f"uncounted pass {overhead['uncounted']:.2f} s, counted pass {overhead['counted']:.2f} s, "
           f"counted / uncounted = {overhead['counted'] / overhead['uncounted']:.3f}")
+    if "pre_hook" in overhead:
+        print(f"routed experts counted by the pre-hook instead (every pass computing as eager does): "
+              f"{overhead['pre_hook']:.2f} s, pre-hook / uncounted = {overhead['pre_hook'] / overhead['uncounted']:.3f}")
     if args.workers:
         single = results["sparcom-1thread"]
         print(f"scale-out, whole extraction of the same records ({single['tokens']} tokens), "

@@ -11,10 +11,10 @@
   attribute `shard_fillers`).
 - `shard_tasks(costs, workers)`: the shards grouped into tasks, costliest first. A task's
   instructions are sorted by length together, as the single-process path sorts
-  SORT_WINDOW_SHARDS shards together, so its batches are as full; the shards are spread by
-  cost so that the tasks are alike and the workers finish together.
+  SORT_WINDOW_SHARDS shards together, so its batches are fuller; the tasks shrink to single
+  shards at the end, so the workers finish together.
 - `shard_cost(records, shard, settings)`: the characters a shard's passes read, known before any
-  tokenizer loads; tasks are submitted with their cost as their priority.
+  tokenizer loads. Tasks are handed out in order, one to each worker that is free.
 - `shard_resources(dask, extraction)`: the resources a task asks for: `dask.shard_resources`,
   or GPU=1 when the extraction device is cuda.
 - `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
@@ -50,10 +50,10 @@ from sparcom.store import StoreError, finalize_store, finished_shards, is_comple
 
 FILLERS = "shard_fillers"
 TASK_PREFIX = "sparcom-shards-"
-# At least this many tasks per worker where there are shards for them: a worker done early takes
-# another's task, and a lost worker's task is a smaller share of the run. With single shards as
-# tasks, 300 instructions in shards of 32 were counted in 70 batches of 4.3 rows, against 23
-# batches of 13 rows in one process.
+# Each task takes at most 1 / (TASKS_PER_WORKER x workers) of the shards left. With single
+# shards as tasks, 300 instructions in shards of 32 were counted in 70 batches of 4.3 rows,
+# against 23 batches of 13 rows in one process; with two tasks of equal characters per worker,
+# one worker of two sat idle for the last 11% of the run (the tasks took 22-27 s).
 TASKS_PER_WORKER = 2
 WORKER_WAIT = 30  # seconds to wait for a first worker of a freshly started or connected cluster
 
@@ -177,20 +177,32 @@ def extract_on_cluster(
     wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
     shared_records = client.scatter(list(records), broadcast=False, hash=False)
     costs = {shard: shard_cost(records, shard, settings) for shard in wanted}
-    futures = [client.submit(_fill_shards, model, settings, Path(cache_dir), shared_records, store, task,
-                             [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
-                             key=f"{TASK_PREFIX}{key[:12]}-{'_'.join(map(str, task))}",
-                             priority=sum(costs[s] for s in task))
-               for task in shard_tasks(costs, len(workers))]
+    pending = iter(shard_tasks(costs, len(workers)))
+    futures = []
+
+    def submit_next() -> None:
+        task = next(pending, None)
+        if task is not None:
+            futures.append(client.submit(
+                _fill_shards, model, settings, Path(cache_dir), shared_records, store, task,
+                [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
+                key=f"{TASK_PREFIX}{key[:12]}-{'_'.join(map(str, task))}"))
+            running.add(futures[-1])
 
     def instructions(shards: Iterable[int]) -> int:
         return sum(len(shard_range(s, settings.shard_size, len(records))) for s in shards)
 
     counted = instructions(done)
     progress = tqdm(total=n_shards, initial=len(done), unit="shard", desc=f"extracting on {len(workers)} workers")
+    # Tasks are handed out one per free worker, in order: submitted all at once with priorities,
+    # the scheduler ran single shards meant for the end first, and the costliest task last.
+    running = as_completed()
     try:
-        for future in as_completed(futures):
+        for _ in workers:
+            submit_next()
+        for future in running:
             filled = future.result()
+            submit_next()
             _record_fillers(store, filled)
             counted += instructions(filled["shards"])
             progress.update(len(filled["shards"]))
@@ -207,18 +219,17 @@ def extract_on_cluster(
 
 
 def shard_tasks(costs: dict[int, int], workers: int) -> list[list[int]]:
-    """Shards (shard -> cost) in tasks of at most SORT_WINDOW_SHARDS, TASKS_PER_WORKER per worker
-    where there are shards for them: costliest shard first into the cheapest task with room, so
-    the tasks cost alike; returned costliest first, each task's shards in order."""
-    n_tasks = min(len(costs), max(math.ceil(len(costs) / SORT_WINDOW_SHARDS), TASKS_PER_WORKER * workers))
-    tasks: list[list[int]] = [[] for _ in range(n_tasks)]
-    totals = [0] * n_tasks
-    for shard in sorted(costs, key=lambda s: (-costs[s], s)):
-        cheapest = min((t for t in range(n_tasks) if len(tasks[t]) < SORT_WINDOW_SHARDS), key=totals.__getitem__)
-        tasks[cheapest].append(shard)
-        totals[cheapest] += costs[shard]
-    order = sorted(range(n_tasks), key=lambda t: -totals[t])
-    return [sorted(tasks[t]) for t in order]
+    """Shards (shard -> cost) in tasks, costliest first: the costliest shards go first, in tasks
+    of 1 / (TASKS_PER_WORKER x workers) of the shards left (at most SORT_WINDOW_SHARDS), so the
+    tasks shrink to single shards at the end, which whichever worker is free takes; each task's
+    shards in order."""
+    left = sorted(costs, key=lambda s: (-costs[s], s))
+    tasks: list[list[int]] = []
+    while left:
+        size = min(SORT_WINDOW_SHARDS, math.ceil(len(left) / (TASKS_PER_WORKER * workers)))
+        tasks.append(sorted(left[:size]))
+        left = left[size:]
+    return tasks
 
 
 def task_shards(key: str) -> list[int]:

@@ -106,8 +106,8 @@ def test_two_worker_processes_fill_one_store_with_the_naive_counts(
     assert {f["worker"] for f in fillers.values()} == workers  # both workers took shards
     assert {f["model_loads"] for f in fillers.values()} == {1}  # each loaded the model once
     assert {tuple(f["devices"]) for f in fillers.values()} == {("cpu",)}
-    # Progress comes per task: 12 shards on 2 workers are TASKS_PER_WORKER tasks each.
-    assert done[-1] == (len(records), len(records)) and len(done) == 2 * TASKS_PER_WORKER
+    # Progress comes per task (12 shards on 2 workers: tasks of 3, 3, 2, 1, 1, 1, 1 shards).
+    assert done[-1] == (len(records), len(records)) and len(done) == 7
     assert [n for n, _ in done] == sorted(n for n, _ in done)
 
     dataset = tmp_path / "d.jsonl"
@@ -202,7 +202,7 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
         assert other is not first and other.dtype == torch.float32
 
 
-def test_tasks_group_shards_evenly_and_run_costliest_first(threads_client, tiny_llama_dir, cache_dir, records,
+def test_tasks_run_costliest_first_and_shrink_to_single_shards(threads_client, tiny_llama_dir, cache_dir, records,
                                                            tmp_path):
     from distributed import get_task_stream
 
@@ -214,36 +214,41 @@ def test_tasks_group_shards_evenly_and_run_costliest_first(threads_client, tiny_
     started = sorted((task["startstops"][0]["start"], task["key"]) for task in stream.data
                      if task["key"].startswith("sparcom-shards-"))
     ran = [task_shards(key) for _, key in started]
-    assert len(ran) == TASKS_PER_WORKER  # one worker, 12 shards
+    assert [len(task) for task in ran] == [6, 3, 2, 1]  # one worker, 12 shards: half of those left
     assert sorted(s for task in ran for s in task) == list(range(len(per_shard)))
     costs = [sum(per_shard[s] for s in task) for task in ran]
     assert costs == sorted(costs, reverse=True)
-    assert max(costs) - min(costs) <= max(per_shard)
+    assert per_shard[ran[-1][0]] == min(per_shard)  # the cheapest shard alone, last
 
 
 def test_shard_tasks_known_answers():
-    # Costliest shard first into the cheapest task: 10 | 9, then 8 joins 9 (17), the 1s join 10.
-    assert shard_tasks({0: 10, 1: 9, 2: 8, 3: 1, 4: 1, 5: 1}, workers=1) == [[1, 2], [0, 3, 4, 5]]
-    assert shard_tasks({7: 5}, workers=4) == [[7]]  # never more tasks than shards
+    # Costliest shards first, each task half of those left (one worker): 3 of 6, 2 of 3, 1 of 1.
+    assert shard_tasks({0: 10, 1: 9, 2: 8, 3: 1, 4: 1, 5: 1}, workers=1) == [[0, 1, 2], [3, 4], [5]]
+    assert shard_tasks({7: 5}, workers=4) == [[7]]
     assert shard_tasks({}, workers=2) == []
-    # Tasks hold at most SORT_WINDOW_SHARDS shards: 20 alike ones on one worker need 3 tasks.
-    alike = shard_tasks(dict.fromkeys(range(20), 3), workers=1)
-    assert sorted(map(len, alike)) == [6, 7, 7] and max(map(len, alike)) <= SORT_WINDOW_SHARDS
+    # At most SORT_WINDOW_SHARDS per task: 20 alike shards (ties in shard order) on one worker.
+    assert shard_tasks(dict.fromkeys(range(20), 3), workers=1) == [
+        list(range(8)), list(range(8, 14)), [14, 15, 16], [17, 18], [19]]
 
 
-def test_shard_tasks_cover_every_shard_once_with_even_costs():
+def test_shard_tasks_cover_every_shard_once_costliest_first_ending_in_single_shards():
     rng = np.random.default_rng(0)
     for n_shards, workers in [(3, 2), (10, 2), (38, 8), (200, 3), (1000, 16)]:
         costs = dict(zip(rng.permutation(n_shards * 2)[:n_shards].tolist(),
                          rng.integers(100, 5000, n_shards).tolist()))
         tasks = shard_tasks(costs, workers)
         assert sorted(s for task in tasks for s in task) == sorted(costs)
-        assert len(tasks) == min(n_shards, max(-(-n_shards // SORT_WINDOW_SHARDS), TASKS_PER_WORKER * workers))
         assert all(task == sorted(task) and 0 < len(task) <= SORT_WINDOW_SHARDS for task in tasks)
+        sizes = [len(task) for task in tasks]
+        assert sizes == sorted(sizes, reverse=True)
         totals = [sum(costs[s] for s in task) for task in tasks]
         assert totals == sorted(totals, reverse=True)
-        if n_shards <= SORT_WINDOW_SHARDS * TASKS_PER_WORKER * workers:  # the cap never binds
-            assert totals[0] - totals[-1] <= max(costs.values())
+        # The last shards, one per task, are the cheapest ones: whichever worker is free takes them.
+        # (Tasks are single once at most TASKS_PER_WORKER x workers shards are left; the step
+        # before leaves at least one fewer.)
+        last = min(n_shards, TASKS_PER_WORKER * workers - 1)
+        assert sizes[-last:] == [1] * last
+        assert sorted(costs[task[0]] for task in tasks[-last:]) == sorted(costs.values())[:last]
 
 
 def test_task_keys_name_their_shards():
