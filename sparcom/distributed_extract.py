@@ -177,8 +177,11 @@ def extract_on_cluster(
     wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
     shared_records = client.scatter(list(records), broadcast=False, hash=False)
     costs = {shard: shard_cost(records, shard, settings) for shard in wanted}
+    # Tasks are handed out one per free worker, in order: submitted all at once with priorities,
+    # the scheduler ran single shards meant for the end first, and the costliest task last.
     pending = iter(shard_tasks(costs, len(workers)))
     futures = []
+    running = as_completed()
 
     def submit_next() -> None:
         task = next(pending, None)
@@ -194,9 +197,6 @@ def extract_on_cluster(
 
     counted = instructions(done)
     progress = tqdm(total=n_shards, initial=len(done), unit="shard", desc=f"extracting on {len(workers)} workers")
-    # Tasks are handed out one per free worker, in order: submitted all at once with priorities,
-    # the scheduler ran single shards meant for the end first, and the costliest task last.
-    running = as_completed()
     try:
         for _ in workers:
             submit_next()

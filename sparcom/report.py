@@ -238,12 +238,13 @@ MARGINS = {"left": 0.9, "right": 0.25, "bottom": 1.0, "top": 0.45, "across": 1.0
 def _grid(count: int, width: float, height: float) -> tuple[Figure, list]:
     columns = min(count, 2)
     rows = math.ceil(count / columns)
-    figure = Figure(figsize=(width * columns, height * rows))
+    total_width, total_height = width * columns, height * rows
+    figure = Figure(figsize=(total_width, total_height))
     m = MARGINS
-    axes_width = (width * columns - m["left"] - m["right"] - (columns - 1) * m["across"]) / columns
-    axes_height = (height * rows - m["bottom"] - m["top"] - (rows - 1) * m["down"]) / rows
-    figure.subplots_adjust(left=m["left"] / (width * columns), right=1 - m["right"] / (width * columns),
-                           bottom=m["bottom"] / (height * rows), top=1 - m["top"] / (height * rows),
+    axes_width = (total_width - m["left"] - m["right"] - (columns - 1) * m["across"]) / columns
+    axes_height = (total_height - m["bottom"] - m["top"] - (rows - 1) * m["down"]) / rows
+    figure.subplots_adjust(left=m["left"] / total_width, right=1 - m["right"] / total_width,
+                           bottom=m["bottom"] / total_height, top=1 - m["top"] / total_height,
                            wspace=m["across"] / axes_width, hspace=m["down"] / axes_height)
     return figure, [figure.add_subplot(rows, columns, k + 1) for k in range(count)]
 
