@@ -37,7 +37,7 @@ from sparcom.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
 from sparcom.identify import FAMILIES, identify_store
 from sparcom.records import CATEGORIES
-import sparcom.report
+from sparcom.drawing import Drawing
 from sparcom.report import report_generality
 from sparcom.store import is_complete, open_store, seal_store, verify_store
 
@@ -126,23 +126,24 @@ def one_read(store: Path) -> None:
 
 
 @contextlib.contextmanager
-def plot_time():
-    """Seconds the stage spends in `write_plots`, measured in the stage's own run."""
+def plot_wait():
+    """Seconds the stage waits for its plots (drawn on the workers while it writes its data),
+    measured in the stage's own run."""
     spent = [0.0]
-    draw = sparcom.report.write_plots
+    write = Drawing.write
 
-    def timed_draw(*args):
+    def timed_write(*args):
         started = time.perf_counter()
         try:
-            return draw(*args)
+            return write(*args)
         finally:
             spent[0] += time.perf_counter() - started
 
-    sparcom.report.write_plots = timed_draw
+    Drawing.write = timed_write
     try:
         yield spent
     finally:
-        sparcom.report.write_plots = draw
+        Drawing.write = write
 
 
 def timed(work) -> tuple[float, int]:
@@ -183,7 +184,7 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
                                               split_half_seeds=args.split_half_seeds)
             out = folder / f"{kind}-{rule}"
             identified, peak = timed(lambda: identify_store(store, settings, out))
-            with plot_time() as plotting:
+            with plot_wait() as plotting:
                 analysed, analysis_peak = timed(lambda: report_generality(out / "components.zarr", out))
             first = first or identified
             # Another read after it: on a shared machine the load drifts, so the base of the
@@ -192,8 +193,8 @@ def bench(kind: str, n: int, folder: Path, args: argparse.Namespace) -> None:
             base = (read + again) / 2
             print(f"   {rule:>17}: identify {identified:6.1f} s = {identified / base:4.2f} x one read "
                   f"({identified / first:4.2f} x {args.rules.split(',')[0]}); + generality "
-                  f"{analysed:5.1f} s = {analysed / base:4.2f} x one read, of which the plots {plotting[0]:4.1f} s "
-                  f"(without them {(analysed - plotting[0]) / base:4.2f} x); peak "
+                  f"{analysed:5.1f} s = {analysed / base:4.2f} x one read, of which waiting for the plots "
+                  f"{plotting[0]:4.1f} s; peak "
                   f"{max(peak, analysis_peak) / 2**30:.2f} GiB; reads before and after "
                   f"{read:.1f} s, {again:.1f} s", flush=True)
             read = again

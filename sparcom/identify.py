@@ -5,7 +5,8 @@
   routed experts, neurons of shared experts) and the names of their outputs (naming contract).
 - `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
   tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
-  contract a one-hot group matrix with the counts one chunk at a time, so memory stays bounded.
+  contract each group's instructions with the counts one run of chunks at a time, so memory
+  stays bounded.
   Frequencies are checked to lie in [0, 1] as they are computed (a count above its token count
   is a damaged or inconsistent store: a StoreError).
 - `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
@@ -36,6 +37,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+# dask's task objects, to fuse a run's reads into its product: dask is pinned (pyproject.toml).
+from dask._task_spec import Alias, List, Task, TaskRef, convert_legacy_graph
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -50,6 +53,8 @@ INSTRUCTION = "instruction"
 COLUMN = "sum_column"
 # The one-pass contraction reads blocks of whole store chunks of about this size.
 CONTRACTION_BLOCK_BYTES = 128 * 2**20
+# ... and converts and multiplies them in tiles of this size, which stay in the cache.
+TILE_BYTES = 2**22
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
@@ -95,20 +100,47 @@ def _group_labels(store: xr.Dataset, by: str) -> np.ndarray:
     return labels
 
 
-def _one_hot(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    return labels[:, None] == groups[None, :]
+def _group_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(groups sorted, each instruction's group as an index into them)."""
+    groups = np.unique(labels)
+    return groups, np.searchsorted(groups, labels)
 
 
-def _block_sums(matrices: list[np.ndarray], blocks: list[np.ndarray]) -> np.ndarray:
-    """sum over blocks of matrix.T @ counts: [column, ...], in the matrices' dtype, as one matrix
-    product of the blocks stacked along instructions: with few rows (one store chunk) writing
-    the product costs as much as computing it, so more rows per product cost less per row."""
-    counts = np.empty((sum(map(len, blocks)), math.prod(blocks[0].shape[1:])), dtype=matrices[0].dtype)
-    start = 0
-    for block in blocks:
-        counts[start:start + len(block)] = block.reshape(len(block), -1)
-        start += len(block)
-    return (np.concatenate(matrices).T @ counts).reshape(matrices[0].shape[1], *blocks[0].shape[1:])
+def _block_sums(group_count: int, groups: list[np.ndarray], weights: list[np.ndarray],
+                blocks: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """sums[group, column, ...] = sum over the blocks' rows of that group of weights[row, column] *
+    counts[row, ...], computed in the weights' float type and returned in `dtype`.
+
+    Each group's rows are one matrix product with its own weights: a row is multiplied only by
+    its own group's columns, not by every group's (with six groups and five split-half seeds, 6
+    columns of 36). The counts go through in tiles of TILE_BYTES: a tile of every row is
+    converted to the float type, in group order, and multiplied while it is in the cache, into
+    one buffer reused from tile to tile (a run-sized float copy cost more in page faults and
+    memory traffic than the products)."""
+    group = np.concatenate(groups)
+    order = np.argsort(group, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    weight = np.concatenate(weights)[order]
+    bounds = np.searchsorted(group[order], np.arange(group_count + 1))
+    present = [(g, slice(bounds[g], bounds[g + 1])) for g in range(group_count) if bounds[g + 1] > bounds[g]]
+    flat = [block.reshape(len(block), -1) for block in blocks]
+    width = flat[0].shape[1]
+    tile = max(1, TILE_BYTES // (len(order) * weight.itemsize))
+    counts = np.empty((len(order), min(tile, width)), dtype=weight.dtype)
+    product = np.empty((weight.shape[1], counts.shape[1]), dtype=weight.dtype)
+    sums = np.zeros((group_count, weight.shape[1], width), dtype=dtype)
+    for first in range(0, width, tile):
+        columns = slice(first, min(first + tile, width))
+        size = columns.stop - first
+        start = 0
+        for block in flat:
+            counts[position[start:start + len(block)], :size] = block[:, columns]
+            start += len(block)
+        for g, members in present:
+            np.matmul(weight[members].T, counts[members, :size], out=product[:, :size])
+            sums[g, :, columns] = product[:, :size]
+    return sums.reshape(group_count, weight.shape[1], *blocks[0].shape[1:])
 
 
 def _added(parts: list[np.ndarray]) -> np.ndarray:
@@ -118,28 +150,38 @@ def _added(parts: list[np.ndarray]) -> np.ndarray:
     return total
 
 
-def _contract(counts: xr.DataArray, matrix: np.ndarray) -> xr.DataArray:
-    """sum over instructions of matrix[instruction, column] * counts[instruction, ...]: matrix
-    products (BLAS), one per run of store chunks of about CONTRACTION_BLOCK_BYTES (the run
-    converted once to the product's float type), added up in a tree of in-place sums: one read
-    of every chunk, memory a few runs per worker. Exact: every partial sum is an integer no
-    larger than the total, and the caller picks a float type that holds the total."""
+def _contract(counts: xr.DataArray, group: np.ndarray, group_count: int, weights: np.ndarray,
+              dtype: np.dtype) -> xr.DataArray:
+    """sums[group, column, ...] = sum over the group's instructions of weights[instruction, column]
+    * counts[instruction, ...], in `dtype`: per group, matrix products (BLAS) in the weights' float
+    type, one per run of store chunks of about CONTRACTION_BLOCK_BYTES, added up in a tree of
+    in-place sums: one read of every chunk, memory a few runs per worker. Exact: every partial
+    sum is an integer no larger than the total, and the caller picks a float type and a `dtype`
+    that hold the total.
+
+    A run's chunks are read inside its product's task (the tasks fused), so a run is read where
+    it is multiplied. Read as tasks of their own, the chunks went to whichever worker was free,
+    and a third of them travelled to another worker to meet their run (1.3 GB on the MoE
+    benchmark), which cost more than the products."""
     data = _plain(counts).data
-    dims = (COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
+    dims = (GROUP, COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
     if not isinstance(data, da.Array):
-        return xr.DataArray(_block_sums([matrix], [np.asarray(data)]), dims=dims)
+        return xr.DataArray(_block_sums(group_count, [group], [weights], [np.asarray(data)], dtype), dims=dims)
     starts = np.cumsum((0,) + data.chunks[0])
     chunk_bytes = data.dtype.itemsize * data.chunks[0][0] * math.prod(max(c) for c in data.chunks[1:])
     per_task = max(1, CONTRACTION_BLOCK_BYTES // chunk_bytes)
-    name = "sparcom-sums-" + tokenize(data, matrix)
-    graph = {}
+    name = "sparcom-sums-" + tokenize(data, group, weights, dtype)
+    # The counts' own graph, less the chunk reads fused into the products below.
+    graph = convert_legacy_graph(dict(data.__dask_graph__()))
     for rest in itertools.product(*[range(len(c)) for c in data.chunks[1:]]):
         level = []
         for first in range(0, len(data.chunks[0]), per_task):
             run = range(first, min(first + per_task, len(data.chunks[0])))
             key = (f"{name}-part", first, *rest)
-            graph[key] = (_block_sums, [matrix[starts[i]:starts[i + 1]] for i in run],
-                          [(data.name, i, *rest) for i in run])
+            chunks = [graph.pop((data.name, i, *rest)) for i in run]
+            product = Task(key, _block_sums, group_count, [group[starts[i]:starts[i + 1]] for i in run],
+                           [weights[starts[i]:starts[i + 1]] for i in run], List(*[TaskRef(c.key) for c in chunks]), dtype)
+            graph[key] = Task.fuse(*chunks, product, key=key)
             level.append(key)
         depth = 0
         while len(level) > 1:  # fan-in of SUM_FAN_IN per step
@@ -147,21 +189,21 @@ def _contract(counts: xr.DataArray, matrix: np.ndarray) -> xr.DataArray:
             level_keys = []
             for k in range(0, len(level), SUM_FAN_IN):
                 key = (f"{name}-add{depth}", k, *rest)
-                graph[key] = (_added, level[k:k + SUM_FAN_IN])
+                graph[key] = Task(key, _added, List(*[TaskRef(part) for part in level[k:k + SUM_FAN_IN]]))
                 level_keys.append(key)
             level = level_keys
-        graph[(name, 0, *rest)] = level[0]
-    summed = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=[data]), name,
-                      chunks=((matrix.shape[1],), *data.chunks[1:]), dtype=matrix.dtype)
+        graph[(name, 0, 0, *rest)] = Alias((name, 0, 0, *rest), level[0])
+    summed = da.Array(HighLevelGraph.from_collections(name, graph), name,
+                      chunks=((group_count,), (weights.shape[1],), *data.chunks[1:]), dtype=dtype)
     return xr.DataArray(summed, dims=dims)
 
 
 def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
     """Summed counts per group (groups sorted), lazy when the counts are; float64, so exact for
     every total below 2**53."""
-    groups = np.unique(labels)
-    sums = _contract(counts, _one_hot(labels, groups).astype(np.float64))
-    return sums.rename({COLUMN: GROUP}).assign_coords({GROUP: groups.astype(object)})
+    groups, group = _group_index(labels)
+    sums = _contract(counts, group, len(groups), np.ones((len(labels), 1)), np.float64).isel({COLUMN: 0}, drop=True)
+    return sums.assign_coords({GROUP: groups.astype(object)})
 
 
 def _per_instruction(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
@@ -212,35 +254,33 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     `<count>[group, ...]`; with halves (in_half_a[split_seed, instruction]) also
     `half_tokens[split_seed, group]` and `<count>_half_a[split_seed, group, ...]`.
 
-    One matrix [instruction, column] holds a column per group and, per seed, a column per
-    group's half A, so the counts are contracted once for all of them."""
-    groups = np.unique(labels)
-    member = _one_hot(labels, groups)
+    Weights [instruction, column] hold a column of ones and, per seed, whether the instruction
+    is in its group's half A, so the counts are contracted once for all of them.
+    """
+    groups, group = _group_index(labels)
     seeds = 0 if in_half_a is None else len(in_half_a)
-    matrix = np.concatenate([member] + [member & in_a[:, None] for in_a in (in_half_a if seeds else [])],
-                            axis=1)
+    weights = np.column_stack([np.ones(len(labels), dtype=bool), *(in_half_a if seeds else [])])
     token_count = store.token_count.values.astype(np.float64)
-    tokens = matrix.T.astype(np.float64) @ token_count
+    tokens = _block_sums(len(groups), [group], [weights.astype(np.float64)], [token_count], np.float64)
     # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
     # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
-    matrix = matrix.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
+    weights = weights.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
     # The sums leave the workers in the smallest integer type that holds every column's tokens
     # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
-    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), matrix.dtype)
+    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), weights.dtype)
     coords = {GROUP: groups.astype(object)}
     families = families_in(store)
-    computed = dask.compute(*[_contract(store[f.count], matrix).astype(exact) for f in families])
-    result = xr.Dataset({"token_total": (GROUP, tokens[:len(groups)])}, coords=coords)
+    computed = dask.compute(*[_contract(store[f.count], group, len(groups), weights, exact) for f in families])
+    result = xr.Dataset({"token_total": (GROUP, tokens[:, 0])}, coords=coords)
     if seeds:
-        result["half_tokens"] = ((SEED, GROUP), tokens[len(groups):].reshape(seeds, len(groups)))
+        result["half_tokens"] = ((SEED, GROUP), tokens[:, 1:].T)
     for family, sums in zip(families, computed):
-        sums = sums.transpose(COLUMN, ...)
-        dims = sums.dims[1:]
+        sums = sums.transpose(GROUP, COLUMN, ...)
+        dims = sums.dims[2:]
         values = sums.values  # integers: divided by float64 tokens, the same frequencies
-        result[family.count] = ((GROUP, *dims), values[:len(groups)])
+        result[family.count] = ((GROUP, *dims), values[:, 0])
         if seeds:
-            result[f"{family.count}_half_a"] = (
-                (SEED, GROUP, *dims), values[len(groups):].reshape(seeds, len(groups), *sums.shape[1:]))
+            result[f"{family.count}_half_a"] = ((SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
     return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 

@@ -9,8 +9,10 @@
   the split-half table included.
 - `write_report(components, analysis, out_dir)`: all of it on disk: `generality.zarr`, Parquet
   tables under `tables/`, `summary.json`, `report.md` and the plots.
-- `write_plots(parts, out_dir)`: `jaccard.png`, `layers.png`, `split_half.png` where the groups
-  were split and, for MoE stores, `experts.png`.
+- `start_plots(small, families)`: the plots of the analysis's small figures, drawn (on the
+  workers of the current Dask cluster where there is one, `sparcom.drawing`) while the caller
+  goes on: `jaccard.png`, `layers.png`, `split_half.png` where the groups were split and, for
+  MoE stores, `experts.png`.
 - `report_generality(components_path, out_dir)`: the stage: analysis of saved components,
   reported; the big arrays are computed and written chunk by chunk on the current Dask scheduler.
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from sparcom.drawing import Drawing, start_drawing
 from sparcom.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
 from sparcom.identify import GROUP, Family
 from sparcom.rules import rule_parameters
@@ -249,7 +253,7 @@ def _grid(count: int, width: float, height: float) -> tuple[Figure, list]:
     return figure, [figure.add_subplot(rows, columns, k + 1) for k in range(count)]
 
 
-def plot_jaccard(parts: dict[str, xr.Dataset], path: Path) -> None:
+def plot_jaccard(parts: dict[str, xr.Dataset], target: Path | BinaryIO) -> None:
     shown = {name: part for name, part in parts.items() if "jaccard" in part}
     figure, axes_list = _grid(max(1, len(shown)), 5.5, 4.5)
     for axes, (name, part) in zip(axes_list, shown.items()):
@@ -267,10 +271,10 @@ def plot_jaccard(parts: dict[str, xr.Dataset], path: Path) -> None:
     if not shown:
         axes_list[0].text(0.5, 0.5, "Jaccard matrix left out (too many groups)", ha="center")
         axes_list[0].set_axis_off()
-    figure.savefig(path, dpi=120)
+    figure.savefig(target, dpi=120, format="png")
 
 
-def plot_layers(parts: dict[str, xr.Dataset], path: Path) -> None:
+def plot_layers(parts: dict[str, xr.Dataset], target: Path | BinaryIO) -> None:
     figure, axes_list = _grid(len(parts), 8, 4)
     for axes, (name, part) in zip(axes_list, parts.items()):
         layer_dim = next(d for d in part.set_size_per_layer.dims if d != GROUP)
@@ -286,10 +290,10 @@ def plot_layers(parts: dict[str, xr.Dataset], path: Path) -> None:
         axes.set_ylabel(f"{TITLES[name][0]} in the set")
         axes.set_title(f"Instruction-specific {TITLES[name][0]} per layer")
         axes.legend(ncols=4, fontsize=8)
-    figure.savefig(path, dpi=120)
+    figure.savefig(target, dpi=120, format="png")
 
 
-def plot_experts(parts: dict[str, xr.Dataset], path: Path) -> None:
+def plot_experts(parts: dict[str, xr.Dataset], target: Path | BinaryIO) -> None:
     """Per MoE family: set members in each (layer, expert), summed over groups."""
     figure, axes_list = _grid(len(parts), 6, 4.5)
     for axes, (name, part) in zip(axes_list, parts.items()):
@@ -301,10 +305,10 @@ def plot_experts(parts: dict[str, xr.Dataset], path: Path) -> None:
         axes.set_ylabel(f"{layer_dim} (row)")
         axes.set_title(f"{TITLES[name][1]}: selections over all groups")
         figure.colorbar(image, ax=axes)
-    figure.savefig(path, dpi=120)
+    figure.savefig(target, dpi=120, format="png")
 
 
-def plot_split_half(parts: dict[str, xr.Dataset], path: Path) -> None:
+def plot_split_half(parts: dict[str, xr.Dataset], target: Path | BinaryIO) -> None:
     """Per family and group: within-group against mean cross-group split-half Jaccard."""
     figure, axes_list = _grid(len(parts), 6, 4)
     for axes, (name, part) in zip(axes_list, parts.items()):
@@ -318,7 +322,7 @@ def plot_split_half(parts: dict[str, xr.Dataset], path: Path) -> None:
         axes.set_ylabel("Jaccard of the halves' sets")
         axes.set_title(f"Is the set specific to its group? {TITLES[name][0]}")
         axes.legend(fontsize=8)
-    figure.savefig(path, dpi=120)
+    figure.savefig(target, dpi=120, format="png")
 
 
 def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) -> dict:
@@ -326,23 +330,34 @@ def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) ->
     `components` and `analysis` may be lazy: the large arrays are written chunk by chunk."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_zarr(analysis, out_dir / "generality.zarr")
     families = analyzed_families(analysis)
-    stored = xr.open_zarr(out_dir / "generality.zarr")
-    small = stored.drop_vars([prefix(f) + name for f in families for name in LARGE]).load()
-    parts = {f.name: family_part(small, f) for f in families}
+    large = [prefix(f) + name for f in families for name in LARGE]
+    if not analysis[large].chunks:
+        # Sets analysed in memory: the figures are known before the data is written, and the
+        # plots are drawn (on the cluster's workers, where there is one) while it is.
+        analysis = analysis.load()
+        small = analysis.drop_vars(large)
+        drawing = start_plots(small, families)
+        save_zarr(analysis, out_dir / "generality.zarr")
+    else:
+        # The small figures are read back, not computed again from the lazy sets.
+        save_zarr(analysis, out_dir / "generality.zarr")
+        small = xr.open_zarr(out_dir / "generality.zarr").drop_vars(large).load()
+        drawing = start_plots(small, families)
     summary = summarize(components, small)
     files = {name: str(out_dir / name) for name in ("summary.json", "report.md", "generality.zarr")}
-    files.update(write_plots(parts, out_dir))
     files.update(write_tables(small, families, out_dir / "tables"))
+    files.update(drawing.write(out_dir))
     summary["files"] = files
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.md").write_text(markdown_report(summary))
     return summary
 
 
-def write_plots(parts: dict[str, xr.Dataset], out_dir: Path) -> dict[str, str]:
-    """The plots of the families' small figures; returns name -> path."""
+def start_plots(small: xr.Dataset, families: list[Family]) -> Drawing:
+    """`jaccard.png`, `layers.png`, `split_half.png` where the groups were split and, for MoE
+    families, `experts.png`, from the analysis's small figures."""
+    parts = {f.name: family_part(small, f) for f in families}
     plots = {"jaccard.png": (plot_jaccard, parts), "layers.png": (plot_layers, parts)}
     split = {name: part for name, part in parts.items() if "specificity_gap" in part}
     if split:
@@ -350,9 +365,7 @@ def write_plots(parts: dict[str, xr.Dataset], out_dir: Path) -> dict[str, str]:
     moe = {name: part for name, part in parts.items() if "set_size_per_layer_expert" in part}
     if moe:
         plots["experts.png"] = (plot_experts, moe)
-    for name, (plot, shown) in plots.items():
-        plot(shown, Path(out_dir) / name)
-    return {name: str(Path(out_dir) / name) for name in plots}
+    return start_drawing(plots)
 
 
 def report_generality(components_path: Path, out_dir: Path) -> dict:

@@ -103,6 +103,23 @@ def test_external_scheduler_and_worker(scheduler_address, moe_path, tmp_path, gr
 
 
 @pytest.mark.slow
+def test_report_plots_drawn_on_the_worker_are_the_plots_drawn_here(scheduler_address, moe_path, tmp_path):
+    """The worker (another process, two threads) draws the report's plots; the images are the
+    ones this process draws from the same components."""
+    components = identify_store(moe_path, IdentificationSettings(epsilon=0.1), tmp_path / "run")
+    here = report_generality(components, tmp_path / "here")["files"]
+    with dask_cluster(DaskSettings(address=scheduler_address)) as client:
+        with get_task_stream(client) as stream:
+            there = report_generality(components, tmp_path / "there")["files"]
+    plots = sorted(name for name in here if name.endswith(".png"))
+    assert {"experts.png", "jaccard.png", "layers.png"} <= set(plots)
+    assert sorted(task["key"].rsplit("-", 1)[0].removeprefix("sparcom-plot-") for task in stream.data
+                  if task["key"].startswith("sparcom-plot-")) == plots
+    for name in plots:
+        assert Path(there[name]).read_bytes() == Path(here[name]).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_local_cluster_is_sized_and_always_closed(moe_path, tmp_path):
     settings = IdentificationSettings(rule="layer_percentile", epsilon=0.2)
     with pytest.raises(RuntimeError, match="boom"):

@@ -124,3 +124,36 @@ def test_group_sums_above_16_bits_stay_exact(tmp_path):
     for group in ("CLS", "QA"):
         rows = labels == group
         np.testing.assert_array_equal(frequency.sel(group=group).values, counts[rows].sum(0) / tokens[rows].sum())
+
+
+def test_one_pass_sums_over_many_runs_tiles_and_sum_levels(tmp_path, monkeypatch):
+    """Runs of two chunks, a tree of adds three levels deep, tiles of 7 columns (the last one
+    shorter) and runs in which some groups have no instruction (labels in blocks): the sums of
+    every group and half against NumPy; and no chunk of the store is read outside a product."""
+    import sparcom.identify
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(["CLS", "CODE", "QA"], [9, 6, 9])  # chunks of 3: a run holds one or two groups
+    tokens = rng.integers(20, 60, len(labels))
+    counts = (rng.random((len(labels), 3, 17)) * tokens[:, None, None]).astype(np.int64)
+    made = make_store(counts, tokens, labels.tolist())
+    store = open_store(write_store(made, tmp_path / "s.zarr"))
+    chunk_bytes = store.act_count.data.dtype.itemsize * 3 * 17  # 3 instructions x 1 layer x 17
+    monkeypatch.setattr(sparcom.identify, "CONTRACTION_BLOCK_BYTES", 2 * chunk_bytes)
+    monkeypatch.setattr(sparcom.identify, "SUM_FAN_IN", 2)
+    monkeypatch.setattr(sparcom.identify, "TILE_BYTES", 7 * 6 * 4)  # 6 rows of float32 in a run
+    in_a, _ = half_assignment(labels, np.array(made.origin.values, dtype=str), 2)
+
+    lazy = sparcom.identify._contract(store.act_count, np.searchsorted(["CLS", "CODE", "QA"], labels), 3,
+                                      np.ones((len(labels), 1), dtype=np.float32), np.uint32)
+    store_chunks = store.act_count.data.name
+    assert not [key for key in dict(lazy.data.__dask_graph__()) if key[0] == store_chunks]
+
+    sums = one_pass_sums(store, labels, in_a)
+    for k, group in enumerate(["CLS", "CODE", "QA"]):
+        rows = labels == group
+        np.testing.assert_array_equal(sums.act_count.sel(group=group).values, counts[rows].sum(0))
+        for seed in range(2):
+            np.testing.assert_array_equal(sums.act_count_half_a.isel(split_seed=seed, group=k).values,
+                                          counts[rows & in_a[seed]].sum(0))
+            assert int(sums.half_tokens.isel(split_seed=seed, group=k)) == tokens[rows & in_a[seed]].sum()
