@@ -103,7 +103,7 @@ def analyze(components: xr.Dataset) -> xr.Dataset:
     for family in families_in(components, by="selected"):
         selected = components[family.selected].reset_coords(drop=True)
         if selected.nbytes <= IN_MEMORY_BYTES:
-            selected = selected.load()
+            selected = selected.load(scheduler="synchronous")
         dims = tuple(d for d in selected.dims if d != GROUP)
         part = generality(selected, dims, family.layer_dim)
         if f"{family.name}_{SPLIT_JACCARD}" in components:

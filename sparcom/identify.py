@@ -33,6 +33,7 @@ import math
 
 import dask
 import dask.array as da
+from dask.array.core import concatenate3
 import numpy as np
 import xarray as xr
 import zarr
@@ -249,6 +250,24 @@ def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
     return result
 
 
+def _gathered(arrays: list[da.Array | np.ndarray]) -> list[np.ndarray]:
+    """The arrays in memory here, their blocks computed at once and joined in this process. Left
+    to dask, one worker would first fetch every block, join them and send the whole here (on the
+    MoE benchmark 2.5 s between the last task's end and the result, against 0.3 s)."""
+    grids = [array.to_delayed() if isinstance(array, da.Array) else None for array in arrays]
+    blocks = iter(dask.compute(*[block for grid in grids if grid is not None for block in grid.ravel()]))
+    joined = []
+    for array, grid in zip(arrays, grids):
+        if grid is None:
+            joined.append(array)
+            continue
+        placed = np.empty(grid.shape, dtype=object)
+        for index in np.ndindex(grid.shape):
+            placed[index] = next(blocks)
+        joined.append(concatenate3(placed.tolist()))
+    return joined
+
+
 def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray | None) -> xr.Dataset:
     """In memory, from one read of every count variable: `token_total[group]` and per family
     `<count>[group, ...]`; with halves (in_half_a[split_seed, instruction]) also
@@ -270,14 +289,13 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), weights.dtype)
     coords = {GROUP: groups.astype(object)}
     families = families_in(store)
-    computed = dask.compute(*[_contract(store[f.count], group, len(groups), weights, exact) for f in families])
+    contracted = [_contract(store[f.count], group, len(groups), weights, exact) for f in families]
+    computed = _gathered([sums.data for sums in contracted])
     result = xr.Dataset({"token_total": (GROUP, tokens[:, 0])}, coords=coords)
     if seeds:
         result["half_tokens"] = ((SEED, GROUP), tokens[:, 1:].T)
-    for family, sums in zip(families, computed):
-        sums = sums.transpose(GROUP, COLUMN, ...)
-        dims = sums.dims[2:]
-        values = sums.values  # integers: divided by float64 tokens, the same frequencies
+    for family, sums, values in zip(families, contracted, computed):
+        dims = sums.dims[2:]  # values: integers, divided by float64 tokens the same frequencies
         result[family.count] = ((GROUP, *dims), values[:, 0])
         if seeds:
             result[f"{family.count}_half_a"] = ((SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
