@@ -103,6 +103,7 @@ def analyze(components: xr.Dataset) -> xr.Dataset:
     for family in families_in(components, by="selected"):
         selected = components[family.selected].reset_coords(drop=True)
         if selected.nbytes <= IN_MEMORY_BYTES:
+            # Read by this process: from the workers the chunks would travel here all the same.
             selected = selected.load(scheduler="synchronous")
         dims = tuple(d for d in selected.dims if d != GROUP)
         part = generality(selected, dims, family.layer_dim)
