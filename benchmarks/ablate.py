@@ -25,14 +25,14 @@ import time
 import numpy as np
 import torch
 
-from sparcom.ablation_accuracy import greedy_generate, tokenize_prompts
-from sparcom.ablation_hooks import Ablation
-from sparcom.architectures import ffn_sites
+from sparcom.ablation.accuracy import greedy_generate, tokenize_prompts
+from sparcom.ablation.hooks import Ablation
+from sparcom.extraction.architectures import ffn_sites
 from sparcom.config import ExtractionSettings, default_cache_dir
-from sparcom.extract import pad_batch, padded_batches, plan_batches
-from sparcom.hexainst import authored_records
-from sparcom.models import load_model, resolve_model
-from sparcom.response_nll import response_nll, tokenize_responses
+from sparcom.extraction.extract import pad_batch, padded_batches, plan_batches
+from sparcom.curation.hexainst import authored_records
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
 
 def main() -> None:

@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparcom.architectures import ffn_sites
+from sparcom.extraction.architectures import ffn_sites
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings, default_cache_dir
-from sparcom.counting import FFNCounter, expert_counting_path
-from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store, padded_batches
-from sparcom.hexainst import authored_records
-from sparcom.models import default_model_file, load_model, resolve_model
-from sparcom.prompts import tokenize_instruction
+from sparcom.extraction.counting import FFNCounter, expert_counting_path
+from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store, padded_batches
+from sparcom.curation.hexainst import authored_records
+from sparcom.extraction.models import default_model_file, load_model, resolve_model
+from sparcom.extraction.prompts import tokenize_instruction
 
 ROUNDS = 3
 UNCOVERED = "sparcom-benchmark-uncovered"  # an experts implementation the counting backend does not know
@@ -184,9 +184,9 @@ def run_mode(mode: str, model: str, n_records: int, device: str, workers: int) -
 
 
 def run_on_dask(model: str, records, settings: ExtractionSettings, workers: int) -> dict:
-    from sparcom.cluster import extraction_cluster
-    from sparcom.distributed_extract import extract_on_cluster, load_on_workers
-    from sparcom.store import open_store
+    from sparcom.core.cluster import extraction_cluster
+    from sparcom.extraction.distributed import extract_on_cluster, load_on_workers
+    from sparcom.extraction.store import open_store
 
     chosen = ModelSettings(name=model)
     with extraction_cluster(DaskSettings(n_workers=workers, threads_per_worker=1), settings.device) as client, \

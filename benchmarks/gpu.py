@@ -34,14 +34,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralCo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import batches_of, counted_pass, timed, uncounted_pass  # noqa: E402 - the CPU benchmark's passes
 
-from sparcom.architectures import ffn_sites  # noqa: E402
+from sparcom.extraction.architectures import ffn_sites  # noqa: E402
 from sparcom.config import ExtractionSettings  # noqa: E402
-from sparcom.counting import FFNCounter  # noqa: E402
-from sparcom.extract import extract_to_store  # noqa: E402
-from sparcom.hexainst import authored_records  # noqa: E402
-from sparcom.models import LoadedModel, ModelSource, default_model_file  # noqa: E402
-from sparcom.prompts import tokenize_instruction  # noqa: E402
-from sparcom.store import open_store  # noqa: E402
+from sparcom.extraction.counting import FFNCounter  # noqa: E402
+from sparcom.extraction.extract import extract_to_store  # noqa: E402
+from sparcom.curation.hexainst import authored_records  # noqa: E402
+from sparcom.extraction.models import LoadedModel, ModelSource, default_model_file  # noqa: E402
+from sparcom.extraction.prompts import tokenize_instruction  # noqa: E402
+from sparcom.extraction.store import open_store  # noqa: E402
 
 DENSE_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=8192)
@@ -148,7 +148,7 @@ def batched_counts(loaded: LoadedModel, records, settings: ExtractionSettings) -
     rows: dict[int, dict[str, np.ndarray]] = {}
     with FFNCounter(ffn_sites(loaded.model)) as counter:
         tokenized = [tokenize_instruction(r, loaded.tokenizer, settings.span) for r in records]
-        from sparcom.extract import padded_batches
+        from sparcom.extraction.extract import padded_batches
 
         for batch, ids, attention, counted in padded_batches(tokenized, loaded.tokenizer, settings, loaded.device):
             counts = counter.count(loaded.model, ids, attention, counted)

@@ -33,13 +33,13 @@ import numpy as np
 import psutil
 import xarray as xr
 
-from sparcom.cluster import dask_cluster
+from sparcom.core.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
-from sparcom.identify import FAMILIES, identify_store
-from sparcom.records import CATEGORIES
-from sparcom.drawing import Drawing
-from sparcom.report import report_generality
-from sparcom.store import is_complete, open_store, seal_store, verify_store
+from sparcom.identification.identify import FAMILIES, identify_store
+from sparcom.curation.records import CATEGORIES
+from sparcom.core.drawing import Drawing
+from sparcom.identification.report import report_generality
+from sparcom.extraction.store import is_complete, open_store, seal_store, verify_store
 
 SHARD = 32  # instructions per chunk, as extraction writes them
 SHAPES = {

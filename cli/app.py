@@ -27,7 +27,7 @@ import typer
 
 from cli.errors import ErrorStyleGroup
 from sparcom.config import PipelineSettings, load_settings
-from sparcom.records import CATEGORIES
+from sparcom.curation.records import CATEGORIES
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
                   cls=ErrorStyleGroup)
@@ -136,12 +136,12 @@ def extract(
 ) -> None:
     """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7), in
     this process or as one Dask task per shard (an existing scheduler, or one local worker per GPU)."""
-    from sparcom.cluster import extraction_cluster
-    from sparcom.dataset import load_records
-    from sparcom.distributed_extract import extract_on_cluster, shard_resources
-    from sparcom.extract import check_extraction, extract_to_store, parse_shards
-    from sparcom.models import check_device_map, load_model, resolve_model
-    from sparcom.store import check_store_target, is_complete
+    from sparcom.core.cluster import extraction_cluster
+    from sparcom.curation.dataset import load_records
+    from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+    from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
+    from sparcom.extraction.models import check_device_map, load_model, resolve_model
+    from sparcom.extraction.store import check_store_target, is_complete
 
     settings = _settings(
         config, model__name=model, model__revision=revision,
@@ -188,11 +188,11 @@ def identify(
 ) -> None:
     """Select instruction-specific neurons and experts and report their generality and
     uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
-    from sparcom.cluster import dask_cluster
-    from sparcom.identify import RUN_KIND, identify_store
-    from sparcom.outputs import check_output, claimed
-    from sparcom.report import report_generality
-    from sparcom.store import verify_store
+    from sparcom.core.cluster import dask_cluster
+    from sparcom.identification.identify import RUN_KIND, identify_store
+    from sparcom.core.outputs import check_output, claimed
+    from sparcom.identification.report import report_generality
+    from sparcom.extraction.store import verify_store
 
     settings = _settings(config, identification__rule=rule, identification__epsilon=epsilon,
                          identification__tau=tau, identification__group_by=group_by,
@@ -212,7 +212,7 @@ def identify(
 @app.command()
 def verify(store: Annotated[Path, typer.Argument(help="a finished count store")]) -> None:
     """Check a finished count store against its chunk manifest: every chunk present, unchanged."""
-    from sparcom.store import verify_store
+    from sparcom.extraction.store import verify_store
 
     verify_store(store)
     typer.echo(f"{store}: verified, every chunk present and unchanged")
@@ -243,8 +243,8 @@ def ablate_command(
 ) -> None:
     """Switch each group's components off on held-out records and report whether they hurt their
     own group more than others and more than random and frequency-matched controls."""
-    from sparcom.ablation import find_store, run_ablation
-    from sparcom.ablation_report import ablation_markdown, report_ablation
+    from sparcom.ablation.ablate import find_store, run_ablation
+    from sparcom.ablation.report import ablation_markdown, report_ablation
 
     settings = _settings(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
@@ -291,8 +291,8 @@ def curate(
         curation__on_error=on_error, curation__tokenizer=tokenizer,
         curation__max_prompt_tokens=max_prompt_tokens, curation__max_response_tokens=max_response_tokens,
         curation__near_duplicate_threshold=near_duplicate_threshold, curation__out=out, work_dir=work_dir)
-    from sparcom.dataset import DATASET_KIND
-    from sparcom.outputs import check_output
+    from sparcom.curation.dataset import DATASET_KIND
+    from sparcom.core.outputs import check_output
 
     if settings.curation.out:
         check_output(settings.curation.out, DATASET_KIND)  # before any work, never a user's folder
@@ -319,9 +319,9 @@ def generate(
     trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own code")] = False,
 ) -> None:
     """Write new AI-generated records with a chat model from constrained meta-prompts."""
-    from sparcom.generate import generate_records, transformers_chat
-    from sparcom.hexainst import authored_records
-    from sparcom.models import load_model, resolve_model
+    from sparcom.curation.generate import generate_records, transformers_chat
+    from sparcom.curation.hexainst import authored_records
+    from sparcom.extraction.models import load_model, resolve_model
 
     settings = _settings(config, model__name=model, model__trust_remote_code=trust_remote_code or None,
                          extraction__dtype=dtype, extraction__device=device)
@@ -368,7 +368,7 @@ def finetune(
     work_dir: Annotated[Optional[Path], typer.Option(help="checkpoints go to WORK_DIR/checkpoints")] = None,
 ) -> None:
     """Fine-tune a model on HexaInst records or your dataset; prints the (cached) checkpoint."""
-    from sparcom.finetune import read_provenance
+    from sparcom.comparison.finetune import read_provenance
 
     settings = _settings(
         config, model__name=model, model__trust_remote_code=trust_remote_code or None,
@@ -409,7 +409,7 @@ def compare(
     dask_address: DaskAddressOption = None,
 ) -> None:
     """Compare two checkpoints (models or finished stores): kept, gained and lost components."""
-    from sparcom.compare import model_pair
+    from sparcom.comparison.compare import model_pair
     from sparcom.config import ModelSettings
 
     if pair:

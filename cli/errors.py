@@ -21,14 +21,14 @@ import typer
 from typer.core import TyperGroup
 
 BAD_INPUT = (  # (module, class): raised for what the user gave, not for a failure while working
-    ("sparcom.store", "StoreError"),
-    ("sparcom.records", "RecordError"),
-    ("sparcom.sources", "SourceError"),
-    ("sparcom.models", "ModelLoadError"),
-    ("sparcom.compare", "ComparisonError"),
-    ("sparcom.finetune", "FinetuneError"),
-    ("sparcom.outputs", "OutputError"),
-    ("sparcom.distributed_extract", "ClusterError"),
+    ("sparcom.extraction.store", "StoreError"),
+    ("sparcom.curation.records", "RecordError"),
+    ("sparcom.curation.sources", "SourceError"),
+    ("sparcom.extraction.models", "ModelLoadError"),
+    ("sparcom.comparison.compare", "ComparisonError"),
+    ("sparcom.comparison.finetune", "FinetuneError"),
+    ("sparcom.core.outputs", "OutputError"),
+    ("sparcom.extraction.distributed", "ClusterError"),
     ("yaml", "YAMLError"),
     ("builtins", "ValueError"),  # settings, options, pydantic's ValidationError (a ValueError)
     ("builtins", "ConnectionError"),  # no Dask scheduler at the address given

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from sparcom.ablation import ABLATION_NAME, find_store
+from sparcom.ablation.ablate import ABLATION_NAME, find_store
 from sparcom.config import AblationSettings, ExtractionSettings, default_cache_dir
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.identify import identify_components
 from sparcom.config import ModelSettings, PipelineSettings
-from sparcom.records import CATEGORIES
+from sparcom.curation.records import CATEGORIES
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.comparison import check_comparable, compare_checkpoints

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from sparcom.cluster import dask_cluster_on_demand
+from sparcom.core.cluster import dask_cluster_on_demand
 from sparcom.config import DaskSettings, IdentificationSettings
 from tasks.caching import Stage, refreshed
 from tasks.generality import analyze_generality

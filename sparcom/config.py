@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sparcom.records import Category
-from sparcom.sources import SourceSpec, default_sources
+from sparcom.curation.records import Category
+from sparcom.curation.sources import SourceSpec, default_sources
 
 TokenSpan = Literal["prompt", "content", "response"]
 DType = Literal["auto", "float32", "float64", "bfloat16", "float16"]

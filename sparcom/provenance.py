@@ -1,7 +1,7 @@
 """Content keys: what each stage's result depends on, for caching and for naming outputs.
 
 Every key formula of the pipeline lives here, one per stage, each ending in the stage's code
-version; the hashing under them is `sparcom.hashing`.
+version; the hashing under them is `sparcom.core.hashing`.
 
 - `code_version(stage)`: a hash of the code of every `sparcom` module the stage runs (found from
   its imports, transitively, function-level ones too), read as syntax trees without comments and
@@ -37,18 +37,18 @@ from typing import NamedTuple
 from pydantic import BaseModel
 
 from sparcom import __version__
-from sparcom.hashing import content_hash, input_fingerprint
+from sparcom.core.hashing import content_hash, input_fingerprint
 
 PACKAGE = "sparcom"
 # The module each stage's task calls into; code_version follows their imports from there.
 STAGE_ENTRY_MODULES: dict[str, tuple[str, ...]] = {
-    "curate": ("sparcom.dataset",),
-    "extract": ("sparcom.extract",),
-    "identify": ("sparcom.identify",),
-    "analyse": ("sparcom.report",),
-    "finetune": ("sparcom.finetune",),
-    "compare": ("sparcom.compare", "sparcom.compare_report"),
-    "ablate": ("sparcom.ablation", "sparcom.ablation_report"),
+    "curate": ("sparcom.curation.dataset",),
+    "extract": ("sparcom.extraction.extract",),
+    "identify": ("sparcom.identification.identify",),
+    "analyse": ("sparcom.identification.report",),
+    "finetune": ("sparcom.comparison.finetune",),
+    "compare": ("sparcom.comparison.compare", "sparcom.comparison.report"),
+    "ablate": ("sparcom.ablation.ablate", "sparcom.ablation.report"),
 }
 NOT_STAGE_CODE = frozenset({__name__})
 # Settings that change where training runs but not what it computes; kept out of the key.
@@ -92,7 +92,7 @@ def module_closure(entries: Iterable[str], package: str = PACKAGE) -> list[str]:
 
 def _source_file(name: str) -> Path | None:
     """The file of module `name`, found from its package's folder: nothing is imported, so
-    versioning `sparcom.extract` does not load torch."""
+    versioning `sparcom.extraction.extract` does not load torch."""
     top, *parts = name.split(".")
     spec = importlib.util.find_spec(top)
     if spec is None or not spec.submodule_search_locations:
@@ -151,8 +151,8 @@ def _without_docstrings(tree: ast.Module) -> ast.Module:
 # --- one key per stage -----------------------------------------------------------------------------
 
 def curation_key(source: Path | None) -> str:
-    from sparcom.hexainst import AUTHORED_DIR
-    from sparcom.packaged_sources import installed_versions
+    from sparcom.curation.hexainst import AUTHORED_DIR
+    from sparcom.curation.packaged_sources import installed_versions
 
     if source is None:  # the starter set: shipped records and the installed packaged sets
         return content_hash("curate", input_fingerprint(AUTHORED_DIR), installed_versions(), code_version("curate"))
@@ -175,8 +175,8 @@ def counts_key(fingerprint: str, span: str, dtype: object) -> str:
 
 
 def planned_extraction_key(model: BaseModel, dataset_dir: Path, settings: BaseModel, cache_dir: Path) -> str:
-    from sparcom.dataset import MANIFEST_NAME
-    from sparcom.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
+    from sparcom.curation.dataset import MANIFEST_NAME
+    from sparcom.extraction.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     manifest = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
@@ -185,7 +185,7 @@ def planned_extraction_key(model: BaseModel, dataset_dir: Path, settings: BaseMo
 
 
 def identification_key(store: Path, settings: BaseModel) -> str:
-    from sparcom.store import store_attrs
+    from sparcom.extraction.store import store_attrs
 
     return content_hash("identify", store_attrs(store)["extraction_key"], settings, code_version("identify"))
 
@@ -199,10 +199,10 @@ def finetune_key(base_fingerprint: str, data_hash: str, settings: BaseModel) -> 
 
 def planned_finetune_key(model: BaseModel, settings: BaseModel, held_out_dataset: Path | None,
                          cache_dir: Path) -> str:
-    from sparcom.dataset import load_records
-    from sparcom.finetune import training_records
-    from sparcom.models import model_fingerprint, resolve_model
-    from sparcom.records import dataset_hash
+    from sparcom.curation.dataset import load_records
+    from sparcom.comparison.finetune import training_records
+    from sparcom.extraction.models import model_fingerprint, resolve_model
+    from sparcom.curation.records import dataset_hash
 
     source = resolve_model(model.name, model.revision, model.trust_remote_code)
     held_out = {r.id for r in load_records(held_out_dataset)} if held_out_dataset else frozenset()
@@ -226,7 +226,7 @@ def results_dir(work_dir: Path, store: Path, settings: BaseModel) -> Path:
 def unusable_output(result: object) -> str | None:
     """Paths in the result (Path objects, absolute path strings, inside dicts, lists and pydantic
     models) must exist, and those that are count stores must verify."""
-    from sparcom.store import StoreError, verify_store
+    from sparcom.extraction.store import StoreError, verify_store
 
     def paths(value: object):
         if isinstance(value, Path):

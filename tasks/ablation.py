@@ -2,7 +2,7 @@
 
 - `hold_out(dataset_dir, fraction, seed, work_dir)`: a dataset split in identification and
   evaluation records, per category, by record hash.
-- `measure_ablation(...)`: `sparcom.ablation.run_ablation` and its report, published as the
+- `measure_ablation(...)`: `sparcom.ablation.ablate.run_ablation` and its report, published as the
   `<prefix>-ablation` markdown artifact with a progress artifact; content-cached like every stage.
 """
 
@@ -12,12 +12,12 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from sparcom.ablation import run_ablation, split_dataset
-from sparcom.ablation_report import ablation_markdown, criticality_change, report_ablation
-from sparcom.markdown import put_section
+from sparcom.ablation.ablate import run_ablation, split_dataset
+from sparcom.ablation.report import ablation_markdown, criticality_change, report_ablation
+from sparcom.core.markdown import put_section
 from sparcom.config import AblationSettings, ExtractionSettings
-from sparcom.hexainst import AUTHORED_DIR
-from sparcom.hashing import input_fingerprint
+from sparcom.curation.hexainst import AUTHORED_DIR
+from sparcom.core.hashing import input_fingerprint
 from sparcom.provenance import result_key
 from tasks.caching import cached
 

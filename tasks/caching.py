@@ -17,7 +17,7 @@ from typing import Literal
 
 from prefect import Task, get_run_logger
 
-from sparcom.hashing import content_hash
+from sparcom.core.hashing import content_hash
 from sparcom.provenance import unusable_output
 
 MAX_HEALS = 100  # keys tried past unusable cached results before recomputing under the last

@@ -1,8 +1,8 @@
 """The compare stage as Prefect tasks: two checkpoints' results checked and compared.
 
-- `check_comparable(base_store, tuned_store)`: `sparcom.compare.check_stores_compatible`.
+- `check_comparable(base_store, tuned_store)`: `sparcom.comparison.compare.check_stores_compatible`.
 - `compare_checkpoints(base_components, tuned_components, out_dir, ...)`:
-  `sparcom.compare_report.report_comparison`, published as the `sparcom-comparison` artifact.
+  `sparcom.comparison.report.report_comparison`, published as the `sparcom-comparison` artifact.
 """
 
 from pathlib import Path
@@ -10,9 +10,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from sparcom.compare import check_stores_compatible
+from sparcom.comparison.compare import check_stores_compatible
 from sparcom.provenance import result_key
-from sparcom.store import open_store
+from sparcom.extraction.store import open_store
 from tasks.caching import cached
 
 
@@ -32,7 +32,7 @@ def compare_checkpoints(
 ) -> dict:
     """The comparison report; with `run_report`, its headline is added to that report.md."""
     # Imported when the task runs: a cached rerun does not load matplotlib.
-    from sparcom.compare_report import link_into_report, report_comparison
+    from sparcom.comparison.report import link_into_report, report_comparison
 
     summary = report_comparison(base_components, tuned_components, out_dir, focus_groups, top_movers)
     if run_report is not None:

@@ -1,7 +1,7 @@
 """The extract stage as a Prefect task: a model and a dataset in, a finished count store out.
 
 - `extract_activations(model, dataset_dir, settings, work_dir, cache_dir)`:
-  `sparcom.extract.extract_dataset`, cached on the store's own extraction key, with a progress
+  `sparcom.extraction.extract.extract_dataset`, cached on the store's own extraction key, with a progress
   artifact.
 """
 
@@ -11,7 +11,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
-from sparcom.extract import extract_dataset
+from sparcom.extraction.extract import extract_dataset
 from sparcom.provenance import planned_extraction_key
 from tasks.caching import cached
 

@@ -1,7 +1,7 @@
 """The finetune stage as a Prefect task: a model in, a cached fine-tuned checkpoint out.
 
 - `finetune_model(model, settings, work_dir, cache_dir, held_out_dataset)`:
-  `sparcom.finetune.train_checkpoint`, cached on the checkpoint's own key, with a progress
+  `sparcom.comparison.finetune.train_checkpoint`, cached on the checkpoint's own key, with a progress
   artifact and a markdown one saying how the checkpoint was trained.
 """
 
@@ -11,8 +11,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from sparcom.config import FinetuneSettings, ModelSettings
-from sparcom.dataset import load_records
-from sparcom.finetune import read_provenance, train_checkpoint
+from sparcom.curation.dataset import load_records
+from sparcom.comparison.finetune import read_provenance, train_checkpoint
 from sparcom.provenance import planned_finetune_key
 from tasks.caching import cached
 

@@ -1,6 +1,6 @@
 """The analyse stage as a Prefect task: generality and uniqueness of the selected components.
 
-- `analyze_generality(components, run_dir, prefix)`: `sparcom.report.report_generality`, cached on
+- `analyze_generality(components, run_dir, prefix)`: `sparcom.identification.report.report_generality`, cached on
   the components it reads, published as `<prefix>-findings` (markdown), tables and a link.
 """
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from sparcom.identify import RUN_KIND
-from sparcom.outputs import claimed
+from sparcom.identification.identify import RUN_KIND
+from sparcom.core.outputs import claimed
 from sparcom.provenance import result_key
 from tasks.caching import cached
 
@@ -20,7 +20,7 @@ from tasks.caching import cached
 def analyze_generality(components: Path, run_dir: Path, prefix: str = "sparcom") -> dict:
     """The report, published as `<prefix>-findings` (markdown), tables and a link to the files."""
     # Imported when the task runs: a cached rerun does not load matplotlib.
-    from sparcom.report import artifact_tables, report_generality
+    from sparcom.identification.report import artifact_tables, report_generality
 
     with claimed(run_dir, RUN_KIND):  # one writer at a time in the run folder
         summary = report_generality(components, run_dir)

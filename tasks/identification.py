@@ -1,6 +1,6 @@
 """The identify stage as a Prefect task: a count store in, the selected components out.
 
-- `select_components(store, settings, run_dir)`: `sparcom.identify.identify_store`, cached on the
+- `select_components(store, settings, run_dir)`: `sparcom.identification.identify.identify_store`, cached on the
   store's extraction key and the selection settings; it computes on the Dask client the calling
   flow opened.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 
 from sparcom.config import IdentificationSettings
-from sparcom.identify import identify_store
+from sparcom.identification.identify import identify_store
 from sparcom.provenance import identification_key
 from tasks.caching import cached
 

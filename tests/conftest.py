@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sparcom.records import InstructionRecord
+from sparcom.curation.records import InstructionRecord
 
 # torch and transformers are imported where used: with `-n 2`, the process that only hands out
 # tests to the workers then starts them seconds sooner.
@@ -43,11 +43,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 @pytest.fixture(scope="session", autouse=True)
 def few_dask_workers():
-    import sparcom.cluster
+    import sparcom.core.cluster
 
     with pytest.MonkeyPatch.context() as patch:
-        cores = sparcom.cluster.usable_cores()
-        patch.setattr(sparcom.cluster, "usable_cores", lambda: min(TEST_DASK_WORKERS, cores))
+        cores = sparcom.core.cluster.usable_cores()
+        patch.setattr(sparcom.core.cluster, "usable_cores", lambda: min(TEST_DASK_WORKERS, cores))
         yield
 
 
@@ -68,7 +68,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The default model's tokenizer (chat template included), read from its GGUF file."""
-    from sparcom.models import load_tokenizer
+    from sparcom.extraction.models import load_tokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer("default").save_pretrained(directory)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparcom.sources import SourceSpec, default_sources
+from sparcom.curation.sources import SourceSpec, default_sources
 
 SYLLABLES = ["ka", "lo", "mi", "ter", "van", "sol", "dri", "pen", "qua", "rus", "bel", "tor", "ni", "gam",
              "zo", "fel", "ark", "mun", "sti", "pol", "ven", "yar", "cu", "dex"]

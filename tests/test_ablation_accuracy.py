@@ -18,14 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.ablation import AblationInputError, run_ablation
-from sparcom.ablation_accuracy import accuracy_dataset, answers_correct, greedy_generate, tokenize_prompts
-from sparcom.ablation_hooks import Ablation
-from sparcom.ablation_report import ablation_markdown, report_ablation, summarize_ablation
-from sparcom.answers import is_correct, numbers, reference_answer
-from sparcom.architectures import ffn_sites
+from sparcom.ablation.ablate import AblationInputError, run_ablation
+from sparcom.ablation.accuracy import accuracy_dataset, answers_correct, greedy_generate, tokenize_prompts
+from sparcom.ablation.hooks import Ablation
+from sparcom.ablation.report import ablation_markdown, report_ablation, summarize_ablation
+from sparcom.ablation.answers import is_correct, numbers, reference_answer
+from sparcom.extraction.architectures import ffn_sites
 from sparcom.config import AblationSettings, ExtractionSettings, load_settings
-from sparcom.extract import plan_batches
+from sparcom.extraction.extract import plan_batches
 
 from conftest import SAMPLE_TEXTS, make_record
 from test_ablation_hooks import _mlps, _zero_down_columns, tiny
@@ -267,14 +267,14 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
 
     import cli.server
     import flows.pipeline  # before the stand-ins below: its tasks must bind the real functions
-    import sparcom.ablation
-    import sparcom.ablation_report
+    import sparcom.ablation.ablate
+    import sparcom.ablation.report
     from tasks.ablation import _key
 
     seen = []
-    monkeypatch.setattr(sparcom.ablation, "run_ablation", lambda *args, **kwargs: seen.append(args[2]) or "x")
-    monkeypatch.setattr(sparcom.ablation_report, "report_ablation", lambda *args: {})
-    monkeypatch.setattr(sparcom.ablation_report, "ablation_markdown", lambda *args, **kwargs: "")
+    monkeypatch.setattr(sparcom.ablation.ablate, "run_ablation", lambda *args, **kwargs: seen.append(args[2]) or "x")
+    monkeypatch.setattr(sparcom.ablation.report, "report_ablation", lambda *args: {})
+    monkeypatch.setattr(sparcom.ablation.report, "ablation_markdown", lambda *args, **kwargs: "")
     runner = CliRunner()
     base = ["ablate", "--components", str(tmp_path), "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o")]
     assert runner.invoke(app, base + ["--accuracy", "--max-new-tokens", "7"]).exit_code == 0

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from sparcom.ablation import split_held_out
-from sparcom.ablation_controls import (
+from sparcom.ablation.ablate import split_held_out
+from sparcom.ablation.controls import (
     distinct_random_controls, frequency_matched_control, overall_frequency, random_control,
 )
-from sparcom.ablation_figures import ablation_figures, sign_flip_p_value
-from sparcom.identify import FAMILIES
-from sparcom.records import record_hash
+from sparcom.ablation.statistics import ablation_figures, sign_flip_p_value
+from sparcom.identification.identify import FAMILIES
+from sparcom.curation.records import record_hash
 
 from conftest import make_record
 
@@ -140,8 +140,8 @@ def test_held_out_split_is_disjoint_by_record_hash():
 
 
 def test_split_dataset_saves_two_disjoint_parts(tmp_path):
-    from sparcom.ablation import split_dataset
-    from sparcom.dataset import load_records, save_dataset
+    from sparcom.ablation.ablate import split_dataset
+    from sparcom.curation.dataset import load_records, save_dataset
 
     records = [make_record(i, category, f"Task {i} for {category}.") for i, category in enumerate(["GEN", "SUM"] * 5)]
     save_dataset(records, tmp_path / "all")

@@ -15,10 +15,10 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparcom.ablation_hooks import Ablation, AblationError
-from sparcom.architectures import ffn_sites
+from sparcom.ablation.hooks import Ablation, AblationError
+from sparcom.extraction.architectures import ffn_sites
 from sparcom.config import ExtractionSettings
-from sparcom.response_nll import response_nll, tokenize_responses
+from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
 from conftest import make_record, reference_tokens
 from test_architectures import CONFIGS

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from sparcom.ablation_report import SECTION
+from sparcom.ablation.report import SECTION
 from cli.app import app
 from sparcom.config import AblationSettings, DatasetSettings, FinetuneSettings, ModelSettings, PipelineSettings
 

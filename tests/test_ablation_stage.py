@@ -14,11 +14,11 @@ import torch
 import xarray as xr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparcom.ablation import AblationInputError, find_store, run_ablation
+from sparcom.ablation.ablate import AblationInputError, find_store, run_ablation
 from sparcom.config import AblationSettings, ExtractionSettings, IdentificationSettings
-from sparcom.extract import extract_to_store
-from sparcom.identify import identify_store
-from sparcom.models import load_model, resolve_model
+from sparcom.extraction.extract import extract_to_store
+from sparcom.identification.identify import identify_store
+from sparcom.extraction.models import load_model, resolve_model
 
 from conftest import SAMPLE_TEXTS, make_record, reference_tokens
 
@@ -109,8 +109,8 @@ def test_overlap_is_refused_unless_asked(tmp_path, identified, cache_dir, sample
 
 
 def test_default_evaluation_is_held_out_shipped_records(tmp_path, identified, cache_dir):
-    from sparcom.hexainst import authored_records
-    from sparcom.records import record_hash
+    from sparcom.curation.hexainst import authored_records
+    from sparcom.curation.records import record_hash
 
     work, store, components, _ = identified
     path = run_ablation(components, store, AblationSettings(eval_per_group=1, seeds=1, resamples=10,

@@ -9,11 +9,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparcom.architectures import UnsupportedArchitecture, ffn_sites
+from sparcom.extraction.architectures import UnsupportedArchitecture, ffn_sites
 from sparcom.config import ExtractionSettings
-from sparcom.extract import extract_to_store
-from sparcom.models import load_model, resolve_model
-from sparcom.store import open_store
+from sparcom.extraction.extract import extract_to_store
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.extraction.store import open_store
 
 from conftest import forward_with_hooks, reference_tokens
 

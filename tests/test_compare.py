@@ -14,11 +14,11 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from sparcom.compare import (
+from sparcom.comparison.compare import (
     ComparisonError, check_components_compatible, check_stores_compatible, compare_components,
     jensen_shannon, layer_shift, load_model_pairs, model_pair, top_movers,
 )
-from sparcom.compare_report import link_into_report, write_comparison_report
+from sparcom.comparison.report import link_into_report, write_comparison_report
 
 GROUPS = ["CODE", "GEN", "MATH", "QA"]
 DENSE_LAYERS = [0, 2, 5]          # true indices with uneven gaps: the EMD is measured in layers
@@ -414,9 +414,9 @@ def two_stores(tmp_path_factory, tiny_llama_dir, cache_dir) -> tuple[Path, Path,
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sparcom.config import ExtractionSettings
-    from sparcom.extract import extract_to_store
-    from sparcom.hexainst import starter_set
-    from sparcom.models import load_model, resolve_model
+    from sparcom.extraction.extract import extract_to_store
+    from sparcom.curation.hexainst import starter_set
+    from sparcom.extraction.models import load_model, resolve_model
 
     root = tmp_path_factory.mktemp("compare-stores")
     records = [r for r in starter_set() if r.category in ("CODE", "MATH", "QA")][::4]

@@ -17,20 +17,20 @@ from hub_standins import FAULTS, words, write_standins
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from sparcom import sources
+from sparcom.curation import sources
 from cli.app import app
 from sparcom.config import CurationSettings, PipelineSettings
-from sparcom.curation import (
+from sparcom.curation.curate import (
     STAGES, balance_markdown, curate, normalise, prompt_token_counts, save_curation,
 )
-from sparcom.dataset import MANIFEST_NAME, load_records, save_dataset
-from sparcom.dedup import band_rows, canonical_text, jaccard, near_duplicate_pairs, shingles
-from sparcom.hexainst import authored_pool, authored_records
-from sparcom.packaged_sources import public_pool
-from sparcom.prompts import prompt_ids
-from sparcom.record_files import file_pool, read_records
-from sparcom.records import InstructionRecord, Pool, RecordError, dataset_hash
-from sparcom.sources import source_pool
+from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
+from sparcom.curation.dedup import band_rows, canonical_text, jaccard, near_duplicate_pairs, shingles
+from sparcom.curation.hexainst import authored_pool, authored_records
+from sparcom.curation.packaged_sources import public_pool
+from sparcom.extraction.prompts import prompt_ids
+from sparcom.curation.record_files import file_pool, read_records
+from sparcom.curation.records import InstructionRecord, Pool, RecordError, dataset_hash
+from sparcom.curation.sources import source_pool
 
 GOOD = {"id": "u-1", "category": "QA", "origin": "human", "source": "mine", "instruction": "Why is ice slippery?",
         "input": "", "response": "A thin liquid-like layer on its surface.", "license": "CC0-1.0"}

@@ -20,10 +20,10 @@ from distributed import Client, get_task_stream
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.cluster import dask_cluster
+from sparcom.core.cluster import dask_cluster
 from sparcom.config import DaskSettings, IdentificationSettings
-from sparcom.identify import identify_store
-from sparcom.report import report_generality
+from sparcom.identification.identify import identify_store
+from sparcom.identification.report import report_generality
 from test_identify import (
     CATEGORIES, assert_components_match, assert_summary_matches_sets, moe_store, naive_generality, write_store,
 )

@@ -7,7 +7,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from sparcom.cluster import dask_cluster_on_demand
+from sparcom.core.cluster import dask_cluster_on_demand
 from sparcom.config import DaskSettings
 
 

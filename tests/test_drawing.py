@@ -1,4 +1,4 @@
-"""Plots drawn where cores are free (`sparcom.drawing`): on the workers of the current Dask
+"""Plots drawn where cores are free (`sparcom.core.drawing`): on the workers of the current Dask
 client, or here; the images written are the bytes each draw function saved."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import dask
 import pytest
 from distributed import Client, get_task_stream
 
-from sparcom.drawing import current_client, start_drawing
+from sparcom.core.drawing import current_client, start_drawing
 
 
 def draw_label(label: str, target) -> None:

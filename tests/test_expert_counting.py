@@ -12,13 +12,13 @@ import transformers.integrations.moe as moe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from sparcom.architectures import ffn_sites
+from sparcom.extraction.architectures import ffn_sites
 from sparcom.config import ExtractionSettings
-from sparcom.counting import FFNCounter, expert_counting_path
-from sparcom.expert_counting import CountingBackend
-from sparcom.extract import extract_to_store
-from sparcom.models import load_model, resolve_model
-from sparcom.store import open_store, store_attrs
+from sparcom.extraction.counting import FFNCounter, expert_counting_path
+from sparcom.extraction.expert_counting import CountingBackend
+from sparcom.extraction.extract import extract_to_store
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.extraction.store import open_store, store_attrs
 
 from conftest import reference_tokens
 from test_architectures import naive_counts, tiny_models  # noqa: F401 (a fixture)

@@ -19,14 +19,14 @@ from distributed import Client
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.cluster import GPU_RESOURCE, gpu_cluster_spec
+from sparcom.core.cluster import GPU_RESOURCE, gpu_cluster_spec
 from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
-from sparcom.distributed_extract import (
+from sparcom.extraction.distributed import (
     FILLERS, TASKS_PER_WORKER, ClusterError, extract_on_cluster, shard_tasks, task_shards, worker_model,
 )
-from sparcom.extract import SORT_WINDOW_SHARDS, extract_to_store
-from sparcom.models import ModelLoadError, load_model, resolve_model
-from sparcom.store import PROGRESS, finished_shards, is_complete, open_store, shard_count
+from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
+from sparcom.extraction.models import ModelLoadError, load_model, resolve_model
+from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count
 
 from conftest import make_record
 from test_dask_cluster import DASK, START_TIMEOUT, free_port, stop
@@ -192,7 +192,7 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
     assert not is_complete(store) and finished_shards(store) == {0, 2}
     extract_on_cluster(threads_client, model, records, store, SETTINGS, {}, cache_dir)
     assert_naive_counts(store, expected)
-    from sparcom.distributed_extract import _model_lock
+    from sparcom.extraction.distributed import _model_lock
 
     with _model_lock:
         first = worker_model(model, SETTINGS, cache_dir)
@@ -329,7 +329,7 @@ def test_the_local_gpu_cluster_pins_one_device_per_worker():
 
 @pytest.mark.slow
 def test_local_extraction_workers_keep_the_adaptive_allocator_and_identification_workers_trim():
-    from sparcom.cluster import dask_cluster, extraction_cluster
+    from sparcom.core.cluster import dask_cluster, extraction_cluster
 
     def trim_threshold():
         return os.environ.get("MALLOC_TRIM_THRESHOLD_")

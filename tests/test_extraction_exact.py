@@ -13,9 +13,9 @@ import xarray as xr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.config import ExtractionSettings
-from sparcom.extract import extract_to_store
-from sparcom.models import load_model, resolve_model
-from sparcom.store import StoreError, open_store
+from sparcom.extraction.extract import extract_to_store
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.extraction.store import StoreError, open_store
 
 from conftest import forward_with_hooks, reference_tokens
 

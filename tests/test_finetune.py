@@ -12,17 +12,17 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-import sparcom.finetune as finetune_module
+import sparcom.comparison.finetune as finetune_module
 from sparcom.config import FinetuneSettings, ModelSettings
-from sparcom.finetune import (
+from sparcom.comparison.finetune import (
     IGNORED, FinetuneError, collate, encode_example, read_provenance, total_steps, train_checkpoint,
     training_records,
 )
-from sparcom.hexainst import authored_records, starter_set
-from sparcom.models import load_model, model_fingerprint, resolve_model
-from sparcom.prompts import prompt_ids
+from sparcom.curation.hexainst import authored_records, starter_set
+from sparcom.extraction.models import load_model, model_fingerprint, resolve_model
+from sparcom.extraction.prompts import prompt_ids
 from sparcom.provenance import finetune_key, planned_finetune_key
-from sparcom.records import RecordError
+from sparcom.curation.records import RecordError
 
 QUICK = FinetuneSettings(categories=["MATH"], steps=3, batch_size=2, max_tokens=96, learning_rate=1e-2)
 

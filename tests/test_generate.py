@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from sparcom.generate import GenerationRejected, generate_records, meta_prompt, parse_generation
-from sparcom.hexainst import authored_records
+from sparcom.curation.generate import GenerationRejected, generate_records, meta_prompt, parse_generation
+from sparcom.curation.hexainst import authored_records
 
 
 def reply(instruction="How many legs does a spider have?", input="", response="Eight.", fenced=False):

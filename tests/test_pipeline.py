@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
-from sparcom.store import is_complete, open_store
+from sparcom.extraction.store import is_complete, open_store
 
 
 def write_jsonl(records, path: Path) -> Path:

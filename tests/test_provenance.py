@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sparcom.config import ExtractionSettings, ModelSettings
-from sparcom.dataset import prepare_dataset
-from sparcom.extract import extract_dataset
+from sparcom.curation.dataset import prepare_dataset
+from sparcom.extraction.extract import extract_dataset
 from sparcom.provenance import modules_version, planned_extraction_key, stage_modules
-from sparcom.store import store_attrs
+from sparcom.extraction.store import store_attrs
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def test_a_missing_module_is_an_error_not_a_skip(package):
 def test_stage_modules_follow_the_imports():
     extraction = stage_modules("extract")
     # extraction reads its settings (config) and records (records) as much as it counts
-    assert {"sparcom.extract", "sparcom.counting", "sparcom.models", "sparcom.config", "sparcom.records",
-            "sparcom.store"} <= set(extraction)
-    assert "sparcom.identify" not in extraction and "sparcom.provenance" not in extraction
-    assert "sparcom.extract" not in stage_modules("identify")
-    assert {"sparcom.report", "sparcom.generality"} <= set(stage_modules("analyse"))
+    assert {"sparcom.extraction.extract", "sparcom.extraction.counting", "sparcom.extraction.models", "sparcom.config", "sparcom.curation.records",
+            "sparcom.extraction.store"} <= set(extraction)
+    assert "sparcom.identification.identify" not in extraction and "sparcom.provenance" not in extraction
+    assert "sparcom.extraction.extract" not in stage_modules("identify")
+    assert {"sparcom.identification.report", "sparcom.identification.generality"} <= set(stage_modules("analyse"))
 
 
 def test_extraction_has_one_key(tmp_path, tiny_llama_dir, cache_dir, sample_records):

@@ -12,9 +12,9 @@ import pytest
 import xarray as xr
 
 from sparcom.config import ExtractionSettings
-from sparcom.extract import extract_to_store, parse_shards
-from sparcom.models import load_model, resolve_model
-from sparcom.store import finished_shards, is_complete, open_store, shard_count
+from sparcom.extraction.extract import extract_to_store, parse_shards
+from sparcom.extraction.models import load_model, resolve_model
+from sparcom.extraction.store import finished_shards, is_complete, open_store, shard_count
 
 from conftest import make_record
 
@@ -111,7 +111,7 @@ def test_parse_shards():
 
 
 def test_added_records_are_the_only_ones_counted(tmp_path, tiny_llama_dir, cache_dir, sample_records, monkeypatch):
-    from sparcom.counting import FFNCounter
+    from sparcom.extraction.counting import FFNCounter
 
     loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float64", device="cpu")
     settings = ExtractionSettings(shard_size=4)

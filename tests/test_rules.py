@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from sparcom.config import IdentificationSettings
-from sparcom.identify import identify, identify_store
-from sparcom.rules import RULES, select
+from sparcom.identification.identify import identify, identify_store
+from sparcom.identification.rules import RULES, select
 from tests.test_identify import make_store, write_store
 
 GROUPS = ["CLS", "CODE", "MATH", "QA"]
@@ -227,13 +227,13 @@ def test_bad_parameters_are_refused(field, value):
 
 @pytest.mark.parametrize("rule", ["lape", "contrastive"])
 def test_a_rule_comparing_groups_refuses_one_group_before_any_work(tmp_path, monkeypatch, rule):
-    import sparcom.identify
+    import sparcom.identification.identify
 
     def no_work(*args, **kwargs):
         raise AssertionError("the counts were read before the check")
 
-    monkeypatch.setattr(sparcom.identify, "one_pass_sums", no_work)
-    monkeypatch.setattr(sparcom.identify, "group_frequencies", no_work)
+    monkeypatch.setattr(sparcom.identification.identify, "one_pass_sums", no_work)
+    monkeypatch.setattr(sparcom.identification.identify, "group_frequencies", no_work)
     path = write_store(small_store(("CLS",) * 6), tmp_path / "s.zarr")
     with pytest.raises(ValueError, match=f"rule '{rule}' compares groups.*1 group"):
         identify_store(path, IdentificationSettings(rule=rule), tmp_path / "o")
@@ -253,7 +253,7 @@ def test_cli_refuses_a_bad_rate(tmp_path):
 
 
 def test_comparison_checks_the_parameters_of_the_rule_used():
-    from sparcom.compare import ComparisonError, check_components_compatible
+    from sparcom.comparison.compare import ComparisonError, check_components_compatible
 
     store = small_store()
     lape = IdentificationSettings(rule="lape", top_rate=0.1, filter_rate=0.8, bar_ratio=0.7)

@@ -1,4 +1,4 @@
-"""Percentile selection on rows long enough for the sampled bound (sparcom.rules.SAMPLE_STRIDE):
+"""Percentile selection on rows long enough for the sampled bound (sparcom.identification.rules.SAMPLE_STRIDE):
 the same sets and thresholds as the plain-sort reference of tests/test_rules.py, also where the
 bound misses, where fewer than m values are positive, and on negative margins."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from sparcom.rules import SAMPLE_STRIDE, select
+from sparcom.identification.rules import SAMPLE_STRIDE, select
 from tests.test_rules import naive_rule
 
 N = 40 * SAMPLE_STRIDE * 8  # components per group: sampled for every epsilon below

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.outputs import MARKER, OutputError, building, check_output, claimed
+from sparcom.core.outputs import MARKER, OutputError, building, check_output, claimed
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_empty_and_missing_folders_are_fine(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from sparcom.outputs import building
+from sparcom.core.outputs import building
 with building(Path(sys.argv[1]), "run") as partial:
     for i in range(20):
         (partial / f"part{i}").write_text(sys.argv[2])
@@ -96,7 +96,7 @@ def test_curate_refuses_a_users_out_folder_before_any_work(users_folder, tmp_pat
 
 
 def test_identify_refuses_a_users_out_folder(users_folder, tmp_path):
-    from sparcom.store import create_store, finalize_store, write_shard
+    from sparcom.extraction.store import create_store, finalize_store, write_shard
 
     import numpy as np
     from conftest import make_record

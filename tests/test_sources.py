@@ -6,8 +6,8 @@ import datasets
 import pytest
 from hub_standins import FAULTS, write_standins
 
-from sparcom import sources
-from sparcom.sources import SourceError, SourceSpec, default_sources, source_pool, source_rows
+from sparcom.curation import sources
+from sparcom.curation.sources import SourceError, SourceSpec, default_sources, source_pool, source_rows
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ import pytest
 import xarray as xr
 
 from sparcom.config import IdentificationSettings
-from sparcom.identify import identify, identify_store, one_pass_sums
-from sparcom.report import report_generality
-from sparcom.split_half import half_assignment
-from sparcom.store import open_store
+from sparcom.identification.identify import identify, identify_store, one_pass_sums
+from sparcom.identification.report import report_generality
+from sparcom.identification.split_half import half_assignment
+from sparcom.extraction.store import open_store
 from tests.test_identify import make_store, moe_store, write_store
 from tests.test_rules import naive_rule
 

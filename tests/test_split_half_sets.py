@@ -11,9 +11,9 @@ import pytest
 import xarray as xr
 
 from sparcom.config import IdentificationSettings
-from sparcom.identify import identify, one_pass_sums
-from sparcom.split_half import cross_jaccard, half_assignment
-from sparcom.store import StoreError, open_store
+from sparcom.identification.identify import identify, one_pass_sums
+from sparcom.identification.split_half import cross_jaccard, half_assignment
+from sparcom.extraction.store import StoreError, open_store
 from tests.test_identify import make_store, test_report_of_a_moe_store_matches_set_arithmetic, write_store
 from tests.test_rules import naive_rule
 
@@ -98,9 +98,9 @@ def test_cross_jaccard_of_sets_equals_set_arithmetic(chunked):
 def test_lazy_analysis_of_sets_too_large_for_memory(tmp_path, monkeypatch):
     """Sets above IN_MEMORY_BYTES are analysed chunk by chunk: the same report, against set
     arithmetic (the in-memory analysis of the same test runs with the default size)."""
-    import sparcom.generality
+    import sparcom.identification.generality
 
-    monkeypatch.setattr(sparcom.generality, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(sparcom.identification.generality, "IN_MEMORY_BYTES", 0)
     test_report_of_a_moe_store_matches_set_arithmetic(tmp_path)
 
 
@@ -130,7 +130,7 @@ def test_one_pass_sums_over_many_runs_tiles_and_sum_levels(tmp_path, monkeypatch
     """Runs of two chunks, a tree of adds three levels deep, tiles of 7 columns (the last one
     shorter) and runs in which some groups have no instruction (labels in blocks): the sums of
     every group and half against NumPy; and no chunk of the store is read outside a product."""
-    import sparcom.identify
+    import sparcom.identification.identify
 
     rng = np.random.default_rng(4)
     labels = np.repeat(["CLS", "CODE", "QA"], [9, 6, 9])  # chunks of 3: a run holds one or two groups
@@ -139,12 +139,12 @@ def test_one_pass_sums_over_many_runs_tiles_and_sum_levels(tmp_path, monkeypatch
     made = make_store(counts, tokens, labels.tolist())
     store = open_store(write_store(made, tmp_path / "s.zarr"))
     chunk_bytes = store.act_count.data.dtype.itemsize * 3 * 17  # 3 instructions x 1 layer x 17
-    monkeypatch.setattr(sparcom.identify, "CONTRACTION_BLOCK_BYTES", 2 * chunk_bytes)
-    monkeypatch.setattr(sparcom.identify, "SUM_FAN_IN", 2)
-    monkeypatch.setattr(sparcom.identify, "TILE_BYTES", 7 * 6 * 4)  # 6 rows of float32 in a run
+    monkeypatch.setattr(sparcom.identification.identify, "CONTRACTION_BLOCK_BYTES", 2 * chunk_bytes)
+    monkeypatch.setattr(sparcom.identification.identify, "SUM_FAN_IN", 2)
+    monkeypatch.setattr(sparcom.identification.identify, "TILE_BYTES", 7 * 6 * 4)  # 6 rows of float32 in a run
     in_a, _ = half_assignment(labels, np.array(made.origin.values, dtype=str), 2)
 
-    lazy = sparcom.identify._contract(store.act_count, np.searchsorted(["CLS", "CODE", "QA"], labels), 3,
+    lazy = sparcom.identification.identify._contract(store.act_count, np.searchsorted(["CLS", "CODE", "QA"], labels), 3,
                                       np.ones((len(labels), 1), dtype=np.float32), np.uint32)
     store_chunks = store.act_count.data.name
     assert not [key for key in dict(lazy.data.__dask_graph__()) if key[0] == store_chunks]

@@ -8,8 +8,8 @@ import pytest
 import xarray as xr
 from transformers import AutoTokenizer
 
-import sparcom.template
-from sparcom.template import template_share, template_tokens
+import sparcom.identification.template
+from sparcom.identification.template import template_share, template_tokens
 
 
 def test_template_tokens_are_the_prompt_minus_the_user_text(tokenizer_dir):
@@ -22,7 +22,7 @@ def test_template_tokens_are_the_prompt_minus_the_user_text(tokenizer_dir):
 
 
 def test_share_per_group_is_template_tokens_over_counted_tokens(monkeypatch):
-    monkeypatch.setattr(sparcom.template, "template_tokens", lambda path: 10)
+    monkeypatch.setattr(sparcom.identification.template, "template_tokens", lambda path: 10)
     labels = np.array(["CLS", "CLS", "QA", "SUM"])
     tokens = xr.DataArray([80.0, 50.0, 0.0], dims="group", coords={"group": ["CLS", "QA", "SUM"]})
     share, attrs = template_share({"token_span": "prompt", "chat_template": True, "model_path": "m"},

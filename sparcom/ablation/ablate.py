@@ -1,0 +1,330 @@
+"""The ablation stage: do a group's components matter more to its own records than to other
+groups' records, and more than control components of the same number, place and activity?
+(docs/method.md section 6)
+
+- `plan_ablation(components, store_path, settings)`: everything that can be checked without the
+  model: the family, the evaluation records (held out from identification by record hash), the
+  sets and their seeded controls, which records have a checkable answer (with `accuracy`, at
+  least one must). Bad input raises an `AblationInputError` naming what is wrong.
+- `evaluation_records(settings, groups, group_by, identified)`: the records that judge the
+  components: `settings.eval_dataset`, or the shipped HexaInst records of the same categories
+  that identification did not use; overlap with `identified` (record hashes) is refused unless
+  `allow_overlap`, and then counted.
+- `split_held_out(records, fraction, seed)`: records split by record hash into an identification
+  part and a held-out evaluation part, per category, disjoint.
+- `split_dataset(dataset_dir, fraction, seed, datasets_dir)`: the same for a saved dataset: both
+  parts saved under their hashes (the pipeline identifies on one and evaluates on the other).
+- `find_store(components_path)`: the count store beside an identification folder of a work dir.
+- `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
+  stage: checks, then one pass without ablation, one per group, one per group, control and
+  seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
+  With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
+  answer (`sparcom.ablation.accuracy`), add the accuracy variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.statistics import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED, ablation_figures
+from sparcom.ablation.hooks import Ablation
+from sparcom.ablation.answers import CHECKS, reference_answer
+from sparcom.config import AblationSettings, ExtractionSettings
+from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
+from sparcom.curation.hexainst import authored_records
+from sparcom.identification.identify import FAMILIES, GROUP, Family
+from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
+from sparcom.extraction.store import is_complete, open_store, save_zarr, store_attrs
+
+ABLATION_NAME = "ablation.zarr"
+ProgressCallback = Callable[[int, int], None]
+
+
+class AblationInputError(ValueError):
+    """Input the stage cannot run on; the message names the file, group or option."""
+
+
+@dataclass(frozen=True)
+class AblationPlan:
+    family: Family
+    groups: list[str]
+    records: list[InstructionRecord]
+    labels: np.ndarray                      # each record's evaluated group
+    sets: dict[str, xr.DataArray]           # group -> boolean set over the family's dims
+    controls: dict[tuple[str, int, str], xr.DataArray]  # (control, seed, group) -> set
+    frequency: xr.DataArray                 # overall frequency of every component
+    overlap: int                            # evaluation records that also selected the components
+    eval_source: str
+    attrs: dict
+    checkable: np.ndarray                   # each record has an answer greedy decoding is scored on
+
+
+def choose_family(components: xr.Dataset, name: str) -> Family:
+    present = [f for f in FAMILIES if f.selected in components]
+    if name == "auto":
+        if not present:
+            raise AblationInputError("components.zarr holds no component sets")
+        return present[0]
+    known = {f.name: f for f in FAMILIES}
+    if name not in known or known[name] not in present:
+        raise AblationInputError(
+            f"unknown family {name!r} for these components; they hold: {', '.join(f.name for f in present)}")
+    return known[name]
+
+
+def find_store(components_path: Path) -> Path:
+    """A run folder `<work>/runs/<store>-<key>/` has its store at `<work>/stores/<store>.zarr`;
+    any finished store there with the components' fingerprint, dataset and span is taken."""
+    components_path = Path(components_path)
+    attrs = store_attrs(components_path)
+    run_dir = components_path.parent
+    for candidate in sorted((run_dir.parent.parent / "stores").glob("*.zarr")) if run_dir.parent.name == "runs" else []:
+        if is_complete(candidate) and all(
+                store_attrs(candidate).get(k) == attrs.get(k) for k in ("model_fingerprint", "dataset_hash", "token_span")):
+            return candidate
+    raise AblationInputError(f"{components_path}: no count store of its model and dataset found beside it; "
+                             "pass --store STORE.zarr")
+
+
+def split_held_out(records: Sequence[InstructionRecord], fraction: float, seed: int = 0
+                   ) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
+    """(identification, evaluation): per category the `fraction` of records whose seeded hash of
+    the record hash is smallest (at least one, and one left for identification), disjoint by hash."""
+    if not 0 < fraction < 1:
+        raise AblationInputError(f"held-out fraction {fraction}: expected a number between 0 and 1")
+    held: set[str] = set()
+    for category in sorted({r.category for r in records}):
+        hashes = sorted({record_hash(r) for r in records if r.category == category},
+                        key=lambda h: hashlib.sha256(f"{seed}:{h}".encode()).hexdigest())
+        count = min(max(1, round(fraction * len(hashes))), len(hashes) - 1)
+        held.update(hashes[:count])
+    return ([r for r in records if record_hash(r) not in held], [r for r in records if record_hash(r) in held])
+
+
+def split_dataset(dataset_dir: Path, fraction: float, seed: int, datasets_dir: Path) -> tuple[Path, Path]:
+    """(identification dataset, held-out evaluation dataset) folders."""
+    parts = []
+    for name, records in zip(("identification", "held-out"), split_held_out(load_records(dataset_dir), fraction, seed)):
+        directory = Path(datasets_dir) / dataset_hash(records)[:16]
+        if not (directory / MANIFEST_NAME).is_file():
+            save_dataset(records, directory, settings={"source": f"{dataset_dir}: {name} part", "fraction": fraction,
+                                                       "seed": seed})
+        parts.append(directory)
+    return parts[0], parts[1]
+
+
+def _label(record: InstructionRecord, group_by: str) -> str:
+    return record.category if group_by == "category" else record.origin
+
+
+def evaluation_records(settings: AblationSettings, groups: Sequence[str], group_by: str,
+                       identified: set[str]) -> tuple[list[InstructionRecord], int, str]:
+    """(records, overlap, where they came from)."""
+    if settings.eval_dataset is not None:
+        candidates = load_records(settings.eval_dataset)
+        source = str(settings.eval_dataset)
+        overlapping = [r for r in candidates if record_hash(r) in identified]
+        if overlapping and not settings.allow_overlap:
+            raise AblationInputError(
+                f"{source}: {len(overlapping)} of its records also selected the components (first: "
+                f"{overlapping[0].id}); evaluate on held-out records, or pass --allow-overlap to "
+                "evaluate on them anyway (the result then says so)")
+    else:
+        wanted = [g for g in groups if g in CATEGORIES] if group_by == "category" else list(CATEGORIES)
+        candidates = [r for r in authored_records(tuple(wanted)) if record_hash(r) not in identified]
+        source = "shipped HexaInst records not used by identification"
+    taken, per_group = [], Counter()
+    for record in candidates:
+        label = _label(record, group_by)
+        if settings.eval_per_group is None or per_group[label] < settings.eval_per_group:
+            taken.append(record)
+            per_group[label] += 1
+    for record in taken:
+        if not record.response.strip():
+            raise AblationInputError(f"{source}: record {record.id} has no response to score")
+    empty = [g for g in groups if per_group[g] == 0]
+    if empty:
+        raise AblationInputError(f"{source}: no evaluation record of group {empty[0]} "
+                                 f"(groups with records: {', '.join(sorted(per_group)) or 'none'})")
+    return taken, sum(record_hash(r) in identified for r in taken), source
+
+
+def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSettings) -> AblationPlan:
+    attrs = components.attrs
+    store = store_attrs(store_path)
+    for key in ("model_fingerprint", "dataset_hash"):
+        if store.get(key) != attrs.get(key):
+            raise AblationInputError(f"{store_path}: its {key} {str(store.get(key))[:12]} is not the components' "
+                                     f"{str(attrs.get(key))[:12]}: the store is of another model or dataset")
+    group_by = attrs.get("group_by")
+    if group_by not in ("category", "origin"):
+        raise AblationInputError(f"components grouped by {group_by!r}: ablation needs groups of records "
+                                 "(category or origin) that held-out records can belong to")
+    family = choose_family(components, settings.family)
+    groups = [str(g) for g in components[GROUP].values]
+    identified = {str(h) for h in open_store(store_path).record_hash.values}
+    records, overlap, source = evaluation_records(settings, groups, group_by, identified)
+    checkable = np.array([reference_answer(r) is not None for r in records], dtype=bool)
+    if settings.accuracy and not checkable.any():
+        raise AblationInputError(
+            f"accuracy: none of the {len(records)} evaluation records ({source}) has a checkable answer; "
+            f"categories with one: {', '.join(f'{c} ({what})' for c, what in CHECKS.items())}; evaluated: "
+            f"{', '.join(sorted({r.category for r in records}))}. Evaluate such records, or leave --accuracy off")
+    selected = components[family.selected].transpose(GROUP, family.layer_dim, ...).load()
+    frequency = overall_frequency(components, family).transpose(*selected.dims[1:]).load()
+    sets = {g: selected.sel({GROUP: g}, drop=True).reset_coords(drop=True) for g in groups}
+    controls = {}
+    for g_index, (group, chosen) in enumerate(sets.items()):
+        if not chosen.any():
+            continue
+        distinct = distinct_random_controls(chosen, family.layer_dim)
+        if distinct < settings.seeds:
+            raise AblationInputError(
+                f"--seeds {settings.seeds}: group {group}'s {int(chosen.sum())} {family.name} allow "
+                f"{'no control of the same size per layer' if distinct == 0 else f'only {distinct} different random controls'}"
+                f"{'' if distinct == 0 else f'; use at most {distinct} seeds'}")
+        for c_index, control in enumerate(settings.controls):
+            for seed in range(settings.seeds):
+                rng = np.random.default_rng([settings.seed, g_index, c_index, seed])
+                controls[control, seed, group] = CONTROLS[control](chosen, frequency, family.layer_dim, rng)
+    return AblationPlan(
+        family=family, groups=groups, records=records,
+        labels=np.array([_label(r, group_by) for r in records]), sets=sets, controls=controls,
+        frequency=frequency, overlap=overlap, eval_source=source, checkable=checkable,
+        attrs={**{k: attrs[k] for k in ("model", "model_fingerprint", "dataset_hash", "token_span", "rule",
+                                         "epsilon", "group_by") if k in attrs},
+               "family": family.name, "eval_source": source, "eval_dataset_hash": dataset_hash(records),
+               "overlap": overlap, "allow_overlap": settings.allow_overlap, "seeds": settings.seeds,
+               "seed": settings.seed, "controls": list(settings.controls),
+               "max_response_tokens": settings.max_response_tokens or 0, "resamples": settings.resamples,
+               "permutations": settings.permutations, **(_accuracy_attrs(records, checkable, settings)
+                                                          if settings.accuracy else {})})
+
+
+def _accuracy_attrs(records: Sequence[InstructionRecord], checkable: np.ndarray, settings: AblationSettings) -> dict:
+    categories = sorted({r.category for r in records})
+    checked = sorted({r.category for r, c in zip(records, checkable) if c})
+    return {"max_new_tokens": settings.max_new_tokens, "accuracy_categories": checked,
+            "accuracy_skipped": [c for c in categories if c not in checked]}
+
+
+def _mean_frequency(frequency: xr.DataArray, chosen: xr.DataArray) -> float:
+    return float(frequency.where(chosen).mean()) if chosen.any() else float("nan")
+
+
+def run_ablation(
+    components_path: Path,
+    store_path: Path,
+    settings: AblationSettings,
+    extraction: ExtractionSettings,
+    cache_dir: Path,
+    out_dir: Path,
+    model_name: str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Path:
+    """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
+    and must have the components' weights fingerprint."""
+    from sparcom.ablation.accuracy import accuracy_dataset, greedy_generate, tokenize_prompts
+    from sparcom.extraction.models import load_model, model_fingerprint, resolve_model
+    from sparcom.ablation.response_nll import response_nll, tokenize_responses
+
+    components = xr.open_zarr(components_path)
+    plan = plan_ablation(components, store_path, settings)
+    attrs = store_attrs(store_path)
+    name = model_name or (attrs["model_path"] if Path(attrs.get("model_path", "")).exists() else attrs["model"])
+    source = resolve_model(name)
+    if model_fingerprint(source, cache_dir) != plan.attrs["model_fingerprint"]:
+        raise AblationInputError(f"model {name}: its weights are not the ones the components were found in "
+                                 f"(fingerprint {plan.attrs['model_fingerprint'][:12]}); pass that model")
+    loaded = load_model(source, cache_dir, extraction.dtype, extraction.device)
+    tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
+    checked = np.flatnonzero(plan.checkable) if settings.accuracy else np.array([], dtype=int)
+    prompts = tokenize_prompts([plan.records[i] for i in checked], loaded.tokenizer)
+    passes = 1 + len(plan.sets) * (1 + len(settings.controls) * settings.seeds)
+    total = passes * (len(tokenized) + len(prompts))
+    progress = tqdm(total=total, unit="record", desc="ablating")
+
+    def advance(n: int) -> None:
+        progress.update(n)
+        if on_progress:
+            on_progress(progress.n, total)
+
+    def nll() -> np.ndarray:
+        return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device, advance)
+
+    def generations() -> np.ndarray:
+        texts = np.full(len(plan.records), "", dtype=object)
+        texts[checked] = greedy_generate(loaded.model, prompts, loaded.tokenizer, extraction, loaded.device,
+                                         settings.max_new_tokens, advance)
+        return texts
+
+    def under_each(measure: Callable[[], np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`measure()` intact, with each group's set switched off, with each control switched off."""
+        base = measure()
+
+        def switched_off(chosen: xr.DataArray) -> np.ndarray:
+            if not chosen.any():  # an empty set is the intact pass again
+                advance(size)
+                return base
+            with Ablation(loaded.model, {plan.family.name: chosen.values}):
+                return measure()
+
+        ablated = np.stack([switched_off(plan.sets[g]) for g in plan.groups])
+        controlled = np.full((len(controls), settings.seeds, *ablated.shape), np.nan, dtype=base.dtype)
+        for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds),
+                                                   enumerate(plan.groups)):
+            controlled[c, s, g] = switched_off(plan.controls.get((control, s, group), plan.sets[group]))
+        return base, ablated, controlled
+
+    controls = list(settings.controls)
+    base, nll_ablated, nll_control = under_each(nll, len(tokenized))
+    texts = under_each(generations, len(prompts)) if settings.accuracy else None
+    progress.close()
+    control_frequency = np.full(nll_control.shape[:3], np.nan)
+    for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds), enumerate(plan.groups)):
+        # a group with an empty set has no control: its set (nothing) again
+        control_frequency[c, s, g] = _mean_frequency(plan.frequency, plan.controls.get((control, s, group),
+                                                                                      plan.sets[group]))
+    dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
+    if texts is not None:
+        dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
+    path = Path(out_dir) / ABLATION_NAME
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_zarr(dataset, path)
+    return path
+
+
+def ablation_dataset(plan: AblationPlan, base: np.ndarray, nll: np.ndarray, nll_control: np.ndarray,
+                     control_frequency: np.ndarray, controls: list[str], settings: AblationSettings) -> xr.Dataset:
+    coords = {
+        "instruction_id": (INSTRUCTION, np.array([r.id for r in plan.records], dtype=object)),
+        "category": (INSTRUCTION, np.array([r.category for r in plan.records], dtype=object)),
+        "origin": (INSTRUCTION, np.array([r.origin for r in plan.records], dtype=object)),
+        "record_hash": (INSTRUCTION, np.array([record_hash(r) for r in plan.records], dtype=object)),
+        ABLATED: plan.groups, CONTROL: controls, SEED: np.arange(nll_control.shape[1]),
+    }
+    nll_base = xr.DataArray(base, dims=(INSTRUCTION,))
+    nll_ablated = xr.DataArray(nll, dims=(ABLATED, INSTRUCTION))
+    nll_controlled = xr.DataArray(nll_control, dims=(CONTROL, SEED, ABLATED, INSTRUCTION))
+    dataset = xr.Dataset(
+        {"nll_base": nll_base, "nll": nll_ablated, "nll_control": nll_controlled,
+         "ablated_size": (ABLATED, np.array([int(plan.sets[g].sum()) for g in plan.groups], dtype=np.int64)),
+         "mean_frequency": (ABLATED, np.array([_mean_frequency(plan.frequency, plan.sets[g]) for g in plan.groups])),
+         "control_mean_frequency": ((CONTROL, SEED, ABLATED), control_frequency)},
+        coords=coords)
+    figures = ablation_figures(dataset.nll_base, dataset.nll, dataset.nll_control, plan.labels,
+                               settings.resamples, settings.permutations, settings.seed)
+    merged = xr.merge([dataset, figures.assign_coords({ABLATED: plan.groups})]).assign_attrs(plan.attrs)
+    # Variable-length strings: fixed-width ones have no Zarr v3 specification and warn when written.
+    return merged.assign_coords({name: merged[name].astype(object) for name in merged.coords
+                                 if merged[name].dtype.kind == "U"})

@@ -1,0 +1,269 @@
+"""The ablation as a person reads it: per group, in plain words, whether switching its components
+off hurts its own records more than other groups' records and more than each control.
+
+- `summarize_ablation(ablation)`: the figures of `ablation.zarr` as plain data, per group, with
+  a verdict for each comparison (an interval above 1, or p < ALPHA).
+- `ablation_markdown(summary)`: the section: one sentence per group and the table; where the
+  accuracy ran, its tables too (`accuracy_markdown`).
+- `plot_ablation(ablation, path)`: heatmap of delta[ablated, evaluated] beside each group's own
+  delta against its controls' (95% intervals).
+- `report_ablation(ablation_path, out_dir)`: `ablation.md`, `ablation.json`, `ablation.png`.
+- `criticality_change(base, tuned)`: did fine-tuning make each group's components more or less
+  critical to their own category (own delta of the tuned model's components on the tuned model
+  against the base model's on the base model)?
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+
+from sparcom.core.markdown import table
+
+ALPHA = 0.05
+SECTION = "## Do the components matter? (ablation)"
+CONTROL_WORDS = {"random": "random components", "frequency_matched": "components of matched frequency"}
+
+
+def _value(values: xr.DataArray) -> float | None:
+    value = float(values)
+    return None if np.isnan(value) else round(value, 5)
+
+
+def _with_interval(point: xr.DataArray, interval: xr.DataArray) -> dict:
+    return {"value": _value(point), "low": _value(interval.sel(bound="low")),
+            "high": _value(interval.sel(bound="high"))}
+
+
+def _above(figure: dict, threshold: float) -> str:
+    """'yes' when the whole interval is above the threshold, 'no' when below, else 'unclear'."""
+    low, high = figure["low"], figure["high"]
+    if low is None or high is None:
+        return "unclear"
+    return "yes" if low > threshold else "no" if high < threshold else "unclear"
+
+
+def summarize_ablation(ablation: xr.Dataset) -> dict:
+    groups = [str(g) for g in ablation.ablated.values]
+    controls = [str(c) for c in ablation.control.values]
+    per_group = {}
+    for group in groups:
+        at = {"ablated": group}
+        own = {"ablated": group, "evaluated": group}
+        entry = {
+            "size": int(ablation.ablated_size.sel(at)),
+            "records": int((ablation.category == group).sum()) if ablation.attrs.get("group_by") == "category"
+            else int((ablation.origin == group).sum()),
+            "own_delta": _with_interval(ablation.delta.sel(own), ablation.delta_ci.sel(own)),
+            "other_delta": _with_interval(ablation.delta_other.sel(at), ablation.delta_other_ci.sel(at)),
+            "specificity": _with_interval(ablation.specificity.sel(at), ablation.specificity_ci.sel(at)),
+            "controls": {},
+        }
+        entry["hurts_own_more"] = _above(entry["specificity"], 1.0)
+        for control in controls:
+            c_own = {"control": control, **own}
+            c_at = {"control": control, **at}
+            p = _value(ablation.control_p_value.sel(c_at))
+            entry["controls"][control] = {
+                "delta": _with_interval(ablation.delta_control.sel(c_own), ablation.delta_control_ci.sel(c_own)),
+                "ratio": _with_interval(ablation.control_ratio.sel(c_at), ablation.control_ratio_ci.sel(c_at)),
+                "p_value": p,
+                "mean_frequency": _value(ablation.control_mean_frequency.sel(c_at).mean("seed")),
+                "hurts_more": p is not None and p < ALPHA,
+            }
+        entry["mean_frequency"] = _value(ablation.mean_frequency.sel(at))
+        per_group[group] = entry
+    delta = {str(a): {str(e): _value(ablation.delta.sel(ablated=a, evaluated=e)) for e in ablation.evaluated.values}
+             for a in ablation.ablated.values}
+    summary = {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ablation.attrs.items()},
+               "groups": groups, "controls_run": controls, "per_group": per_group, "delta": delta}
+    if "accuracy" in ablation:
+        summary["accuracy"] = _accuracy_summary(ablation)
+    return summary
+
+
+def _accuracy_summary(ablation: xr.Dataset) -> dict:
+    """Accuracies over the records with a checkable answer, for the evaluated groups that have some."""
+    labels = ablation.category if ablation.attrs.get("group_by") == "category" else ablation.origin
+    evaluated = [str(e) for e in ablation.evaluated.values if int(ablation.accuracy_records.sel(evaluated=e))]
+    return {
+        "max_new_tokens": ablation.attrs.get("max_new_tokens"),
+        "checked": {e: int(ablation.accuracy_records.sel(evaluated=e)) for e in evaluated},
+        "records": {e: int((labels == e).sum()) for e in evaluated},
+        "skipped": list(ablation.attrs.get("accuracy_skipped", [])),
+        "intact": {e: _value(ablation.accuracy_base.sel(evaluated=e)) for e in evaluated},
+        "ablated": {str(a): {e: _value(ablation.accuracy.sel(ablated=a, evaluated=e)) for e in evaluated}
+                    for a in ablation.ablated.values},
+        "controls": {str(c): {str(a): {e: _value(ablation.accuracy_control.sel(control=c, ablated=a, evaluated=e))
+                                       for e in evaluated} for a in ablation.ablated.values}
+                     for c in ablation.control.values},
+    }
+
+
+def _fmt(figure: dict, digits: int = 3) -> str:
+    if figure["value"] is None:
+        return "n/a"
+    bounds = "" if figure["low"] is None else f" [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]"
+    return f"{figure['value']:.{digits}f}{bounds}"
+
+
+def _sentence(group: str, entry: dict, family: str) -> str:
+    if entry["size"] == 0:
+        return f"- **{group}**: its set is empty, nothing to switch off."
+    own = {"yes": "hurts its own category more than the others",
+           "no": "hurts the other categories more than its own",
+           "unclear": "does not clearly hurt its own category more than the others"}[entry["hurts_own_more"]]
+    parts = [f"- **{group}**: switching off its {entry['size']} {family.replace('_', ' ')} {own}: its own "
+             f"response NLL rises by {_fmt(entry['own_delta'])} nats per token, the others' by "
+             f"{_fmt(entry['other_delta'])} (specificity {_fmt(entry['specificity'], 2)})."]
+    for control, figures in entry["controls"].items():
+        verdict = "more" if figures["hurts_more"] else f"not significantly more (p >= {ALPHA})"
+        parts.append(f"It hurts its own category {verdict} than {CONTROL_WORDS.get(control, control)} of the "
+                     f"same size per layer ({_fmt(figures['delta'])}; ratio {_fmt(figures['ratio'], 2)}, "
+                     f"p = {figures['p_value']:.4f}).")
+    return " ".join(parts)
+
+
+def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = "ablation.png") -> str:
+    family = summary.get("family", "components")
+    overlap = (f" **{summary['overlap']} evaluation records also selected the components** (asked for)."
+               if summary.get("overlap") else " No evaluation record selected the components.")
+    cap = summary.get("max_response_tokens") or 0
+    lines = [
+        heading, "",
+        f"Each group's {family.replace('_', ' ')} (rule `{summary.get('rule')}`) switched off in turn; "
+        f"measured: the mean response NLL of held-out records ({summary.get('eval_source')}"
+        f"{f', first {cap} response tokens' if cap else ''}), teacher-forced after the prompt. "
+        f"Delta = ablated - intact, in nats per token, with 95% bootstrap intervals over records; "
+        f"controls of the same size per layer, {summary.get('seeds')} seeds; p: one-sided sign-flip "
+        f"permutation test against the control.{overlap}", "",
+        *[_sentence(g, summary["per_group"][g], family) for g in summary["groups"]], "",
+    ]
+    header = ["group", "size", "records", "own delta", "others' delta", "specificity"]
+    for control in summary["controls_run"]:
+        header += [f"{control} delta", f"{control} ratio", "p"]
+    rows = []
+    for group in summary["groups"]:
+        entry = summary["per_group"][group]
+        row = [group, entry["size"], entry["records"], _fmt(entry["own_delta"]), _fmt(entry["other_delta"]),
+               _fmt(entry["specificity"], 2)]
+        for control in summary["controls_run"]:
+            figures = entry["controls"][control]
+            row += [_fmt(figures["delta"]), _fmt(figures["ratio"], 2),
+                    "n/a" if figures["p_value"] is None else f"{figures['p_value']:.4f}"]
+        rows.append(row)
+    lines.append(table(header, rows))
+    evaluated = list(next(iter(summary["delta"].values())))
+    lines += ["", "Delta matrix (rows: components switched off; columns: records evaluated):", "",
+              table(["switched off"] + evaluated, [[a] + ["n/a" if v is None else f"{v:.3f}" for v in row.values()]
+                                                     for a, row in summary["delta"].items()])]
+    if plot:
+        lines += ["", f"![ablation]({plot})"]
+    if "accuracy" in summary:
+        lines += ["", accuracy_markdown(summary["accuracy"])]
+    return "\n".join(lines) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def accuracy_markdown(accuracy: dict) -> str:
+    """The accuracy matrix (intact, then each group's set off) and each group's own records against its controls."""
+    evaluated = list(accuracy["checked"])
+    checked = ", ".join(f"{e} {accuracy['checked'][e]} of {accuracy['records'][e]}" for e in evaluated)
+    skipped = (f" Skipped, no checkable answer: {', '.join(accuracy['skipped'])}." if accuracy["skipped"] else "")
+    lines = [
+        "### Accuracy (greedy decoding)", "",
+        f"Greedy decoding of at most {accuracy['max_new_tokens']} new tokens after the prompt, intact and with "
+        f"each set (and each control, mean over seeds) switched off, scored on the evaluation records with a "
+        f"checkable answer (CLS: the label; MATH: the final number): {checked} records.{skipped}", "",
+        table(["switched off"] + evaluated,
+              [["nothing (intact)"] + [_share(accuracy["intact"][e]) for e in evaluated]]
+              + [[a] + [_share(row[e]) for e in evaluated] for a, row in accuracy["ablated"].items()]),
+    ]
+    own = [a for a in accuracy["ablated"] if a in evaluated]
+    if own:
+        controls = list(accuracy["controls"])
+        lines += ["", "Each group's own records:", "",
+                  table(["group", "records", "intact", "own set off"] + [f"{c} off" for c in controls],
+                        [[a, accuracy["checked"][a], _share(accuracy["intact"][a]), _share(accuracy["ablated"][a][a])]
+                         + [_share(accuracy["controls"][c][a][a]) for c in controls] for a in own])]
+    return "\n".join(lines)
+
+
+def plot_ablation(ablation: xr.Dataset, path: Path) -> None:
+    figure = Figure(figsize=(12, 4.8), layout="constrained")
+    heat, bars = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    delta = ablation.delta.transpose("ablated", "evaluated")
+    image = heat.imshow(delta.values, cmap="magma", aspect="auto")
+    heat.set_xticks(range(delta.sizes["evaluated"]), [str(g) for g in delta.evaluated.values], rotation=45)
+    heat.set_yticks(range(delta.sizes["ablated"]), [str(g) for g in delta.ablated.values])
+    for (i, j), value in np.ndenumerate(delta.values):
+        heat.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8, color="cyan")
+    heat.set_xlabel("evaluated records")
+    heat.set_ylabel("components switched off")
+    heat.set_title("Response NLL change (nats per token)")
+    figure.colorbar(image, ax=heat)
+    groups = [str(g) for g in ablation.ablated.values]
+    own = ablation.delta.sel(evaluated=ablation.ablated).drop_vars("evaluated")
+    own_ci = ablation.delta_ci.sel(evaluated=ablation.ablated).drop_vars("evaluated")
+    series = [("own set", own, own_ci)] + [
+        (str(c), ablation.delta_control.sel(control=c, evaluated=ablation.ablated).drop_vars("evaluated"),
+         ablation.delta_control_ci.sel(control=c, evaluated=ablation.ablated).drop_vars("evaluated"))
+        for c in ablation.control.values]
+    width = 0.8 / len(series)
+    for k, (name, values, interval) in enumerate(series):
+        x = np.arange(len(groups)) + k * width
+        errors = np.abs(np.stack([values - interval.sel(bound="low"), interval.sel(bound="high") - values]))
+        bars.bar(x, values.values, width, yerr=errors, label=name, capsize=2)
+    bars.set_xticks(np.arange(len(groups)) + width * (len(series) - 1) / 2, groups)
+    bars.set_ylabel("own category's NLL change")
+    bars.set_title("Own set against controls (95% intervals)")
+    bars.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+def report_ablation(ablation_path: Path, out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    ablation = xr.open_zarr(ablation_path).load()
+    summary = summarize_ablation(ablation)
+    files = {name: str(out_dir / name) for name in ("ablation.md", "ablation.json", "ablation.png")}
+    files["ablation.zarr"] = str(ablation_path)
+    summary["files"] = files
+    plot_ablation(ablation, out_dir / "ablation.png")
+    (out_dir / "ablation.md").write_text(ablation_markdown(summary, "# Ablation"))
+    (out_dir / "ablation.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def criticality_change(base: dict, tuned: dict) -> str:
+    """The section saying, per group, whether the tuned model's components matter more or less to
+    their own category than the base model's did."""
+    lines = ["## Before and after fine-tuning: are the components more critical?", "",
+             "Own-category NLL change when each group's components are switched off, base model "
+             "(its components) against tuned model (its own components), same held-out records. "
+             "Held out from identification, these records may still be among the fine-tune's training "
+             "data (the default fine-tune trains on shipped HexaInst records): read the tuned "
+             "categories' rows with that in mind.", ""]
+    rows = []
+    for group in base["groups"]:
+        if group not in tuned["per_group"]:
+            continue
+        before, after = base["per_group"][group]["own_delta"], tuned["per_group"][group]["own_delta"]
+        if before["value"] is None or after["value"] is None:
+            verdict = "n/a"
+        elif after["low"] is not None and before["high"] is not None and after["low"] > before["high"]:
+            verdict = "more critical"
+        elif after["high"] is not None and before["low"] is not None and after["high"] < before["low"]:
+            verdict = "less critical"
+        else:
+            verdict = "more critical (intervals overlap)" if after["value"] > before["value"] else \
+                "less critical (intervals overlap)"
+        rows.append([group, _fmt(before), _fmt(after), verdict])
+    header = ["group", "base own delta", "tuned own delta", "fine-tuning made them"]
+    return "\n".join(lines) + "\n" + table(header, rows) + "\n"

@@ -1,0 +1,273 @@
+"""Supervised fine-tuning of a causal LM on instruction records: the tuned side of a comparison.
+
+- `training_records(settings, held_out)`: what is trained on: the shipped HexaInst records or a
+  user dataset, restricted to the chosen categories, minus held-out records (the ones measured).
+- `encode_example(record, tokenizer, max_tokens)`: the chat-templated prompt + response, with
+  label -100 on every prompt token, so that the loss covers the response tokens only.
+- `train_checkpoint(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
+  writes a safetensors checkpoint directory that `sparcom.extraction.models` loads like any model, with
+  `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
+  Checkpoints are content-addressed by `sparcom.provenance.finetune_key`: a rerun returns the
+  finished one untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sparcom import __version__
+from sparcom.config import FinetuneSettings, ModelSettings
+from sparcom.curation.dataset import load_records
+from sparcom.curation.hexainst import authored_records
+from sparcom.extraction.models import load_model, model_fingerprint, model_slug, resolve_model
+from sparcom.extraction.prompts import prompt_ids, token_ids
+from sparcom.provenance import finetune_key
+from sparcom.core.outputs import building
+from sparcom.curation.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
+
+PROVENANCE_FILE = "sparcom_finetune.json"
+IGNORED = -100  # the label value Hugging Face causal LMs leave out of the loss
+DEFAULT_LEARNING_RATE = {"full": 1e-4, "lora": 5e-4}
+
+ProgressCallback = Callable[[int, int, float], None]  # (steps done, steps in total, last loss)
+
+
+class FinetuneError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    record_id: str
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(label != IGNORED for label in self.labels)
+
+
+def training_records(
+    settings: FinetuneSettings, held_out: Collection[str] = frozenset()
+) -> list[InstructionRecord]:
+    """Records of the chosen categories (all when none are chosen), without the held-out ids."""
+    categories = tuple(settings.categories) or CATEGORIES
+    if settings.dataset is None:
+        records, where = authored_records(categories), "the shipped HexaInst records"
+    else:
+        records, where = load_records(settings.dataset), str(settings.dataset)
+        records = [r for r in records if r.category in categories]
+    records = [r for r in records if r.id not in held_out]
+    if not records:
+        raise RecordError(
+            f"{where}: no training records of categories {', '.join(categories)} "
+            f"left after holding out {len(held_out)} measured records")
+    return records
+
+
+def encode_example(
+    record: InstructionRecord, tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> TrainingExample:
+    """Prompt exactly as extraction sees it (docs/method.md section 2), then the response and the
+    turn's end."""
+    prompt = prompt_ids(record, tokenizer)
+    if tokenizer.chat_template is None:
+        response = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+        full = prompt + response + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    else:
+        full = token_ids(tokenizer.apply_chat_template(
+            [{"role": "user", "content": record.user_turn()},
+             {"role": "assistant", "content": record.response}]))
+        if full[:len(prompt)] != prompt:
+            raise FinetuneError(
+                f"record {record.id}: the chat template renders the prompt differently once a "
+                "response follows, so the response tokens cannot be told apart")
+    full = full[:max_tokens]
+    labels = [IGNORED] * min(len(prompt), len(full)) + full[len(prompt):]
+    return TrainingExample(record.id, tuple(full), tuple(labels))
+
+
+def collate(examples: Sequence[TrainingExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; padded positions are masked out of attention and of the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORED, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def total_steps(n_examples: int, settings: FinetuneSettings) -> int:
+    if settings.epochs is None:
+        return settings.steps
+    per_step = settings.batch_size * settings.gradient_accumulation
+    return max(1, math.ceil(settings.epochs * n_examples / per_step))
+
+
+def batch_order(n_examples: int, batch_size: int, n_batches: int, seed: int) -> list[list[int]]:
+    """Seeded shuffles of the examples, one after another, cut into batches (epochs run on)."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = batch_size * n_batches
+    order: list[int] = []
+    while len(order) < needed:
+        order += torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, needed, batch_size)]
+
+
+def checkpoint_path(checkpoints_dir: Path, model_name: str, key: str) -> Path:
+    return Path(checkpoints_dir) / f"{model_slug(model_name)}-ft-{key[:16]}"
+
+
+def is_finished_checkpoint(path: Path) -> bool:
+    return (Path(path) / PROVENANCE_FILE).is_file()
+
+
+def _learning_rate_at(step: int, steps: int, warmup_fraction: float) -> float:
+    """Linear warm-up, then linear decay to zero: a multiplier of the peak rate."""
+    warmup = max(1, round(warmup_fraction * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def train(
+    model: PreTrainedModel,
+    examples: Sequence[TrainingExample],
+    settings: FinetuneSettings,
+    pad_id: int,
+    on_progress: ProgressCallback | None = None,
+) -> list[float]:
+    """Train in place; returns the mean response-token loss of every optimizer step."""
+    device = next(model.parameters()).device
+    steps = total_steps(len(examples), settings)
+    rate = settings.learning_rate or DEFAULT_LEARNING_RATE[settings.method]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=rate, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_at(step, steps, settings.warmup_fraction))
+    batches = iter(batch_order(len(examples), settings.batch_size,
+                               steps * settings.gradient_accumulation, settings.seed))
+    model.train()
+    losses = []
+    progress = tqdm(range(steps), unit="step", desc="fine-tuning")
+    for step in progress:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(settings.gradient_accumulation):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in next(batches)], pad_id).items()}
+            loss = model(**batch).loss / settings.gradient_accumulation
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(step_loss)
+        progress.set_postfix(loss=f"{step_loss:.3f}")
+        if on_progress:
+            on_progress(step + 1, steps, step_loss)
+    model.eval()
+    return losses
+
+
+def _with_lora(model: PreTrainedModel, settings: FinetuneSettings) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
+
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train_checkpoint(
+    model: ModelSettings,
+    settings: FinetuneSettings,
+    checkpoints_dir: Path,
+    cache_dir: Path,
+    held_out: Collection[str] = frozenset(),
+    on_progress: ProgressCallback | None = None,
+) -> Path:
+    """The checkpoint directory of `model` fine-tuned with `settings`, trained only if missing."""
+    records = training_records(settings, held_out)
+    data_hash = dataset_hash(records)
+    source = resolve_model(model.name, model.revision, model.trust_remote_code)
+    fingerprint = model_fingerprint(source, cache_dir)
+    key = finetune_key(fingerprint, data_hash, settings)
+    target = checkpoint_path(checkpoints_dir, model.name, key)
+    if is_finished_checkpoint(target):
+        return target
+
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
+    examples = [encode_example(r, loaded.tokenizer, settings.max_tokens) for r in records]
+    examples = [e for e in examples if e.response_tokens > 0]
+    if not examples:
+        raise FinetuneError(f"max_tokens = {settings.max_tokens} cuts every response away; raise it")
+    network = loaded.model
+    if settings.gradient_checkpointing:
+        network.gradient_checkpointing_enable()
+        network.config.use_cache = False
+    if settings.method == "lora":
+        network = _with_lora(network, settings)
+    pad_id = loaded.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else loaded.tokenizer.eos_token_id or 0
+    losses = train(network, examples, settings, pad_id, on_progress)
+    if settings.method == "lora":
+        network = network.merge_and_unload()
+    network.config.use_cache = True
+
+    provenance = {
+        "base_model": model.name,
+        "base_revision": model.revision,
+        "base_fingerprint": fingerprint,
+        "finetune_key": key,
+        "training_data": {
+            "source": str(settings.dataset) if settings.dataset else "hexainst (shipped records)",
+            "dataset_hash": data_hash,
+            "records": len(records),
+            "examples_trained_on": len(examples),
+            "held_out": len(held_out),
+            "per_category": dict(sorted(Counter(r.category for r in records).items())),
+            "response_tokens": sum(e.response_tokens for e in examples),
+            "cut_at_max_tokens": sum(len(e.input_ids) == settings.max_tokens for e in examples),
+        },
+        "settings": settings.model_dump(mode="json"),
+        "learning_rate": settings.learning_rate or DEFAULT_LEARNING_RATE[settings.method],
+        "steps": len(losses),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "versions": {"sparcom": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with building(target, "checkpoint", keep_existing=True) as partial:  # another process's first: theirs
+        network.save_pretrained(partial)
+        loaded.tokenizer.save_pretrained(partial)
+        (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    return target
+
+
+def read_provenance(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / PROVENANCE_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{checkpoint}: not a finished sparcom fine-tune (no {PROVENANCE_FILE})")
+    return json.loads(path.read_text())

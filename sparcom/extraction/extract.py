@@ -1,0 +1,334 @@
+"""Activation extraction: instructions in, a finished count store out (docs/method.md sections 2 and 7).
+
+- `extract_to_store(loaded, records, store, settings)`: counts every instruction into the store.
+  A rerun with the same model, dataset and settings resumes: finished shards are skipped, and a
+  finished store is returned as it is. `shards=` restricts one process to some shards so that
+  several processes (or GPUs) can fill one store side by side.
+- `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
+- `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
+- `parse_shards("0-3,8")`: shard lists as the command line takes them.
+- `shard_range(shard, shard_size, n)`: the record indices of one shard.
+- `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
+  (no records, shards out of range).
+- `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
+  shards only; `extract_to_store` does this itself, so a rerun repairs.
+- `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir, dask=...)`: the stage as
+  the pipeline runs it: the store is named by its extraction key, and a finished one is reused
+  without loading the model. Records counted before for the same model, span and dtype (in any
+  finished store beside it) are copied, so adding ten instructions counts only those ten. With
+  `dask` settings the shards run on the cluster `sparcom.core.cluster.extraction_cluster` chooses
+  (`sparcom.extraction.distributed`), or in this process where it chooses none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sparcom import __version__
+from sparcom.extraction.architectures import FFNSites, ffn_sites
+from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
+from sparcom.curation.dataset import load_records
+from sparcom.extraction.counting import FFNCounter, expert_counting_path
+from sparcom.extraction.models import (
+    LoadedModel, check_device_map, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device,
+    resolve_model,
+)
+from sparcom.extraction.prompts import TokenizedInstruction, tokenize_instruction
+from sparcom.provenance import counts_key, extraction_key
+from sparcom.curation.records import InstructionRecord, dataset_hash, record_hash
+from sparcom.extraction.store import (
+    StoreError, check_store_target, create_store, damaged_shards, describe_shards, finalize_store, finished_shards,
+    is_complete, open_store, reopen_shards, shard_count, store_attrs, verify_store, write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+# Instructions sorted together by length: larger windows pad less, smaller ones lose less on a kill.
+SORT_WINDOW_SHARDS = 8
+
+ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, max_batch_size: int, max_padding: float = 0.05
+) -> list[list[int]]:
+    """Indices grouped longest first. A batch closes when its padded size (rows x longest) would
+    pass the token budget, or its padded-token fraction would pass `max_padding`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    real = 0
+    for index in order:
+        if batches:
+            current = batches[-1]
+            longest = lengths[current[0]]
+            rows = len(current) + 1
+            fits = rows <= min(max_batch_size, batch_tokens // longest)
+            padding = 1 - (real + lengths[index]) / (rows * longest)
+            if fits and padding <= max_padding:
+                current.append(index)
+                real += lengths[index]
+                continue
+        batches.append([index])
+        real = lengths[index]
+    return batches
+
+
+def pad_batch(
+    items: Sequence[TokenizedInstruction], pad_id: int, side: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(item) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    counted = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        span = slice(0, len(item)) if side == "right" else slice(width - len(item), width)
+        ids[row, span] = torch.tensor(item.input_ids)
+        attention[row, span] = 1
+        counted[row, span] = torch.tensor(item.counted)
+    return ids.to(device), attention.to(device), counted.to(device)
+
+
+def padded_batches(
+    tokenized: Sequence[TokenizedInstruction], tokenizer: PreTrainedTokenizerBase, settings: ExtractionSettings,
+    device: torch.device,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(positions in `tokenized`, input ids, attention mask, counted mask) per planned batch."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for batch in plan_batches([len(t) for t in tokenized], settings.batch_tokens,
+                              settings.max_batch_size, settings.max_padding):
+        yield (batch, *pad_batch([tokenized[b] for b in batch], pad_id, settings.padding_side, device))
+
+
+def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
+    return {
+        "model": loaded.source.name,
+        "model_path": str(loaded.source.path),
+        "model_kind": loaded.source.kind,
+        "model_fingerprint": loaded.fingerprint,
+        "revision": loaded.source.revision or "",
+        "architecture": loaded.model.config.model_type,
+        "expert_counting": expert_counting_path(ffn_sites(loaded.model)),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "devices": loaded.devices,
+        "token_span": settings.span,
+        "chat_template": loaded.tokenizer.chat_template is not None,
+        "dataset_hash": data_hash,
+        "sparcom_version": __version__,
+        "extraction_key": key,
+        "counts_key": counts_key(loaded.fingerprint, settings.span, loaded.dtype),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def store_layout(sites: FFNSites) -> tuple[dict, dict]:
+    """The count variables (dims and sizes after `instruction`) and layer coordinates
+    (docs/method.md section 7)."""
+    variables, layer_coords = {}, {}
+    if sites.dense_layers:
+        variables["act_count"] = (("layer", "neuron"), (len(sites.dense_layers), sites.dense_neurons))
+        layer_coords["layer"] = sites.dense_layers
+    if sites.moe_layers:
+        n_moe = len(sites.moe_layers)
+        variables["expert_count"] = (("moe_layer", "expert"), (n_moe, sites.experts))
+        variables["expert_act_count"] = (
+            ("moe_layer", "expert", "expert_neuron"), (n_moe, sites.experts, sites.expert_neurons))
+        layer_coords["moe_layer"] = [layer.index for layer in sites.moe_layers]
+    if sites.has_shared_experts:
+        variables["shared_act_count"] = (("moe_layer", "shared_neuron"), (len(sites.moe_layers), sites.shared_neurons))
+    return variables, layer_coords
+
+
+def extract_to_store(
+    loaded: LoadedModel,
+    records: Sequence[InstructionRecord],
+    store: Path,
+    settings: ExtractionSettings,
+    shards: Iterable[int] | None = None,
+    on_progress: ProgressCallback | None = None,
+    donors: Sequence[Path] = (),
+    finalize: bool = True,
+    show_progress: bool = True,
+) -> Path:
+    """Count every record into `store`. Records already counted in one of the `donors`
+    (finished stores of the same model, span and dtype) are copied from there, not recounted.
+    `finalize=False` leaves marking the store complete to the caller (the cluster's client)."""
+    store = Path(store)
+    data_hash = dataset_hash(records)
+    key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
+    check_store_target(store)
+    if store.exists():
+        existing = store_attrs(store).get("extraction_key")
+        if existing != key:
+            raise StoreError(
+                f"{store}: holds counts for other settings, model or dataset (key {existing}); "
+                "choose another path or delete it")
+        if is_complete(store) and not repair_store(store):
+            return store
+    sites = ffn_sites(loaded.model)
+    if not store.exists():
+        variables, layer_coords = store_layout(sites)
+        create_store(store, records, variables, layer_coords, settings.shard_size, settings.layer_chunk,
+                     store_attributes(loaded, data_hash, settings, key))
+
+    n_shards = shard_count(len(records), settings.shard_size)
+    wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
+    reusable = DonorRows(donors, counts_key(loaded.fingerprint, settings.span, loaded.dtype))
+    done_before = len(records) - sum(len(shard_range(s, settings.shard_size, len(records))) for s in wanted)
+    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting",
+                    disable=not show_progress)
+
+    def advance(n: int) -> None:
+        progress.update(n)
+        if on_progress:
+            on_progress(progress.n, len(records))
+
+    with FFNCounter(sites) as counter:
+        for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
+            window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
+            indices = [i for s in window for i in shard_range(s, settings.shard_size, len(records))]
+            counts = reusable.take({i: record_hash(records[i]) for i in indices})
+            advance(len(counts))
+            fresh = [i for i in indices if i not in counts]
+            counts.update(_count(counter, loaded, [records[i] for i in fresh], fresh, settings, advance))
+            for shard in window:
+                rows = shard_range(shard, settings.shard_size, len(records))
+                write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
+                                           for name in counts[rows[0]]})
+    progress.close()
+    if finalize and len(finished_shards(store)) == n_shards:
+        finalize_store(store)
+    return store
+
+
+def _count(
+    counter: FFNCounter,
+    loaded: LoadedModel,
+    records: Sequence[InstructionRecord],
+    indices: Sequence[int],
+    settings: ExtractionSettings,
+    advance: Callable[[int], None],
+) -> dict[int, dict[str, np.ndarray]]:
+    """Counts per record index: every store variable of one row, token_count included."""
+    tokenized = [tokenize_instruction(record, loaded.tokenizer, settings.span) for record in records]
+    counts: dict[int, dict[str, np.ndarray]] = {}
+    for batch, ids, attention, counted in padded_batches(tokenized, loaded.tokenizer, settings, loaded.device):
+        result = {name: values.cpu().numpy()
+                  for name, values in counter.count(loaded.model, ids, attention, counted).items()}
+        for row, b in enumerate(batch):
+            counts[indices[b]] = {name: values[row] for name, values in result.items()}
+            counts[indices[b]]["token_count"] = np.uint32(sum(tokenized[b].counted))
+        advance(len(batch))
+    return counts
+
+
+def repair_store(store: Path) -> bool:
+    """Reopen the damaged shards of a finished store for a recount; False when it is intact."""
+    shards, other = damaged_shards(store)
+    if other:
+        verify_store(store)  # raises: damage outside the shards cannot be recounted
+    if shards:
+        log.warning("%s: %s have missing or changed chunks; recounting them", store, describe_shards(store, shards))
+        reopen_shards(store, shards)
+    return bool(shards)
+
+
+def check_extraction(records: Sequence[InstructionRecord], settings: ExtractionSettings,
+                     shards: Iterable[int] | None, where: object) -> None:
+    """Refuse, before any model is loaded, what cannot give a store."""
+    if not records:
+        raise ValueError(f"{where}: the dataset holds no records; nothing to count")
+    n_shards = shard_count(len(records), settings.shard_size)
+    outside = sorted(set(shards or ()) - set(range(n_shards)))
+    if outside:
+        raise ValueError(f"--shards: {outside} out of range; {len(records)} records in shards of "
+                         f"{settings.shard_size} give shards 0-{n_shards - 1}")
+
+
+class DonorRows:
+    """Rows of finished stores that a new store can copy, found by record content hash.
+    Stores that do not verify give nothing."""
+
+    def __init__(self, stores: Sequence[Path], key: str):
+        self._where: dict[str, tuple[Path, int]] = {}
+        for path in stores:
+            if not is_complete(path) or store_attrs(path).get("counts_key") != key:
+                continue
+            try:
+                verify_store(path)
+            except StoreError as error:
+                log.warning("not copying counts from %s: %s", path, error)
+                continue
+            for row, digest in enumerate(open_store(path).record_hash.values):
+                self._where.setdefault(str(digest), (Path(path), row))
+
+    def take(self, wanted: dict[int, str]) -> dict[int, dict[str, np.ndarray]]:
+        found = {i: self._where[digest] for i, digest in wanted.items() if digest in self._where}
+        rows: dict[int, dict[str, np.ndarray]] = {}
+        for path in {path for path, _ in found.values()}:
+            mine = {i: row for i, (p, row) in found.items() if p == path}
+            dataset = open_store(path)
+            names = [n for n in dataset.data_vars]
+            values = dataset[names].isel(instruction=list(mine.values())).compute()
+            for position, i in enumerate(mine):
+                rows[i] = {name: values[name].values[position] for name in names}
+        return rows
+
+
+def parse_shards(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]."""
+    shards: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--shards: {part!r} is neither N nor N-M")
+        if int(last or first) < int(first):
+            raise ValueError(f"--shards: {part!r} is an empty range (write the smaller shard first)")
+        shards.extend(range(int(first), int(last or first) + 1))
+    return shards
+
+
+def shard_range(shard: int, shard_size: int, n: int) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, n))
+
+
+def extract_dataset(
+    model: ModelSettings,
+    dataset_dir: Path,
+    settings: ExtractionSettings,
+    stores_dir: Path,
+    cache_dir: Path,
+    on_progress: ProgressCallback | None = None,
+    dask: DaskSettings | None = None,
+) -> Path:
+    if dask is None or not dask.address:  # a remote cluster's workers check their own devices
+        check_device_map(model.device_map, model.max_memory)
+    records = load_records(dataset_dir)
+    check_extraction(records, settings, None, dataset_dir)
+    source = resolve_model(model.name, model.revision, model.trust_remote_code)
+    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
+    key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
+    slug = model_slug(model.name)
+    store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
+    if is_complete(store) and not repair_store(store):
+        return store
+    donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))
+    if dask is not None:
+        from sparcom.core.cluster import extraction_cluster
+        from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+
+        with extraction_cluster(dask, settings.device, spread=model.device_map is not None) as client:
+            if client is not None:
+                return extract_on_cluster(client, model, records, store, settings, shard_resources(dask, settings),
+                                          cache_dir, donors, on_progress)
+    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
+                        model.device_map, model.max_memory)
+    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors)

@@ -1,0 +1,431 @@
+"""Instruction-specific components: frequencies per group, the sets, their split-half reliability
+(docs/method.md sections 2, 3, 4a, 4b).
+
+- `FAMILIES`: the component families a store may hold (dense neurons, routed experts, neurons of
+  routed experts, neurons of shared experts) and the names of their outputs (naming contract).
+- `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
+  tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
+  contract each group's instructions with the counts one run of chunks at a time, so memory
+  stays bounded.
+  Frequencies are checked to lie in [0, 1] as they are computed (a count above its token count
+  is a damaged or inconsistent store: a StoreError).
+- `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
+  the counts: per group, and per split-half seed each group's half A (half B is the rest).
+- The selection rules live in `sparcom.identification.rules` (`select`, `top_fraction_threshold`).
+- `identify(store, settings)`: every family's frequencies, sets and thresholds, the split-half
+  Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`), the template's share of the counted
+  tokens where it is known, with the rule, its parameters and the store's provenance in the
+  attributes. Grouped by category or origin everything after the one pass is small and in
+  memory; grouped by instruction the frequencies are the counts themselves and stay lazy.
+- `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` on the
+  current Dask scheduler (see `sparcom.core.cluster`); per instruction, frequencies first, then the
+  selection from the written frequencies, so no step holds more than one group's components.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import itertools
+import math
+
+import dask
+import dask.array as da
+from dask.array.core import concatenate3
+import numpy as np
+import xarray as xr
+import zarr
+
+# dask's task objects, to fuse a run's reads into its product: dask is pinned (pyproject.toml).
+from dask._task_spec import Alias, List, Task, TaskRef, convert_legacy_graph
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from sparcom.config import IdentificationSettings
+from sparcom.identification.rules import GROUP, RANK_RULES, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
+from sparcom.identification.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
+from sparcom.core.outputs import building, claimed
+from sparcom.extraction.store import StoreError, open_store
+from sparcom.identification.template import template_share
+
+INSTRUCTION = "instruction"
+COLUMN = "sum_column"
+# The one-pass contraction reads blocks of whole store chunks of about this size.
+CONTRACTION_BLOCK_BYTES = 128 * 2**20
+# ... and converts and multiplies them in tiles of this size, which stay in the cache.
+TILE_BYTES = 2**22
+SUM_FAN_IN = 8
+ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
+RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
+PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of component: the store's count variable and the names of its outputs."""
+    name: str          # used in reports and file names
+    count: str
+    frequency: str
+    selected: str
+    threshold: str
+    layer_dim: str
+
+    def component_dims(self, store: xr.Dataset) -> list[str]:
+        return [d for d in store[self.count].dims if d != INSTRUCTION]
+
+
+FAMILIES = (
+    Family("neurons", "act_count", "frequency", "isn", "threshold", "layer"),
+    Family("experts", "expert_count", "expert_frequency", "ise", "expert_threshold", "moe_layer"),
+    Family("expert_neurons", "expert_act_count", "expert_neuron_frequency", "expert_isn",
+           "expert_neuron_threshold", "moe_layer"),
+    Family("shared_neurons", "shared_act_count", "shared_frequency", "shared_isn",
+           "shared_threshold", "moe_layer"),
+)
+
+
+def families_in(dataset: xr.Dataset, by: str = "count") -> list[Family]:
+    """The families whose variable `by` (count, frequency or selected) the dataset holds."""
+    return [f for f in FAMILIES if getattr(f, by) in dataset]
+
+
+def _group_labels(store: xr.Dataset, by: str) -> np.ndarray:
+    key = "instruction_id" if by == INSTRUCTION else by
+    if key not in store.coords:
+        raise ValueError(f"cannot group by {by!r}: the store has no {key!r} coordinate along instruction")
+    labels = np.array([str(label) for label in store[key].values.tolist()], dtype=str)
+    if by == INSTRUCTION and len(np.unique(labels)) < len(labels):
+        raise ValueError("cannot group by instruction: instruction_id values repeat")
+    return labels
+
+
+def _group_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(groups sorted, each instruction's group as an index into them)."""
+    groups = np.unique(labels)
+    return groups, np.searchsorted(groups, labels)
+
+
+def _block_sums(group_count: int, groups: list[np.ndarray], weights: list[np.ndarray],
+                blocks: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """sums[group, column, ...] = sum over the blocks' rows of that group of weights[row, column] *
+    counts[row, ...], computed in the weights' float type and returned in `dtype`.
+
+    Each group's rows are one matrix product with its own weights: a row is multiplied only by
+    its own group's columns, not by every group's (with six groups and five split-half seeds, 6
+    columns of 36). The counts go through in tiles of TILE_BYTES: a tile of every row is
+    converted to the float type, in group order, and multiplied while it is in the cache, into
+    one buffer reused from tile to tile (a run-sized float copy cost more in page faults and
+    memory traffic than the products)."""
+    group = np.concatenate(groups)
+    order = np.argsort(group, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    weight = np.concatenate(weights)[order]
+    bounds = np.searchsorted(group[order], np.arange(group_count + 1))
+    present = [(g, slice(bounds[g], bounds[g + 1])) for g in range(group_count) if bounds[g + 1] > bounds[g]]
+    flat = [block.reshape(len(block), -1) for block in blocks]
+    width = flat[0].shape[1]
+    tile = max(1, TILE_BYTES // (len(order) * weight.itemsize))
+    counts = np.empty((len(order), min(tile, width)), dtype=weight.dtype)
+    product = np.empty((weight.shape[1], counts.shape[1]), dtype=weight.dtype)
+    sums = np.zeros((group_count, weight.shape[1], width), dtype=dtype)
+    for first in range(0, width, tile):
+        columns = slice(first, min(first + tile, width))
+        size = columns.stop - first
+        start = 0
+        for block in flat:
+            counts[position[start:start + len(block)], :size] = block[:, columns]
+            start += len(block)
+        for g, members in present:
+            np.matmul(weight[members].T, counts[members, :size], out=product[:, :size])
+            sums[g, :, columns] = product[:, :size]
+    return sums.reshape(group_count, weight.shape[1], *blocks[0].shape[1:])
+
+
+def _added(parts: list[np.ndarray]) -> np.ndarray:
+    total = parts[0].copy()
+    for part in parts[1:]:
+        np.add(total, part, out=total)
+    return total
+
+
+def _contract(counts: xr.DataArray, group: np.ndarray, group_count: int, weights: np.ndarray,
+              dtype: np.dtype) -> xr.DataArray:
+    """sums[group, column, ...] = sum over the group's instructions of weights[instruction, column]
+    * counts[instruction, ...], in `dtype`: per group, matrix products (BLAS) in the weights' float
+    type, one per run of store chunks of about CONTRACTION_BLOCK_BYTES, added up in a tree of
+    in-place sums: one read of every chunk, memory a few runs per worker. Exact: every partial
+    sum is an integer no larger than the total, and the caller picks a float type and a `dtype`
+    that hold the total.
+
+    A run's chunks are read inside its product's task (the tasks fused), so a run is read where
+    it is multiplied. Read as tasks of their own, the chunks went to whichever worker was free,
+    and a third of them travelled to another worker to meet their run (1.3 GB on the MoE
+    benchmark), which cost more than the products."""
+    data = _plain(counts).data
+    dims = (GROUP, COLUMN, *[d for d in counts.dims if d != INSTRUCTION])
+    if not isinstance(data, da.Array):
+        return xr.DataArray(_block_sums(group_count, [group], [weights], [np.asarray(data)], dtype), dims=dims)
+    starts = np.cumsum((0,) + data.chunks[0])
+    chunk_bytes = data.dtype.itemsize * data.chunks[0][0] * math.prod(max(c) for c in data.chunks[1:])
+    per_task = max(1, CONTRACTION_BLOCK_BYTES // chunk_bytes)
+    name = "sparcom-sums-" + tokenize(data, group, weights, dtype)
+    # The counts' own graph, less the chunk reads fused into the products below.
+    graph = convert_legacy_graph(dict(data.__dask_graph__()))
+    for rest in itertools.product(*[range(len(c)) for c in data.chunks[1:]]):
+        level = []
+        for first in range(0, len(data.chunks[0]), per_task):
+            run = range(first, min(first + per_task, len(data.chunks[0])))
+            key = (f"{name}-part", first, *rest)
+            chunks = [graph.pop((data.name, i, *rest)) for i in run]
+            product = Task(key, _block_sums, group_count, [group[starts[i]:starts[i + 1]] for i in run],
+                           [weights[starts[i]:starts[i + 1]] for i in run], List(*[TaskRef(c.key) for c in chunks]), dtype)
+            graph[key] = Task.fuse(*chunks, product, key=key)
+            level.append(key)
+        depth = 0
+        while len(level) > 1:  # fan-in of SUM_FAN_IN per step
+            depth += 1
+            level_keys = []
+            for k in range(0, len(level), SUM_FAN_IN):
+                key = (f"{name}-add{depth}", k, *rest)
+                graph[key] = Task(key, _added, List(*[TaskRef(part) for part in level[k:k + SUM_FAN_IN]]))
+                level_keys.append(key)
+            level = level_keys
+        graph[(name, 0, 0, *rest)] = Alias((name, 0, 0, *rest), level[0])
+    summed = da.Array(HighLevelGraph.from_collections(name, graph), name,
+                      chunks=((group_count,), (weights.shape[1],), *data.chunks[1:]), dtype=dtype)
+    return xr.DataArray(summed, dims=dims)
+
+
+def group_sums(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
+    """Summed counts per group (groups sorted), lazy when the counts are; float64, so exact for
+    every total below 2**53."""
+    groups, group = _group_index(labels)
+    sums = _contract(counts, group, len(groups), np.ones((len(labels), 1)), np.float64).isel({COLUMN: 0}, drop=True)
+    return sums.assign_coords({GROUP: groups.astype(object)})
+
+
+def _per_instruction(counts: xr.DataArray, labels: np.ndarray) -> xr.DataArray:
+    """The counts themselves, one group per instruction (no sum, no copy: still chunk-wise)."""
+    return _plain(counts).astype(np.float64).rename({INSTRUCTION: GROUP}).assign_coords(
+        {GROUP: labels.astype(object)})
+
+
+def _plain(counts: xr.DataArray) -> xr.DataArray:
+    return counts.drop_vars([c for c in counts.coords if INSTRUCTION in counts[c].dims])
+
+
+def _frequency(sums: xr.DataArray, tokens: xr.DataArray, name: str = "frequency") -> xr.DataArray:
+    """sums / tokens, 0 where a group has no tokens (its sums are 0 too), checked to lie in [0, 1]."""
+    return _in_unit_interval(sums / tokens.where(tokens > 0, np.inf), name)
+
+
+def _in_unit_interval(frequency: xr.DataArray, name: str) -> xr.DataArray:
+    """Checked as computed: a count above its token count means a damaged or inconsistent store."""
+    def check(block: np.ndarray) -> np.ndarray:
+        if block.size and not (block.min() >= 0 and block.max() <= 1):
+            raise StoreError(f"{name}: frequencies outside [0, 1] (from {block.min():.3g} to {block.max():.3g}): "
+                             "counts exceed token counts, the store is inconsistent")
+        return block
+
+    if frequency.chunks:
+        return frequency.copy(data=frequency.data.map_blocks(check, dtype=frequency.dtype))
+    return frequency.copy(data=check(frequency.values))
+
+
+def group_frequencies(store: xr.Dataset, by: str = "category") -> xr.Dataset:
+    """token_total[group] and, per family in the store, frequency[group, ...] (lazy)."""
+    labels = _group_labels(store, by)
+    sums = _per_instruction if by == INSTRUCTION else group_sums
+    token_total = sums(store.token_count, labels).compute()
+    result = xr.Dataset({"token_total": token_total.astype(np.uint64)})
+    for family in families_in(store):
+        frequency = _frequency(sums(store[family.count], labels), token_total, family.frequency)
+        result[family.frequency] = frequency.transpose(GROUP, *family.component_dims(store))
+    if by == INSTRUCTION:
+        result = result.assign_coords({c: (GROUP, store[c].values) for c in ("category", "origin")
+                                       if c in store.coords})
+    return result
+
+
+def _gathered(arrays: list[da.Array | np.ndarray]) -> list[np.ndarray]:
+    """The arrays in memory here, their blocks computed at once and joined in this process. Left
+    to dask, one worker would first fetch every block, join them and send the whole here (on the
+    MoE benchmark 2.5 s between the last task's end and the result, against 0.3 s)."""
+    grids = [array.to_delayed() if isinstance(array, da.Array) else None for array in arrays]
+    blocks = iter(dask.compute(*[block for grid in grids if grid is not None for block in grid.ravel()]))
+    joined = []
+    for array, grid in zip(arrays, grids):
+        if grid is None:
+            joined.append(array)
+            continue
+        placed = np.empty(grid.shape, dtype=object)
+        for index in np.ndindex(grid.shape):
+            placed[index] = next(blocks)
+        joined.append(concatenate3(placed.tolist()))
+    return joined
+
+
+def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray | None) -> xr.Dataset:
+    """In memory, from one read of every count variable: `token_total[group]` and per family
+    `<count>[group, ...]`; with halves (in_half_a[split_seed, instruction]) also
+    `half_tokens[split_seed, group]` and `<count>_half_a[split_seed, group, ...]`.
+
+    Weights [instruction, column] hold a column of ones and, per seed, whether the instruction
+    is in its group's half A, so the counts are contracted once for all of them.
+    """
+    groups, group = _group_index(labels)
+    seeds = 0 if in_half_a is None else len(in_half_a)
+    weights = np.column_stack([np.ones(len(labels), dtype=bool), *(in_half_a if seeds else [])])
+    token_count = store.token_count.values.astype(np.float64)
+    tokens = _block_sums(len(groups), [group], [weights.astype(np.float64)], [token_count], np.float64)
+    # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
+    # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
+    weights = weights.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
+    # The sums leave the workers in the smallest integer type that holds every column's tokens
+    # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
+    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), weights.dtype)
+    coords = {GROUP: groups.astype(object)}
+    families = families_in(store)
+    contracted = [_contract(store[f.count], group, len(groups), weights, exact) for f in families]
+    computed = _gathered([sums.data for sums in contracted])
+    result = xr.Dataset({"token_total": (GROUP, tokens[:, 0])}, coords=coords)
+    if seeds:
+        result["half_tokens"] = ((SEED, GROUP), tokens[:, 1:].T)
+    for family, sums, values in zip(families, contracted, computed):
+        dims = sums.dims[2:]  # values: integers, divided by float64 tokens the same frequencies
+        result[family.count] = ((GROUP, *dims), values[:, 0])
+        if seeds:
+            result[f"{family.count}_half_a"] = ((SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
+    return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
+
+
+def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+    result = xr.Dataset()
+    for family in families_in(frequencies, by="frequency"):
+        chosen = select_by(frequencies[family.frequency], settings, family.layer_dim)
+        result[family.selected] = chosen.selected
+        result[family.threshold] = chosen.threshold
+    return result.reset_coords(drop=True)  # leave the non-index coordinates where they are
+
+
+def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSettings) -> xr.DataArray:
+    """J(g_A, h_B)[split_seed, group, other_group]: each half selected with the same rule, all
+    groups' A halves together (the rules that compare groups compare halves with halves)."""
+    whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
+    dims = [d for d in whole.dims if d != GROUP]
+    per_seed = []
+    for seed in range(sums.sizes[SEED]):
+        a_sums, a_tokens = half_a.isel({SEED: seed}, drop=True), sums.half_tokens.isel({SEED: seed}, drop=True)
+        a = _half_sets(a_sums, a_tokens, family, settings)
+        b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
+        per_seed.append(cross_jaccard(a, b, dims))
+    return xr.concat(per_seed, SEED)
+
+
+def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, settings: IdentificationSettings
+               ) -> xr.DataArray:
+    """One half's sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
+    from the summed counts as from the frequencies, so only their extremes are divided, to check
+    them as frequencies are checked."""
+    if settings.rule not in RANK_RULES:
+        return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
+    dims = [d for d in sums.dims if d != GROUP]
+    _frequency(xr.concat([sums.min(dims), sums.max(dims)], "extreme"), tokens, family.frequency)
+    if (tokens == 0).any():  # frequencies are 0 there, whatever an inconsistent store counted
+        sums = sums.where(tokens > 0, 0)
+    return select_by(sums, settings, family.layer_dim).selected
+
+
+def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
+    return {
+        **{k: store.attrs[k] for k in PROVENANCE if k in store.attrs},
+        "group_by": settings.group_by,
+        "rule": settings.rule,
+        "epsilon": settings.epsilon,
+        "tau": settings.tau,
+        "top_rate": settings.top_rate,
+        "filter_rate": settings.filter_rate,
+        "bar_ratio": settings.bar_ratio,
+        "split_half_seeds": settings.split_half_seeds,
+    }
+
+
+def _check_store(store: xr.Dataset, where: object) -> None:
+    if not families_in(store):
+        raise ValueError(f"{where}: no count variable ({', '.join(f.count for f in FAMILIES)})")
+    if "token_count" not in store:
+        raise ValueError(f"{where}: no token_count variable")
+
+
+def _checked_labels(store: xr.Dataset, settings: IdentificationSettings, where: object) -> np.ndarray:
+    """The group labels, after every check that needs no counts: bad input fails before work."""
+    _check_store(store, where)
+    labels = _group_labels(store, settings.group_by)
+    check_rule(settings, np.unique(labels))
+    return labels
+
+
+def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+    """Frequencies, sets and thresholds of every family, and their split-half Jaccard values
+    (lazy only when grouped by instruction)."""
+    labels = _checked_labels(store, settings, "store")
+    attrs = _attrs(store, settings)
+    if settings.group_by == INSTRUCTION:
+        frequencies = group_frequencies(store, INSTRUCTION)
+        attrs["split_half_left_out"] = ONE_PER_GROUP
+        return xr.merge([frequencies, _selection(frequencies, settings)]).assign_attrs(attrs)
+    origins = _group_labels(store, "origin") if "origin" in store.coords else None
+    in_half_a, left_out = half_assignment(labels, origins, settings.split_half_seeds)
+    sums = one_pass_sums(store, labels, in_half_a)
+    families = families_in(store)
+    frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
+        f.frequency: _frequency(sums[f.count], sums.token_total, f.frequency) for f in families}})
+    result = xr.merge([frequencies, _selection(frequencies, settings)])
+    if left_out:
+        attrs["split_half_left_out"] = left_out
+    else:
+        for family in families:
+            result[f"{family.name}_{SPLIT_JACCARD}"] = _split_jaccard(sums, family, settings)
+    share, reason = template_share(store.attrs, labels, sums.token_total)
+    if share is not None:
+        result["template_share"] = share
+    attrs.update(reason)
+    return result.assign_attrs(attrs)
+
+
+def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
+    """Write (chunk by chunk when lazy) without consolidating: `identify_store` consolidates once.
+
+    Zarr needs equal chunks but the last along each dim; Dask's contractions can leave uneven
+    ones (small shards, layers split unevenly), so each variable is rechunked to its largest."""
+    for variable in dataset.variables.values():
+        variable.encoding.pop("chunks", None)
+        variable.encoding.pop("preferred_chunks", None)
+    dataset = dataset.assign({name: variable.chunk(dict(zip(variable.dims, map(max, variable.chunks))))
+                              for name, variable in dataset.data_vars.items() if variable.chunks})
+    dataset.to_zarr(path, mode=mode, zarr_format=3, consolidated=False)
+
+
+def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: Path) -> Path:
+    """Write `out_dir/components.zarr`; computes on the current Dask scheduler. The store is
+    verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.core.outputs`)."""
+    store = open_store(store_path)
+    _checked_labels(store, settings, store_path)
+    target = Path(out_dir) / "components.zarr"
+    with claimed(out_dir, RUN_KIND), building(target, "components") as path:
+        if settings.group_by == INSTRUCTION:
+            frequencies = group_frequencies(store, settings.group_by)
+            frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
+            _write_zarr(frequencies, path, mode="w")
+            written = xr.open_zarr(path, consolidated=False)
+            _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+        else:
+            _write_zarr(identify(store, settings), path, mode="w")
+        with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
+            zarr.consolidate_metadata(path)
+    return target
