@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from sparcom.extraction.architectures import ffn_sites
-from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings, default_cache_dir
+from sparcom.core.settings import DaskSettings, default_cache_dir
+from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.counting import FFNCounter, expert_counting_path
-from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store, padded_batches
+from sparcom.extraction.batching import padded_batches
+from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.curation.hexainst import authored_records
-from sparcom.extraction.models import default_model_file, load_model, resolve_model
-from sparcom.extraction.prompts import tokenize_instruction
+from sparcom.core.models import default_model_file, load_model, resolve_model
+from sparcom.curation.prompts import tokenize_instruction
 
 ROUNDS = 3
 UNCOVERED = "sparcom-benchmark-uncovered"  # an experts implementation the counting backend does not know

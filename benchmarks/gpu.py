@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import batches_of, counted_pass, timed, uncounted_pass  # noqa: E402 - the CPU benchmark's passes
 
 from sparcom.extraction.architectures import ffn_sites  # noqa: E402
-from sparcom.config import ExtractionSettings  # noqa: E402
+from sparcom.extraction.settings import ExtractionSettings  # noqa: E402
 from sparcom.extraction.counting import FFNCounter  # noqa: E402
 from sparcom.extraction.extract import extract_to_store  # noqa: E402
 from sparcom.curation.hexainst import authored_records  # noqa: E402
-from sparcom.extraction.models import LoadedModel, ModelSource, default_model_file  # noqa: E402
-from sparcom.extraction.prompts import tokenize_instruction  # noqa: E402
+from sparcom.core.models import LoadedModel, ModelSource, default_model_file  # noqa: E402
+from sparcom.curation.prompts import tokenize_instruction  # noqa: E402
 from sparcom.extraction.store import open_store  # noqa: E402
 
 DENSE_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -148,7 +148,7 @@ def batched_counts(loaded: LoadedModel, records, settings: ExtractionSettings) -
     rows: dict[int, dict[str, np.ndarray]] = {}
     with FFNCounter(ffn_sites(loaded.model)) as counter:
         tokenized = [tokenize_instruction(r, loaded.tokenizer, settings.span) for r in records]
-        from sparcom.extraction.extract import padded_batches
+        from sparcom.extraction.batching import padded_batches
 
         for batch, ids, attention, counted in padded_batches(tokenized, loaded.tokenizer, settings, loaded.device):
             counts = counter.count(loaded.model, ids, attention, counted)

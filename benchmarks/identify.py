@@ -34,8 +34,10 @@ import psutil
 import xarray as xr
 
 from sparcom.core.cluster import dask_cluster
-from sparcom.config import DaskSettings, IdentificationSettings
-from sparcom.identification.identify import FAMILIES, identify_store
+from sparcom.core.settings import DaskSettings
+from sparcom.identification.settings import IdentificationSettings
+from sparcom.identification.identify import identify_store
+from sparcom.identification.schema import FAMILIES
 from sparcom.curation.records import CATEGORIES
 from sparcom.core.drawing import Drawing
 from sparcom.identification.report import report_generality

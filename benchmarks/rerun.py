@@ -34,7 +34,8 @@ def main() -> None:
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     os.environ.update(env)
 
-    from sparcom.curation.hexainst import authored_records, starter_set
+    from sparcom.curation.hexainst import authored_records
+    from sparcom.curation.starter import starter_set
 
     starter = starter_set()
     extra = [r for r in authored_records() if r not in starter][:10]

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 
 from cli.errors import ErrorStyleGroup
 from sparcom.config import PipelineSettings, load_settings
+from sparcom.ablation.schema import CONTROLS, FAMILY_CHOICES
 from sparcom.curation.records import CATEGORIES
+from sparcom.extraction.settings import DType, TokenSpan
+from sparcom.identification.schema import GROUP_BY, RULES
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
                   cls=ErrorStyleGroup)
@@ -41,11 +44,10 @@ def main(debug: Annotated[bool, typer.Option(
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file")]
 ModelOption = Annotated[Optional[str], typer.Option(help="'default', hub id, directory or .gguf")]
-SpanOption = Annotated[Optional[str], typer.Option(help="prompt, content or response")]
-DtypeOption = Annotated[Optional[str], typer.Option(help="auto, float32, float64, bfloat16, float16")]
+SpanOption = Annotated[Optional[str], typer.Option(help=", ".join(get_args(TokenSpan)))]
+DtypeOption = Annotated[Optional[str], typer.Option(help=", ".join(get_args(DType)))]
 DeviceOption = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")]
-RuleOption = Annotated[Optional[str], typer.Option(
-    help="global_percentile, layer_percentile, threshold, lape or contrastive")]
+RuleOption = Annotated[Optional[str], typer.Option(help=", ".join(RULES))]
 EpsilonOption = Annotated[Optional[float], typer.Option(
     help="fraction kept by the percentile rules and contrastive, in (0, 1]")]
 TauOption = Annotated[Optional[float], typer.Option(help="frequency threshold of the threshold rule")]
@@ -53,7 +55,7 @@ TopRateOption = Annotated[Optional[float], typer.Option(help="lape: fraction kep
 FilterRateOption = Annotated[Optional[float], typer.Option(help="lape: candidate quantile, in (0, 1)")]
 BarRatioOption = Annotated[Optional[float], typer.Option(help="lape: membership quantile, in (0, 1)")]
 SplitSeedsOption = Annotated[Optional[int], typer.Option(help="split-half reliability seeds (0: off)")]
-GroupOption = Annotated[Optional[str], typer.Option("--group-by", help="category, origin or instruction")]
+GroupOption = Annotated[Optional[str], typer.Option("--group-by", help=", ".join(GROUP_BY))]
 DaskAddressOption = Annotated[Optional[str], typer.Option(
     "--dask-address", help="an existing Dask scheduler (tcp://host:port); default: a local cluster")]
 DaskWorkersOption = Annotated[Optional[int], typer.Option(
@@ -140,7 +142,7 @@ def extract(
     from sparcom.curation.dataset import load_records
     from sparcom.extraction.distributed import extract_on_cluster, shard_resources
     from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
-    from sparcom.extraction.models import check_device_map, load_model, resolve_model
+    from sparcom.core.models import check_device_map, load_model, resolve_model
     from sparcom.extraction.store import check_store_target, is_complete
 
     settings = _settings(
@@ -189,7 +191,8 @@ def identify(
     """Select instruction-specific neurons and experts and report their generality and
     uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
     from sparcom.core.cluster import dask_cluster
-    from sparcom.identification.identify import RUN_KIND, identify_store
+    from sparcom.identification.identify import identify_store
+    from sparcom.identification.schema import RUN_KIND
     from sparcom.core.outputs import check_output, claimed
     from sparcom.identification.report import report_generality
     from sparcom.extraction.store import verify_store
@@ -227,9 +230,9 @@ def ablate_command(
     store: Annotated[Optional[Path], typer.Option(help="the count store; default: found beside the run folder")] = None,
     model: Annotated[Optional[str], typer.Option(help="the model; default: the store's own")] = None,
     config: ConfigOption = None,
-    family: Annotated[Optional[str], typer.Option(help="neurons, experts, expert_neurons or shared_neurons")] = None,
+    family: Annotated[Optional[str], typer.Option(help=", ".join(FAMILY_CHOICES))] = None,
     seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 3)")] = None,
-    controls: Annotated[Optional[str], typer.Option(help="comma-separated: random,frequency_matched")] = None,
+    controls: Annotated[Optional[str], typer.Option(help="comma-separated: " + ",".join(CONTROLS))] = None,
     eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group")] = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
@@ -245,6 +248,7 @@ def ablate_command(
     own group more than others and more than random and frequency-matched controls."""
     from sparcom.ablation.ablate import find_store, run_ablation
     from sparcom.ablation.report import ablation_markdown, report_ablation
+    from sparcom.identification.schema import COMPONENTS
 
     settings = _settings(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
@@ -252,7 +256,7 @@ def ablate_command(
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
         extraction__dtype=dtype, extraction__device=device)
-    path = components / "components.zarr" if (components / "components.zarr").exists() else components
+    path = components / COMPONENTS if (components / COMPONENTS).exists() else components
     result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
                           settings.cache_dir, out, model_name=model)
     summary = report_ablation(result, out)
@@ -321,7 +325,7 @@ def generate(
     """Write new AI-generated records with a chat model from constrained meta-prompts."""
     from sparcom.curation.generate import generate_records, transformers_chat
     from sparcom.curation.hexainst import authored_records
-    from sparcom.extraction.models import load_model, resolve_model
+    from sparcom.core.models import load_model, resolve_model
 
     settings = _settings(config, model__name=model, model__trust_remote_code=trust_remote_code or None,
                          extraction__dtype=dtype, extraction__device=device)
@@ -410,7 +414,8 @@ def compare(
 ) -> None:
     """Compare two checkpoints (models or finished stores): kept, gained and lost components."""
     from sparcom.comparison.compare import model_pair
-    from sparcom.config import ModelSettings
+    from sparcom.comparison.schema import COMPARISON_REPORT
+    from sparcom.extraction.settings import ModelSettings
 
     if pair:
         chosen = model_pair(pair)
@@ -429,7 +434,7 @@ def compare(
 
     summary = compare_models(settings, as_model(base), as_model(tuned), base_store, tuned_store,
                              _codes(focus) or [])
-    typer.echo(Path(summary["files"]["comparison.md"]).read_text())
+    typer.echo(Path(summary["files"][COMPARISON_REPORT]).read_text())
     typer.echo(f"Results are in {Path(summary['files']['comparison.md']).parent}")
 
 

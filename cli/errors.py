@@ -24,7 +24,7 @@ BAD_INPUT = (  # (module, class): raised for what the user gave, not for a failu
     ("sparcom.extraction.store", "StoreError"),
     ("sparcom.curation.records", "RecordError"),
     ("sparcom.curation.sources", "SourceError"),
-    ("sparcom.extraction.models", "ModelLoadError"),
+    ("sparcom.core.models", "ModelLoadError"),
     ("sparcom.comparison.compare", "ComparisonError"),
     ("sparcom.comparison.finetune", "FinetuneError"),
     ("sparcom.core.outputs", "OutputError"),
@@ -49,7 +49,7 @@ def exit_code(error: BaseException) -> int:
 def describe(error: BaseException) -> str:
     pydantic = sys.modules.get("pydantic")
     if pydantic and isinstance(error, pydantic.ValidationError):
-        from sparcom.config import validation_message
+        from sparcom.core.settings import validation_message
 
         text = f"{error.title}: {validation_message(error)}"
     elif isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and error.filename:

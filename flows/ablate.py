@@ -5,12 +5,14 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from sparcom.ablation.ablate import ABLATION_NAME, find_store
-from sparcom.config import AblationSettings, ExtractionSettings, default_cache_dir
+from sparcom.ablation.ablate import find_store
+from sparcom.ablation.schema import ABLATION
+from sparcom.identification.schema import COMPONENTS
+from sparcom.ablation.settings import AblationSettings
+from sparcom.core.settings import default_cache_dir
+from sparcom.extraction.settings import ExtractionSettings
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
-
-COMPONENTS = "components.zarr"
 
 
 @flow(name="sparcom-ablate")
@@ -28,5 +30,5 @@ def ablate(
     components = components / COMPONENTS if (components / COMPONENTS).exists() else components
     summary = refreshed(measure_ablation, "ablate", refresh)(
         components, store or find_store(components), settings, extraction, cache_dir, out_dir)
-    get_run_logger().info("Ablation is in %s", Path(out_dir) / ABLATION_NAME)
+    get_run_logger().info("Ablation is in %s", Path(out_dir) / ABLATION)
     return summary

@@ -12,7 +12,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.identify import identify_components
-from sparcom.config import ModelSettings, PipelineSettings
+from sparcom.config import PipelineSettings
+from sparcom.extraction.settings import ModelSettings
 from sparcom.curation.records import CATEGORIES
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed

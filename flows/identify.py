@@ -7,7 +7,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from sparcom.core.cluster import dask_cluster_on_demand
-from sparcom.config import DaskSettings, IdentificationSettings
+from sparcom.core.settings import DaskSettings
+from sparcom.identification.settings import IdentificationSettings
 from tasks.caching import Stage, refreshed
 from tasks.generality import analyze_generality
 from tasks.identification import select_components

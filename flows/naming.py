@@ -14,7 +14,7 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from sparcom.config import PipelineSettings
-from sparcom.extraction.models import DEFAULT_MODEL_FILE
+from sparcom.core.models import DEFAULT_MODEL_FILE
 
 STARTER_SET_LABEL = "starter set"
 

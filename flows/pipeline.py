@@ -8,7 +8,8 @@ from flows.compare import compare_with_tuned
 from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.config import PipelineSettings
-from sparcom.provenance import results_dir
+from sparcom.identification.schema import COMPONENTS
+from sparcom.identification.keys import results_dir
 from tasks.ablation import hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
@@ -31,7 +32,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.ablation.enabled:
         summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
-            run_dir / "components.zarr", store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
+            run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
             run_report=run_dir / "report.md")
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)

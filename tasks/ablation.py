@@ -15,10 +15,11 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from sparcom.ablation.ablate import run_ablation, split_dataset
 from sparcom.ablation.report import ablation_markdown, criticality_change, report_ablation
 from sparcom.core.markdown import put_section
-from sparcom.config import AblationSettings, ExtractionSettings
+from sparcom.ablation.settings import AblationSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.curation.hexainst import AUTHORED_DIR
 from sparcom.core.hashing import input_fingerprint
-from sparcom.provenance import result_key
+from sparcom.stages import result_key
 from tasks.caching import cached
 
 

@@ -1,13 +1,13 @@
 """Content-addressed caching for the pipeline's tasks.
 
 A task's result is cached under a key computed from the content it depends on (dataset hash,
-model fingerprint, stage settings, the stage's code version: `sparcom.provenance`), never from
+model fingerprint, stage settings, the stage's code version: `sparcom.stages` and each stage's `keys` module), never from
 run ids, and persisted to Prefect's result storage (`PREFECT_LOCAL_STORAGE_PATH`, or any block
 set as `PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`), so a rerun in a new process is a cache hit.
 
     @task(name="extract activation counts", **cached(lambda model, dataset_dir, ...: (...)))
 
-A cached result whose output is gone or no longer verifies (`sparcom.provenance.unusable_output`)
+A cached result whose output is gone or no longer verifies (`sparcom.stages.unusable_output`)
 is not used: the stage recomputes, with a warning saying why, under a key derived from the old
 one, so the next plain rerun is a cache hit again.
 """
@@ -18,11 +18,11 @@ from typing import Literal
 from prefect import Task, get_run_logger
 
 from sparcom.core.hashing import content_hash
-from sparcom.provenance import unusable_output
+from sparcom.stages import STAGES, unusable_output
 
 MAX_HEALS = 100  # keys tried past unusable cached results before recomputing under the last
 
-Stage = Literal["curate", "extract", "identify", "analyse", "finetune", "compare", "ablate"]
+Stage = Literal[tuple(STAGES)]
 
 
 def cached(key: Callable[..., object]) -> dict:

@@ -10,8 +10,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from sparcom.comparison.schema import COMPARISON_REPORT
 from sparcom.comparison.compare import check_stores_compatible
-from sparcom.provenance import result_key
+from sparcom.stages import result_key
 from sparcom.extraction.store import open_store
 from tasks.caching import cached
 
@@ -38,6 +39,6 @@ def compare_checkpoints(
     if run_report is not None:
         link_into_report(run_report, summary)
     create_markdown_artifact(
-        Path(summary["files"]["comparison.md"]).read_text(), key="sparcom-comparison",
+        Path(summary["files"][COMPARISON_REPORT]).read_text(), key="sparcom-comparison",
         description="Before/after: kept, gained and lost components, layer shift, frequency change")
     return summary

@@ -1,6 +1,6 @@
 """Curation tasks: the pipeline's dataset stage, and the steps of the `curate-hexainst` flow.
 
-- `prepare_dataset_folder(path, datasets_dir)`: `sparcom.curation.dataset.prepare_dataset` as the
+- `prepare_dataset_folder(path, datasets_dir)`: `sparcom.curation.starter.prepare_dataset` as the
   pipeline's cached curate stage (a file, or the starter set, saved under its content hash).
 - `load_authored`, `load_user_dataset`, `load_public_set`: one input pool each.
 - `curate_records`, `save_curated`: validate, deduplicate, limit and sample; save.
@@ -12,12 +12,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from sparcom.config import CurationSettings
+from sparcom.curation.settings import CurationSettings
 from sparcom.curation.curate import Curation, balance_markdown, curate, save_curation
-from sparcom.curation.dataset import prepare_dataset
+from sparcom.curation.starter import prepare_dataset
 from sparcom.curation.hexainst import authored_pool
 from sparcom.curation.packaged_sources import public_pool
-from sparcom.provenance import curation_key
+from sparcom.curation.keys import curation_key
 from sparcom.curation.record_files import file_pool
 from sparcom.curation.records import OnError, Pool
 from sparcom.curation.sources import SourceSpec

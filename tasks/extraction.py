@@ -10,9 +10,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
-from sparcom.extraction.extract import extract_dataset
-from sparcom.provenance import planned_extraction_key
+from sparcom.core.settings import DaskSettings
+from sparcom.extraction.settings import ExtractionSettings, ModelSettings
+from sparcom.extraction.stage import extract_dataset
+from sparcom.extraction.keys import planned_extraction_key
 from tasks.caching import cached
 
 

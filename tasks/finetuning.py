@@ -10,10 +10,11 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from sparcom.config import FinetuneSettings, ModelSettings
+from sparcom.comparison.settings import FinetuneSettings
+from sparcom.extraction.settings import ModelSettings
 from sparcom.curation.dataset import load_records
 from sparcom.comparison.finetune import read_provenance, train_checkpoint
-from sparcom.provenance import planned_finetune_key
+from sparcom.comparison.keys import planned_finetune_key
 from tasks.caching import cached
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from sparcom.identification.identify import RUN_KIND
+from sparcom.identification.schema import RUN_KIND
 from sparcom.core.outputs import claimed
-from sparcom.provenance import result_key
+from sparcom.stages import result_key
 from tasks.caching import cached
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prefect import task
 
-from sparcom.config import IdentificationSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify_store
-from sparcom.provenance import identification_key
+from sparcom.identification.keys import identification_key
 from tasks.caching import cached
 
 

@@ -68,7 +68,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The default model's tokenizer (chat template included), read from its GGUF file."""
-    from sparcom.extraction.models import load_tokenizer
+    from sparcom.core.models import load_tokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer("default").save_pretrained(directory)

@@ -24,8 +24,10 @@ from sparcom.ablation.hooks import Ablation
 from sparcom.ablation.report import ablation_markdown, report_ablation, summarize_ablation
 from sparcom.ablation.answers import is_correct, numbers, reference_answer
 from sparcom.extraction.architectures import ffn_sites
-from sparcom.config import AblationSettings, ExtractionSettings, load_settings
-from sparcom.extraction.extract import plan_batches
+from sparcom.ablation.settings import AblationSettings
+from sparcom.config import load_settings
+from sparcom.extraction.settings import ExtractionSettings
+from sparcom.extraction.batching import plan_batches
 
 from conftest import SAMPLE_TEXTS, make_record
 from test_ablation_hooks import _mlps, _zero_down_columns, tiny

@@ -11,7 +11,7 @@ from sparcom.ablation.controls import (
     distinct_random_controls, frequency_matched_control, overall_frequency, random_control,
 )
 from sparcom.ablation.statistics import ablation_figures, sign_flip_p_value
-from sparcom.identification.identify import FAMILIES
+from sparcom.identification.schema import FAMILIES
 from sparcom.curation.records import record_hash
 
 from conftest import make_record

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.ablation.hooks import Ablation, AblationError
 from sparcom.extraction.architectures import ffn_sites
-from sparcom.config import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
 from conftest import make_record, reference_tokens

@@ -10,7 +10,11 @@ from typer.testing import CliRunner
 
 from sparcom.ablation.report import SECTION
 from cli.app import app
-from sparcom.config import AblationSettings, DatasetSettings, FinetuneSettings, ModelSettings, PipelineSettings
+from sparcom.ablation.settings import AblationSettings
+from sparcom.comparison.settings import FinetuneSettings
+from sparcom.config import PipelineSettings
+from sparcom.curation.settings import DatasetSettings
+from sparcom.extraction.settings import ModelSettings
 
 from test_ablation_stage import identified  # noqa: F401 - the fixture
 from test_pipeline import write_jsonl

@@ -15,10 +15,12 @@ import xarray as xr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.ablation.ablate import AblationInputError, find_store, run_ablation
-from sparcom.config import AblationSettings, ExtractionSettings, IdentificationSettings
+from sparcom.ablation.settings import AblationSettings
+from sparcom.extraction.settings import ExtractionSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.extraction.extract import extract_to_store
 from sparcom.identification.identify import identify_store
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 
 from conftest import SAMPLE_TEXTS, make_record, reference_tokens
 

@@ -10,9 +10,9 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.extraction.architectures import UnsupportedArchitecture, ffn_sites
-from sparcom.config import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.extract import extract_to_store
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import open_store
 
 from conftest import forward_with_hooks, reference_tokens

@@ -413,10 +413,10 @@ def two_stores(tmp_path_factory, tiny_llama_dir, cache_dir) -> tuple[Path, Path,
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sparcom.config import ExtractionSettings
+    from sparcom.extraction.settings import ExtractionSettings
     from sparcom.extraction.extract import extract_to_store
-    from sparcom.curation.hexainst import starter_set
-    from sparcom.extraction.models import load_model, resolve_model
+    from sparcom.curation.starter import starter_set
+    from sparcom.core.models import load_model, resolve_model
 
     root = tmp_path_factory.mktemp("compare-stores")
     records = [r for r in starter_set() if r.category in ("CODE", "MATH", "QA")][::4]
@@ -444,7 +444,8 @@ def two_stores(tmp_path_factory, tiny_llama_dir, cache_dir) -> tuple[Path, Path,
 @pytest.mark.slow
 def test_compare_flow_on_two_stores(tmp_path, prefect_harness, two_stores, cache_dir):
     from flows.compare import compare_models
-    from sparcom.config import IdentificationSettings, PipelineSettings
+    from sparcom.config import PipelineSettings
+    from sparcom.identification.settings import IdentificationSettings
 
     base_store, tuned_store, _ = two_stores
     settings = PipelineSettings(work_dir=tmp_path, cache_dir=cache_dir,
@@ -485,7 +486,10 @@ def test_cli_compare_stores_and_refusal(tmp_path, prefect_harness, two_stores, c
 @pytest.mark.slow
 def test_compare_flow_on_two_models(tmp_path, prefect_harness, two_stores, tiny_llama_dir, cache_dir, sample_records):
     from flows.compare import compare_models
-    from sparcom.config import DatasetSettings, IdentificationSettings, ModelSettings, PipelineSettings
+    from sparcom.config import PipelineSettings
+    from sparcom.curation.settings import DatasetSettings
+    from sparcom.extraction.settings import ModelSettings
+    from sparcom.identification.settings import IdentificationSettings
 
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("".join(r.model_dump_json() + "\n" for r in sample_records))

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from sparcom.curation import sources
 from cli.app import app
-from sparcom.config import CurationSettings, PipelineSettings
+from sparcom.config import PipelineSettings
+from sparcom.curation.settings import CurationSettings
 from sparcom.curation.curate import (
     STAGES, balance_markdown, curate, normalise, prompt_token_counts, save_curation,
 )
@@ -27,7 +28,7 @@ from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.dedup import band_rows, canonical_text, jaccard, near_duplicate_pairs, shingles
 from sparcom.curation.hexainst import authored_pool, authored_records
 from sparcom.curation.packaged_sources import public_pool
-from sparcom.extraction.prompts import prompt_ids
+from sparcom.curation.prompts import prompt_ids
 from sparcom.curation.record_files import file_pool, read_records
 from sparcom.curation.records import InstructionRecord, Pool, RecordError, dataset_hash
 from sparcom.curation.sources import source_pool

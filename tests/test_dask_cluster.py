@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from sparcom.core.cluster import dask_cluster
-from sparcom.config import DaskSettings, IdentificationSettings
+from sparcom.core.settings import DaskSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify_store
 from sparcom.identification.report import report_generality
 from test_identify import (

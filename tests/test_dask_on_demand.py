@@ -8,7 +8,7 @@ import dask.array as da
 import numpy as np
 
 from sparcom.core.cluster import dask_cluster_on_demand
-from sparcom.config import DaskSettings
+from sparcom.core.settings import DaskSettings
 
 
 def test_no_computation_starts_no_cluster():

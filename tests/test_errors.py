@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import sparcom.extraction.models
+import sparcom.core.models
 from cli.app import app
-from sparcom.config import CurationSettings, SettingsError, load_settings
+from sparcom.config import SettingsError, load_settings
+from sparcom.curation.settings import CurationSettings
 from sparcom.curation.curate import curate
 from sparcom.curation.record_files import file_pool
 from sparcom.curation.records import RecordError
@@ -23,7 +24,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load before the inputs are checked")
 
-    monkeypatch.setattr(sparcom.extraction.models, "load_model", refuse)
+    monkeypatch.setattr(sparcom.core.models, "load_model", refuse)
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def test_a_failure_during_work_exits_1(tmp_path, dataset, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr(sparcom.extraction.models, "load_model", broken)
+    monkeypatch.setattr(sparcom.core.models, "load_model", broken)
     result = extract(tmp_path, dataset)
     assert result.exit_code == 1
     assert "RuntimeError: the disk is on fire" in result.output and "Traceback" not in result.output

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from sparcom.extraction.architectures import ffn_sites
-from sparcom.config import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.counting import FFNCounter, expert_counting_path
 from sparcom.extraction.expert_counting import CountingBackend
 from sparcom.extraction.extract import extract_to_store
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import open_store, store_attrs
 
 from conftest import reference_tokens

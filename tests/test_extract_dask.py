@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from sparcom.core.cluster import GPU_RESOURCE, gpu_cluster_spec
-from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
+from sparcom.core.settings import DaskSettings
+from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.distributed import (
     FILLERS, TASKS_PER_WORKER, ClusterError, extract_on_cluster, shard_tasks, task_shards, worker_model,
 )
 from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
-from sparcom.extraction.models import ModelLoadError, load_model, resolve_model
+from sparcom.core.models import ModelLoadError, load_model, resolve_model
 from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count
 
 from conftest import make_record

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import xarray as xr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparcom.config import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.extract import extract_to_store
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import StoreError, open_store
 
 from conftest import forward_with_hooks, reference_tokens

@@ -13,15 +13,17 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 import sparcom.comparison.finetune as finetune_module
-from sparcom.config import FinetuneSettings, ModelSettings
+from sparcom.comparison.settings import FinetuneSettings
+from sparcom.extraction.settings import ModelSettings
 from sparcom.comparison.finetune import (
     IGNORED, FinetuneError, collate, encode_example, read_provenance, total_steps, train_checkpoint,
     training_records,
 )
-from sparcom.curation.hexainst import authored_records, starter_set
-from sparcom.extraction.models import load_model, model_fingerprint, resolve_model
-from sparcom.extraction.prompts import prompt_ids
-from sparcom.provenance import finetune_key, planned_finetune_key
+from sparcom.curation.hexainst import authored_records
+from sparcom.curation.starter import starter_set
+from sparcom.core.models import load_model, model_fingerprint, resolve_model
+from sparcom.curation.prompts import prompt_ids
+from sparcom.comparison.keys import finetune_key, planned_finetune_key
 from sparcom.curation.records import RecordError
 
 QUICK = FinetuneSettings(categories=["MATH"], steps=3, batch_size=2, max_tokens=96, learning_rate=1e-2)

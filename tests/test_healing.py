@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from sparcom.provenance import unusable_output
+from sparcom.stages import unusable_output
 from tasks.caching import cached
 
 CALLS: list[str] = []

@@ -22,12 +22,15 @@ from typer.testing import CliRunner
 
 from sparcom.curation import packaged_sources, sources
 from cli.app import app
-from sparcom.config import CurationSettings, ExtractionSettings, load_settings
+from sparcom.config import load_settings
+from sparcom.curation.settings import CurationSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.curation.curate import balance_markdown, curate, save_curation
 from sparcom.curation.dataset import MANIFEST_NAME, build_manifest
-from sparcom.curation.hexainst import STARTER_PER_CATEGORY, authored_pool, starter_set
+from sparcom.curation.hexainst import authored_pool
+from sparcom.curation.starter import STARTER_PER_CATEGORY, starter_set
 from sparcom.curation.packaged_sources import PACKAGED_SETS, packaged_pool, public_pool
-from sparcom.provenance import curation_key
+from sparcom.curation.keys import curation_key
 from sparcom.curation.records import InstructionRecord
 from sparcom.curation.sources import SourceSpec, default_sources
 
@@ -191,7 +194,7 @@ def test_starter_set_is_half_human_where_a_package_ships_the_category():
 def test_identify_by_origin_on_a_curated_code_store(offline_curation, tiny_llama_dir, cache_dir, tmp_path,
                                                     monkeypatch):
     from sparcom.extraction.extract import extract_to_store
-    from sparcom.extraction.models import load_model, resolve_model
+    from sparcom.core.models import load_model, resolve_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     code = [r for r in offline_curation.records if r.category == "CODE"]

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from sparcom.config import IdentificationSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.generality import analyze, family_part, generality
-from sparcom.identification.identify import FAMILIES, group_frequencies, identify, identify_store, select, top_fraction_threshold
+from sparcom.identification.identify import group_frequencies, identify, identify_store
+from sparcom.identification.rules import select, top_fraction_threshold
+from sparcom.identification.schema import FAMILIES
 from sparcom.extraction.store import seal_store
 from sparcom.identification.report import report_generality
 

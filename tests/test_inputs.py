@@ -7,8 +7,9 @@ import json
 import pytest
 
 from sparcom.config import load_settings
-from sparcom.curation.dataset import load_records, prepare_dataset, save_dataset
-from sparcom.extraction.models import ModelLoadError, ModelSource, model_fingerprint, resolve_model
+from sparcom.curation.dataset import load_records, save_dataset
+from sparcom.curation.starter import prepare_dataset
+from sparcom.core.models import ModelLoadError, ModelSource, model_fingerprint, resolve_model
 from sparcom.curation.records import RecordError, dataset_hash, read_jsonl
 
 

@@ -13,10 +13,11 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.config import ExtractionSettings, IdentificationSettings
+from sparcom.extraction.settings import ExtractionSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.extraction.extract import extract_to_store
 from sparcom.identification.identify import group_frequencies
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import StoreError, is_complete, open_store, verify_store
 
 from conftest import make_record

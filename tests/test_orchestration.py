@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from cli.app import app
 from cli.trigger import merge_parameters, parse_assignments
 from flows.naming import describe, model_label
-from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
+from sparcom.config import PipelineSettings
+from sparcom.curation.settings import DatasetSettings
+from sparcom.extraction.settings import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,9 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.config import DatasetSettings, ModelSettings, PipelineSettings
+from sparcom.config import PipelineSettings
+from sparcom.curation.settings import DatasetSettings
+from sparcom.extraction.settings import ModelSettings
 from sparcom.extraction.store import is_complete, open_store
 
 

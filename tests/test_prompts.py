@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from sparcom.extraction.prompts import tokenize_instruction
+from sparcom.curation.prompts import tokenize_instruction
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def test_keys_and_cached_tasks_load_no_plotting_or_stage_code():
-    code = ("import sys; from sparcom.provenance import code_version; import tasks.generality, tasks.comparison; "
-            "[code_version(s) for s in ('analyse', 'compare', 'finetune')]; "
+    code = ("import sys; from sparcom.stages import STAGES; import tasks.generality, tasks.comparison; "
+            "[STAGES[s].version() for s in ('analyse', 'compare', 'finetune')]; "
             "print(sorted(m for m in ('matplotlib', 'sparcom.identification.report', 'sparcom.comparison.report', 'sparcom.comparison.finetune') "
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,

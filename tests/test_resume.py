@@ -11,9 +11,9 @@ import time
 import pytest
 import xarray as xr
 
-from sparcom.config import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.extract import extract_to_store, parse_shards
-from sparcom.extraction.models import load_model, resolve_model
+from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import finished_shards, is_complete, open_store, shard_count
 
 from conftest import make_record

@@ -13,9 +13,10 @@ import xarray as xr
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from sparcom.config import IdentificationSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify, identify_store
-from sparcom.identification.rules import RULES, select
+from sparcom.identification.rules import select
+from sparcom.identification.schema import RULES
 from tests.test_identify import make_store, write_store
 
 GROUPS = ["CLS", "CODE", "MATH", "QA"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from sparcom.config import IdentificationSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify, identify_store, one_pass_sums
 from sparcom.identification.report import report_generality
 from sparcom.identification.split_half import half_assignment

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from sparcom.config import IdentificationSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify, one_pass_sums
 from sparcom.identification.split_half import cross_jaccard, half_assignment
 from sparcom.extraction.store import StoreError, open_store

@@ -36,17 +36,18 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
-from sparcom.ablation.statistics import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED, ablation_figures
+from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
+from sparcom.ablation.statistics import ablation_figures
 from sparcom.ablation.hooks import Ablation
 from sparcom.ablation.answers import CHECKS, reference_answer
-from sparcom.config import AblationSettings, ExtractionSettings
+from sparcom.ablation.settings import AblationSettings
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
-from sparcom.identification.identify import FAMILIES, GROUP, Family
+from sparcom.identification.schema import FAMILIES, GROUP, Family
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.store import is_complete, open_store, save_zarr, store_attrs
 
-ABLATION_NAME = "ablation.zarr"
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -235,7 +236,7 @@ def run_ablation(
     """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
     and must have the components' weights fingerprint."""
     from sparcom.ablation.accuracy import accuracy_dataset, greedy_generate, tokenize_prompts
-    from sparcom.extraction.models import load_model, model_fingerprint, resolve_model
+    from sparcom.core.models import load_model, model_fingerprint, resolve_model
     from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
     components = xr.open_zarr(components_path)
@@ -298,7 +299,7 @@ def run_ablation(
     dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
     if texts is not None:
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
-    path = Path(out_dir) / ABLATION_NAME
+    path = Path(out_dir) / ABLATION
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_zarr(dataset, path)
     return path

@@ -25,11 +25,11 @@ import xarray as xr
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparcom.ablation.statistics import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED
+from sparcom.ablation.schema import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.answers import is_correct, reference_answer
-from sparcom.config import ExtractionSettings
-from sparcom.extraction.extract import pad_batch, plan_batches
-from sparcom.extraction.prompts import TokenizedInstruction, tokenize_instruction
+from sparcom.extraction.settings import ExtractionSettings
+from sparcom.extraction.batching import pad_batch, plan_batches
+from sparcom.curation.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.curation.records import InstructionRecord
 
 

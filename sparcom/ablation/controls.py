@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import xarray as xr
 
-from sparcom.identification.identify import GROUP, Family
+from sparcom.identification.schema import GROUP, Family
 
 
 def overall_frequency(components: xr.Dataset, family: Family) -> xr.DataArray:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from sparcom.extraction.architectures import SUPPORTED, FFNSites, ffn_sites
+from sparcom.extraction.schema import FAMILY_NAMES
 
-FAMILY_NAMES = ("neurons", "experts", "expert_neurons", "shared_neurons")
 
 
 def _softmax_top_k(router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,17 +98,11 @@ class Ablation:
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, rows, values)
 
     def _check_shapes(self) -> None:
-        sites = self.sites
-        expected = {
-            "neurons": (len(sites.dense_layers), sites.dense_neurons),
-            "experts": (len(sites.moe_layers), sites.experts),
-            "expert_neurons": (len(sites.moe_layers), sites.experts, sites.expert_neurons),
-            "shared_neurons": (len(sites.moe_layers), sites.shared_neurons),
-        }
+        shapes = self.sites.family_shapes()
         for name, mask in self.off.items():
-            if mask.shape != expected[name] or 0 in expected[name]:
-                raise AblationError(
-                    f"{name}: the mask has shape {mask.shape}, the model's {name} are {expected[name]}")
+            if mask.shape != shapes.get(name):
+                raise AblationError(f"{name}: the mask has shape {mask.shape}, the model's {name} are "
+                                    f"{shapes[name] if name in shapes else 'none'}")
 
     def __enter__(self) -> Ablation:
         try:

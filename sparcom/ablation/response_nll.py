@@ -6,7 +6,7 @@
   only the first `max_response_tokens` of the response. A response without tokens is refused.
 - `response_nll(model, tokenized, tokenizer, settings, device)`: the mean negative log-likelihood
   (natural log) of each record's response tokens, teacher-forced, batched and padded exactly as
-  extraction batches (`sparcom.extraction.extract.padded_batches`). The decoder runs on every position; the
+  extraction batches (`sparcom.extraction.batching.padded_batches`). The decoder runs on every position; the
   LM head only on the positions that predict a response token.
 
     nll = response_nll(model, tokenize_responses(records, tokenizer), tokenizer, ExtractionSettings(), device)
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparcom.config import ExtractionSettings
-from sparcom.extraction.extract import padded_batches
-from sparcom.extraction.prompts import TokenizedInstruction, tokenize_instruction
+from sparcom.extraction.settings import ExtractionSettings
+from sparcom.extraction.batching import padded_batches
+from sparcom.curation.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.curation.records import InstructionRecord
 
 # Positions whose logits are computed at once: bounds the [rows, vocabulary] logits in memory.

@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 import xarray as xr
 
-INSTRUCTION, ABLATED, EVALUATED, CONTROL, SEED = "instruction", "ablated", "evaluated", "control", "seed"
-RESAMPLE, BOUND = "resample", "bound"
+from sparcom.ablation.schema import ABLATED, BOUND, CONTROL, EVALUATED, INSTRUCTION, RESAMPLE, SEED
+
 LEVEL = 0.95
 
 

@@ -25,8 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from sparcom.identification.generality import generality, share
-from sparcom.identification.identify import FAMILIES, GROUP, Family
-from sparcom.identification.identify import families_in as identified_families
+from sparcom.identification.schema import FAMILIES, GROUP, Family
+from sparcom.identification.schema import families_in as identified_families
 from sparcom.identification.rules import parameter_names
 
 PAIRS_FILE = Path(__file__).parent / "model_pairs.yaml"

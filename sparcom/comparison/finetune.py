@@ -1,13 +1,11 @@
 """Supervised fine-tuning of a causal LM on instruction records: the tuned side of a comparison.
 
-- `training_records(settings, held_out)`: what is trained on: the shipped HexaInst records or a
-  user dataset, restricted to the chosen categories, minus held-out records (the ones measured).
 - `encode_example(record, tokenizer, max_tokens)`: the chat-templated prompt + response, with
   label -100 on every prompt token, so that the loss covers the response tokens only.
 - `train_checkpoint(model, settings, checkpoints_dir, cache_dir)`: full or LoRA (merged) training, seeded;
-  writes a safetensors checkpoint directory that `sparcom.extraction.models` loads like any model, with
+  writes a safetensors checkpoint directory that `sparcom.core.models` loads like any model, with
   `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
-  Checkpoints are content-addressed by `sparcom.provenance.finetune_key`: a rerun returns the
+  Checkpoints are content-addressed by `sparcom.comparison.keys.finetune_key`: a rerun returns the
   finished one untouched.
 """
 
@@ -27,15 +25,15 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparcom import __version__
-from sparcom.config import FinetuneSettings, ModelSettings
-from sparcom.curation.dataset import load_records
-from sparcom.curation.hexainst import authored_records
-from sparcom.extraction.models import load_model, model_fingerprint, model_slug, resolve_model
-from sparcom.extraction.prompts import prompt_ids, token_ids
-from sparcom.provenance import finetune_key
+from sparcom.core.code_version import package_version
+from sparcom.comparison.settings import FinetuneSettings
+from sparcom.extraction.settings import ModelSettings
+from sparcom.core.models import load_model, model_fingerprint, model_slug, resolve_model
+from sparcom.curation.prompts import prompt_ids, token_ids
+from sparcom.comparison.keys import finetune_key
+from sparcom.comparison.training_data import training_records
 from sparcom.core.outputs import building
-from sparcom.curation.records import CATEGORIES, InstructionRecord, RecordError, dataset_hash
+from sparcom.curation.records import InstructionRecord, dataset_hash
 
 PROVENANCE_FILE = "sparcom_finetune.json"
 IGNORED = -100  # the label value Hugging Face causal LMs leave out of the loss
@@ -57,24 +55,6 @@ class TrainingExample:
     @property
     def response_tokens(self) -> int:
         return sum(label != IGNORED for label in self.labels)
-
-
-def training_records(
-    settings: FinetuneSettings, held_out: Collection[str] = frozenset()
-) -> list[InstructionRecord]:
-    """Records of the chosen categories (all when none are chosen), without the held-out ids."""
-    categories = tuple(settings.categories) or CATEGORIES
-    if settings.dataset is None:
-        records, where = authored_records(categories), "the shipped HexaInst records"
-    else:
-        records, where = load_records(settings.dataset), str(settings.dataset)
-        records = [r for r in records if r.category in categories]
-    records = [r for r in records if r.id not in held_out]
-    if not records:
-        raise RecordError(
-            f"{where}: no training records of categories {', '.join(categories)} "
-            f"left after holding out {len(held_out)} measured records")
-    return records
 
 
 def encode_example(
@@ -255,7 +235,7 @@ def train_checkpoint(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "versions": {"sparcom": __version__, "torch": torch.__version__,
+        "versions": {"sparcom": package_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from sparcom.comparison.compare import compare_components, families_in, top_movers
-from sparcom.identification.identify import GROUP, Family
+from sparcom.comparison.schema import COMPARISON, COMPARISON_REPORT, COMPARISON_SUMMARY
+from sparcom.identification.schema import GROUP, Family
 from sparcom.identification.rules import rule_parameters
 from sparcom.core.markdown import put_section, table
 from sparcom.extraction.store import save_zarr
@@ -312,17 +313,17 @@ def write_comparison_report(base: xr.Dataset, tuned: xr.Dataset, out_dir: Path,
     summary = summarize_comparison(comparison, base, tuned, focus_groups, top)
     plots = {"comparison_jaccard.png": plot_jaccard_layers, "comparison_changes.png": plot_set_changes,
              "comparison_frequency.png": plot_frequency_shift}
-    files = ["comparison.json", "comparison.md", "comparison.zarr", *plots]
+    files = [COMPARISON_SUMMARY, COMPARISON_REPORT, COMPARISON, *plots]
     if "expert_selection_js" in comparison:
         files.append("expert_selection.png")
         plot_expert_selection(comparison, out_dir / "expert_selection.png")
     for name, plot in plots.items():
         plot(comparison, families, out_dir / name)
     # variable-length strings: Zarr v3 has no specification for fixed-width unicode
-    save_zarr(comparison.assign_coords({GROUP: comparison[GROUP].astype(object)}), out_dir / "comparison.zarr")
+    save_zarr(comparison.assign_coords({GROUP: comparison[GROUP].astype(object)}), out_dir / COMPARISON)
     summary["files"] = {name: str(out_dir / name) for name in files}
-    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "comparison.md").write_text(markdown_comparison(summary))
+    (out_dir / COMPARISON_SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out_dir / COMPARISON_REPORT).write_text(markdown_comparison(summary))
     return summary
 
 
@@ -335,7 +336,7 @@ def report_comparison(base_components: Path, tuned_components: Path, out_dir: Pa
 
 def link_into_report(report: Path, summary: dict) -> None:
     """Append the comparison's headline to a run's report.md, with a link to the full report."""
-    relative = Path(summary["files"]["comparison.md"]).relative_to(Path(report).parent)
+    relative = Path(summary["files"][COMPARISON_REPORT]).relative_to(Path(report).parent)
     put_section(report, f"## Before and after fine-tuning\n\n"
                         f"Compared with `{summary.get('tuned_model')}`. {summary['note']}\n\n"
                         f"Full comparison: [{relative}]({relative}).\n")

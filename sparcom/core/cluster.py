@@ -33,7 +33,7 @@ import dask
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
-from sparcom.config import DaskSettings
+from sparcom.core.settings import DaskSettings
 
 GPU_RESOURCE = "GPU"
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which fixes glibc's mmap

@@ -57,7 +57,7 @@ def normalise(record: InstructionRecord) -> InstructionRecord:
 
 def prompt_token_counts(records: Sequence[InstructionRecord], tokenizer) -> list[int]:
     """Equal to len(prompts.prompt_ids(r, tokenizer)), in one batched tokenizer call."""
-    from sparcom.extraction.prompts import prompt_text
+    from sparcom.curation.prompts import prompt_text
 
     texts = [prompt_text(r, tokenizer) for r in records]
     templated = tokenizer.chat_template is not None
@@ -163,7 +163,7 @@ class _Ledger:
 def curate(pools: Sequence[Pool], settings, tokenizer=None) -> Curation:
     """`settings` is a `config.CurationSettings`; the tokenizer defaults to `settings.tokenizer`."""
     if tokenizer is None and (settings.max_prompt_tokens or settings.max_response_tokens):
-        from sparcom.extraction.models import load_tokenizer  # transformers only where lengths are counted
+        from sparcom.core.models import load_tokenizer  # transformers only where lengths are counted
 
         tokenizer = load_tokenizer(settings.tokenizer)
     ledger = _Ledger(pools, settings.on_error)

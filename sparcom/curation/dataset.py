@@ -3,7 +3,6 @@
 - `save_dataset(records, directory, settings, report, attachments)`: writes `data/` (Arrow),
   the `records.jsonl` and `records.parquet` exports, `manifest.json` and any attached files.
 - `load_records(path)`: records from a saved dataset folder, a JSONL, CSV or Parquet file.
-- `prepare_dataset(path, datasets_dir)`: the records (or the starter set) saved under their hash.
 - `Manifest`: per-record content hashes, the dataset hash, counts per category x origin, sources
   and licenses, the source, version and license of every human-written record, the settings used
   and the curation report.
@@ -20,10 +19,9 @@ from pathlib import Path
 import datasets
 from pydantic import BaseModel
 
-from sparcom.curation.hexainst import starter_set
 from sparcom.core.outputs import building
 from sparcom.curation.record_files import read_records
-from sparcom.curation.records import RECORD_FIELDS, InstructionRecord, RecordError, check_unique_ids, dataset_hash, record_hash
+from sparcom.curation.records import RECORD_FIELDS, InstructionRecord, check_unique_ids, dataset_hash, record_hash
 
 MANIFEST_NAME = "manifest.json"
 DATASET_KIND = "dataset"  # the output marker of dataset folders (sparcom.core.outputs)
@@ -110,14 +108,3 @@ def _write_dataset(records, partial: Path, settings, report, attachments) -> Man
 def load_records(path: Path) -> list[InstructionRecord]:
     """Every record of the file or folder; the first bad one raises a RecordError naming it."""
     return read_records(Path(path), "raise")[0]
-
-
-def prepare_dataset(path: Path | None, datasets_dir: Path) -> Path:
-    """Save the dataset under its content hash; an unchanged dataset is not written again."""
-    records = starter_set() if path is None else load_records(path)
-    if not records:
-        raise RecordError(f"{path}: the dataset holds no records")
-    directory = Path(datasets_dir) / dataset_hash(records)[:16]
-    if not (directory / MANIFEST_NAME).is_file():
-        save_dataset(records, directory, settings={"source": str(path) if path else "starter set"})
-    return directory

@@ -7,7 +7,7 @@
 - `generate_records(chat, category, count, seed, existing)`: asks until `count` replies pass
   (or the attempts run out); every rejected reply is kept with its reason.
 - `transformers_chat(loaded, max_new_tokens, temperature, seed)`: a `chat` function over a
-  model loaded with `sparcom.extraction.models.load_model`.
+  model loaded with `sparcom.core.models.load_model`.
 
 The checks are what can be checked without a judge: the JSON shape, non-empty fields, an input
 where the category needs one, a final "Answer:" line for MATH, code blocks that compile (never

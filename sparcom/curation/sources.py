@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparcom.curation.records import Category, Origin, Pool, RawRow, validate_rows
+from sparcom.curation.schema import PACKAGED_SET_NAMES
 
 # Builders that read local files through `data_files`; any other `dataset` is a hub id or folder.
 LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
@@ -52,17 +53,15 @@ class SourceSpec(BaseModel):
     label_names: dict[str, list[str]] = Field({}, description="integer label column -> names")
     license: str
     packaged: str | None = Field(None, description="packaged set read instead when this one is unavailable "
-                                                   "(sparcom.curation.packaged_sources.PACKAGED_SETS)")
+                                                   "(sparcom.curation.schema.PACKAGED_SET_NAMES)")
 
     @field_validator("packaged")
     @classmethod
     def _known_packaged_set(cls, name: str | None) -> str | None:
         if name is None:
             return None
-        from sparcom.curation.packaged_sources import PACKAGED_SETS  # it builds on this module
-
-        if name not in PACKAGED_SETS:
-            raise ValueError(f"no packaged set {name!r}; there are {', '.join(PACKAGED_SETS)}")
+        if name not in PACKAGED_SET_NAMES:
+            raise ValueError(f"no packaged set {name!r}; there are {', '.join(PACKAGED_SET_NAMES)}")
         return name
 
     @field_validator("instruction", "input", "response")

@@ -63,6 +63,14 @@ class FFNSites:
     def has_shared_experts(self) -> bool:
         return self.shared_neurons > 0
 
+    def family_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each component family the model has (`sparcom.extraction.schema`), by its shape, layers first."""
+        moe = len(self.moe_layers)
+        shapes = {"neurons": (len(self.dense_layers), self.dense_neurons),
+                  "experts": (moe, self.experts), "expert_neurons": (moe, self.experts, self.expert_neurons),
+                  "shared_neurons": (moe, self.shared_neurons)}
+        return {name: shape for name, shape in shapes.items() if 0 not in shape}
+
 
 def _activation(module: nn.Module, where: str) -> nn.Module:
     for name in ACTIVATION_NAMES:

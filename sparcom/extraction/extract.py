@@ -4,45 +4,36 @@
   A rerun with the same model, dataset and settings resumes: finished shards are skipped, and a
   finished store is returned as it is. `shards=` restricts one process to some shards so that
   several processes (or GPUs) can fill one store side by side.
-- `plan_batches(lengths, batch_tokens, max_batch_size)`: length-sorted batches under a token budget.
-- `padded_batches(tokenized, tokenizer, settings, device)`: those batches as padded tensors.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `shard_range(shard, shard_size, n)`: the record indices of one shard.
 - `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
   (no records, shards out of range).
 - `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
   shards only; `extract_to_store` does this itself, so a rerun repairs.
-- `extract_dataset(model, dataset_dir, settings, stores_dir, cache_dir, dask=...)`: the stage as
-  the pipeline runs it: the store is named by its extraction key, and a finished one is reused
-  without loading the model. Records counted before for the same model, span and dtype (in any
-  finished store beside it) are copied, so adding ten instructions counts only those ten. With
-  `dask` settings the shards run on the cluster `sparcom.core.cluster.extraction_cluster` chooses
-  (`sparcom.extraction.distributed`), or in this process where it chooses none.
+- `DonorRows(stores, key)`: rows of finished stores a new store copies instead of counting.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
-from sparcom import __version__
+from sparcom.core.code_version import package_version
 from sparcom.extraction.architectures import FFNSites, ffn_sites
-from sparcom.config import DaskSettings, ExtractionSettings, ModelSettings
-from sparcom.curation.dataset import load_records
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.counting import FFNCounter, expert_counting_path
-from sparcom.extraction.models import (
-    LoadedModel, check_device_map, load_model, model_fingerprint, model_slug, resolve_dtype, resolve_device,
-    resolve_model,
+from sparcom.core.models import (
+    LoadedModel,
 )
-from sparcom.extraction.prompts import TokenizedInstruction, tokenize_instruction
-from sparcom.provenance import counts_key, extraction_key
+from sparcom.curation.prompts import tokenize_instruction
+from sparcom.extraction.batching import padded_batches
+from sparcom.extraction.keys import counts_key, extraction_key
+from sparcom.extraction.schema import COUNT_FAMILIES, LAYER, MOE_LAYER
 from sparcom.curation.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.store import (
     StoreError, check_store_target, create_store, damaged_shards, describe_shards, finalize_store, finished_shards,
@@ -55,56 +46,6 @@ log = logging.getLogger(__name__)
 SORT_WINDOW_SHARDS = 8
 
 ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
-
-
-def plan_batches(
-    lengths: Sequence[int], batch_tokens: int, max_batch_size: int, max_padding: float = 0.05
-) -> list[list[int]]:
-    """Indices grouped longest first. A batch closes when its padded size (rows x longest) would
-    pass the token budget, or its padded-token fraction would pass `max_padding`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    real = 0
-    for index in order:
-        if batches:
-            current = batches[-1]
-            longest = lengths[current[0]]
-            rows = len(current) + 1
-            fits = rows <= min(max_batch_size, batch_tokens // longest)
-            padding = 1 - (real + lengths[index]) / (rows * longest)
-            if fits and padding <= max_padding:
-                current.append(index)
-                real += lengths[index]
-                continue
-        batches.append([index])
-        real = lengths[index]
-    return batches
-
-
-def pad_batch(
-    items: Sequence[TokenizedInstruction], pad_id: int, side: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(item) for item in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), width), dtype=torch.long)
-    counted = torch.zeros((len(items), width), dtype=torch.bool)
-    for row, item in enumerate(items):
-        span = slice(0, len(item)) if side == "right" else slice(width - len(item), width)
-        ids[row, span] = torch.tensor(item.input_ids)
-        attention[row, span] = 1
-        counted[row, span] = torch.tensor(item.counted)
-    return ids.to(device), attention.to(device), counted.to(device)
-
-
-def padded_batches(
-    tokenized: Sequence[TokenizedInstruction], tokenizer: PreTrainedTokenizerBase, settings: ExtractionSettings,
-    device: torch.device,
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(positions in `tokenized`, input ids, attention mask, counted mask) per planned batch."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for batch in plan_batches([len(t) for t in tokenized], settings.batch_tokens,
-                              settings.max_batch_size, settings.max_padding):
-        yield (batch, *pad_batch([tokenized[b] for b in batch], pad_id, settings.padding_side, device))
 
 
 def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
@@ -122,7 +63,7 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "token_span": settings.span,
         "chat_template": loaded.tokenizer.chat_template is not None,
         "dataset_hash": data_hash,
-        "sparcom_version": __version__,
+        "sparcom_version": package_version(),
         "extraction_key": key,
         "counts_key": counts_key(loaded.fingerprint, settings.span, loaded.dtype),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,18 +73,11 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
 def store_layout(sites: FFNSites) -> tuple[dict, dict]:
     """The count variables (dims and sizes after `instruction`) and layer coordinates
     (docs/method.md section 7)."""
-    variables, layer_coords = {}, {}
-    if sites.dense_layers:
-        variables["act_count"] = (("layer", "neuron"), (len(sites.dense_layers), sites.dense_neurons))
-        layer_coords["layer"] = sites.dense_layers
+    shapes = sites.family_shapes()
+    variables = {f.count: (f.dims, shapes[f.name]) for f in COUNT_FAMILIES if f.name in shapes}
+    layer_coords = {LAYER: sites.dense_layers} if sites.dense_layers else {}
     if sites.moe_layers:
-        n_moe = len(sites.moe_layers)
-        variables["expert_count"] = (("moe_layer", "expert"), (n_moe, sites.experts))
-        variables["expert_act_count"] = (
-            ("moe_layer", "expert", "expert_neuron"), (n_moe, sites.experts, sites.expert_neurons))
-        layer_coords["moe_layer"] = [layer.index for layer in sites.moe_layers]
-    if sites.has_shared_experts:
-        variables["shared_act_count"] = (("moe_layer", "shared_neuron"), (len(sites.moe_layers), sites.shared_neurons))
+        layer_coords[MOE_LAYER] = [layer.index for layer in sites.moe_layers]
     return variables, layer_coords
 
 
@@ -298,37 +232,3 @@ def parse_shards(text: str) -> list[int]:
 
 def shard_range(shard: int, shard_size: int, n: int) -> range:
     return range(shard * shard_size, min((shard + 1) * shard_size, n))
-
-
-def extract_dataset(
-    model: ModelSettings,
-    dataset_dir: Path,
-    settings: ExtractionSettings,
-    stores_dir: Path,
-    cache_dir: Path,
-    on_progress: ProgressCallback | None = None,
-    dask: DaskSettings | None = None,
-) -> Path:
-    if dask is None or not dask.address:  # a remote cluster's workers check their own devices
-        check_device_map(model.device_map, model.max_memory)
-    records = load_records(dataset_dir)
-    check_extraction(records, settings, None, dataset_dir)
-    source = resolve_model(model.name, model.revision, model.trust_remote_code)
-    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
-    key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
-    slug = model_slug(model.name)
-    store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
-    if is_complete(store) and not repair_store(store):
-        return store
-    donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))
-    if dask is not None:
-        from sparcom.core.cluster import extraction_cluster
-        from sparcom.extraction.distributed import extract_on_cluster, shard_resources
-
-        with extraction_cluster(dask, settings.device, spread=model.device_map is not None) as client:
-            if client is not None:
-                return extract_on_cluster(client, model, records, store, settings, shard_resources(dask, settings),
-                                          cache_dir, donors, on_progress)
-    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
-                        model.device_map, model.max_memory)
-    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors)

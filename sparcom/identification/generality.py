@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from sparcom.identification.identify import FAMILIES, GROUP, Family, families_in
+from sparcom.identification.schema import FAMILIES, GROUP, Family, families_in
 from sparcom.identification.split_half import OTHER, SPLIT_JACCARD, cross_jaccard, reliability
 
 EXPERT = "expert"

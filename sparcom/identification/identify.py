@@ -1,8 +1,7 @@
 """Instruction-specific components: frequencies per group, the sets, their split-half reliability
 (docs/method.md sections 2, 3, 4a, 4b).
 
-- `FAMILIES`: the component families a store may hold (dense neurons, routed experts, neurons of
-  routed experts, neurons of shared experts) and the names of their outputs (naming contract).
+- The component families and the names of their outputs are `sparcom.identification.schema`.
 - `group_frequencies(store, by)`: per family, frequency[group, ...] = summed counts / summed
   tokens, exact for any grouping (category, origin, instruction). Lazy (Dask): per-group sums
   contract each group's instructions with the counts one run of chunks at a time, so memory
@@ -25,7 +24,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import itertools
@@ -43,14 +41,15 @@ from dask._task_spec import Alias, List, Task, TaskRef, convert_legacy_graph
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from sparcom.config import IdentificationSettings
-from sparcom.identification.rules import GROUP, RANK_RULES, check_rule, select, select_by, top_fraction_threshold  # noqa: F401 - re-exported
-from sparcom.identification.split_half import SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
+from sparcom.identification.settings import IdentificationSettings
+from sparcom.extraction.schema import INSTRUCTION
+from sparcom.identification.rules import check_rule, select_by
+from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
+from sparcom.identification.split_half import SPLIT_SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
 from sparcom.core.outputs import building, claimed
 from sparcom.extraction.store import StoreError, open_store
 from sparcom.identification.template import template_share
 
-INSTRUCTION = "instruction"
 COLUMN = "sum_column"
 # The one-pass contraction reads blocks of whole store chunks of about this size.
 CONTRACTION_BLOCK_BYTES = 128 * 2**20
@@ -58,37 +57,7 @@ CONTRACTION_BLOCK_BYTES = 128 * 2**20
 TILE_BYTES = 2**22
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
-RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
-
-
-@dataclass(frozen=True)
-class Family:
-    """One kind of component: the store's count variable and the names of its outputs."""
-    name: str          # used in reports and file names
-    count: str
-    frequency: str
-    selected: str
-    threshold: str
-    layer_dim: str
-
-    def component_dims(self, store: xr.Dataset) -> list[str]:
-        return [d for d in store[self.count].dims if d != INSTRUCTION]
-
-
-FAMILIES = (
-    Family("neurons", "act_count", "frequency", "isn", "threshold", "layer"),
-    Family("experts", "expert_count", "expert_frequency", "ise", "expert_threshold", "moe_layer"),
-    Family("expert_neurons", "expert_act_count", "expert_neuron_frequency", "expert_isn",
-           "expert_neuron_threshold", "moe_layer"),
-    Family("shared_neurons", "shared_act_count", "shared_frequency", "shared_isn",
-           "shared_threshold", "moe_layer"),
-)
-
-
-def families_in(dataset: xr.Dataset, by: str = "count") -> list[Family]:
-    """The families whose variable `by` (count, frequency or selected) the dataset holds."""
-    return [f for f in FAMILIES if getattr(f, by) in dataset]
 
 
 def _group_labels(store: xr.Dataset, by: str) -> np.ndarray:
@@ -293,12 +262,12 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     computed = _gathered([sums.data for sums in contracted])
     result = xr.Dataset({"token_total": (GROUP, tokens[:, 0])}, coords=coords)
     if seeds:
-        result["half_tokens"] = ((SEED, GROUP), tokens[:, 1:].T)
+        result["half_tokens"] = ((SPLIT_SEED, GROUP), tokens[:, 1:].T)
     for family, sums, values in zip(families, contracted, computed):
         dims = sums.dims[2:]  # values: integers, divided by float64 tokens the same frequencies
         result[family.count] = ((GROUP, *dims), values[:, 0])
         if seeds:
-            result[f"{family.count}_half_a"] = ((SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
+            result[f"{family.count}_half_a"] = ((SPLIT_SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
     return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 
@@ -317,12 +286,12 @@ def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSet
     whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
     dims = [d for d in whole.dims if d != GROUP]
     per_seed = []
-    for seed in range(sums.sizes[SEED]):
-        a_sums, a_tokens = half_a.isel({SEED: seed}, drop=True), sums.half_tokens.isel({SEED: seed}, drop=True)
+    for seed in range(sums.sizes[SPLIT_SEED]):
+        a_sums, a_tokens = half_a.isel({SPLIT_SEED: seed}, drop=True), sums.half_tokens.isel({SPLIT_SEED: seed}, drop=True)
         a = _half_sets(a_sums, a_tokens, family, settings)
         b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
         per_seed.append(cross_jaccard(a, b, dims))
-    return xr.concat(per_seed, SEED)
+    return xr.concat(per_seed, SPLIT_SEED)
 
 
 def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, settings: IdentificationSettings
@@ -414,7 +383,7 @@ def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: 
     verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.core.outputs`)."""
     store = open_store(store_path)
     _checked_labels(store, settings, store_path)
-    target = Path(out_dir) / "components.zarr"
+    target = Path(out_dir) / COMPONENTS
     with claimed(out_dir, RUN_KIND), building(target, "components") as path:
         if settings.group_by == INSTRUCTION:
             frequencies = group_frequencies(store, settings.group_by)

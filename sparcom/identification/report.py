@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from sparcom.core.drawing import Drawing, start_drawing
 from sparcom.identification.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
-from sparcom.identification.identify import GROUP, Family
+from sparcom.identification.schema import GROUP, Family
 from sparcom.identification.rules import rule_parameters
 from sparcom.core.markdown import table
 from sparcom.extraction.store import save_zarr

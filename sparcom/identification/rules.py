@@ -1,7 +1,6 @@
 """Selection rules: each group's set of components from frequency[group, *components] (docs/method.md sections 2, 4a).
 
-- `RULES`, `COMPARING_RULES`, `RANK_RULES`: the rule names, those that compare groups (need two
-  or more), and those that rank within each group (the same sets from counts as from frequencies).
+- The rule names are `sparcom.identification.schema.RULES`.
 - `top_fraction_threshold(values, epsilon)`: the m-th largest value, m = max(1, ceil(eps*N - 1e-9)).
 - `select(frequency, rule, ...)`: the boolean sets (`selected`, like `frequency`) and `threshold`.
   global_percentile: per group, p >= the m-th largest frequency of all layers, ties included (the
@@ -29,13 +28,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-GROUP = "group"
-RULES = ("global_percentile", "layer_percentile", "threshold", "lape", "contrastive")
-COMPARING_RULES = ("lape", "contrastive")
-# Rules that rank each group's values (in a layer, or in all): they select the same sets from a
-# group's summed counts as from its frequencies, the sums divided by the group's token count.
-# Exact for integer sums below 2**52: distinct sums stay distinct, in order, after the division.
-RANK_RULES = ("global_percentile", "layer_percentile")
+from sparcom.identification.schema import COMPARING_RULES, GROUP
+
 EPSILON_TOLERANCE = 1e-9
 # Percentile selection reads whole groups (all components of a group, or of a group's layer) in
 # blocks of about this size.

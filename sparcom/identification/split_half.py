@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from sparcom.identification.rules import GROUP
+from sparcom.identification.schema import GROUP
 
 OTHER = "other_group"
-SEED = "split_seed"
+SPLIT_SEED = "split_seed"
 SPLIT_JACCARD = "split_jaccard"  # per family in components.zarr: J(g_A, h_B)[split_seed, group, other_group]
 # A half of one instruction is a sample of one; below two per half a split says nothing.
 MIN_GROUP_SIZE = 4
@@ -87,7 +87,7 @@ def reliability(split_jaccard: xr.DataArray) -> xr.Dataset:
     """split_within[group], split_cross[group, other_group] and specificity_gap[group]."""
     groups = split_jaccard[GROUP].values
     same = xr.DataArray(groups[:, None] == groups[None, :], dims=(GROUP, OTHER))
-    mean = split_jaccard.mean(SEED, skipna=True)
+    mean = split_jaccard.mean(SPLIT_SEED, skipna=True)
     within = mean.where(same).max(OTHER, skipna=True)  # the diagonal
     cross = mean.where(~same)
     return xr.Dataset({"split_within": within.drop_vars(OTHER, errors="ignore"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from sparcom.config import default_cache_dir
+from sparcom.core.settings import default_cache_dir
 from sparcom.curation.records import InstructionRecord
 
 SAMPLES = ("Summarize the text.", "What is 12 times 7?", "Write a Python function that adds two numbers.")
@@ -35,7 +35,7 @@ def _tokenizer_path(attrs: dict) -> Path:
 def template_tokens(model_path: Path) -> int:
     from transformers import AutoTokenizer
 
-    from sparcom.extraction.prompts import tokenize_instruction
+    from sparcom.curation.prompts import tokenize_instruction
 
     path = Path(model_path)
     tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf"

@@ -1,0 +1,23 @@
+"""The ablation's names (docs/method.md section 6): controls, dimensions, output files.
+
+- `CONTROLS`: the control sets, each the same size per layer as the ablated set.
+- `FAMILY_CHOICES`: the families that can be switched off, and `auto`.
+- Dimension names of `ablation.zarr`: `INSTRUCTION`, `ABLATED`, `EVALUATED`, `CONTROL`, `SEED`
+  (a control's draw), `RESAMPLE`, `BOUND`.
+- Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`.
+"""
+
+from __future__ import annotations
+
+from sparcom.extraction.schema import FAMILY_NAMES, INSTRUCTION  # noqa: F401 - the ablation's dimension too
+
+CONTROLS = ("random", "frequency_matched")
+FAMILY_CHOICES = ("auto", *FAMILY_NAMES)
+
+ABLATED, EVALUATED, CONTROL, SEED = "ablated", "evaluated", "control", "seed"
+RESAMPLE, BOUND = "resample", "bound"
+
+ABLATION = "ablation.zarr"
+ABLATION_REPORT = "ablation.md"
+ABLATION_SUMMARY = "ablation.json"
+ABLATION_PLOT = "ablation.png"

@@ -1,0 +1,60 @@
+"""Identification's names: rules, families' output variables, output files (docs/method.md sections 2-4, 8).
+
+- `RULES`, `COMPARING_RULES` (they need two groups or more), `RANK_RULES` (they rank within each
+  group, so select the same sets from summed counts as from frequencies).
+- `GROUP`, `GROUP_BY`: the group dimension of every result, and the groupings offered.
+- `Family`, `FAMILIES`, `families_in(dataset, by)`: each count family of the store with the
+  names of its outputs (frequency, selected set, threshold).
+- Output files of a run folder: `COMPONENTS`, `GENERALITY`, `SUMMARY`, `REPORT`, `TABLES`, and
+  `RUN_KIND`, the output marker of run folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparcom.extraction.schema import COUNT_FAMILIES, INSTRUCTION, CountFamily
+
+if TYPE_CHECKING:  # the names alone, without xarray: the command line reads them at start
+    import xarray as xr
+
+RULES = ("global_percentile", "layer_percentile", "threshold", "lape", "contrastive")
+COMPARING_RULES = ("lape", "contrastive")
+# Exact for integer sums below 2**52: distinct sums stay distinct, in order, after the division.
+RANK_RULES = ("global_percentile", "layer_percentile")
+
+GROUP = "group"
+GROUP_BY = ("category", "origin", "instruction")
+
+COMPONENTS = "components.zarr"
+GENERALITY = "generality.zarr"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+TABLES = "tables"
+RUN_KIND = "run"
+
+
+@dataclass(frozen=True)
+class Family(CountFamily):
+    """A count family with the names of its identification outputs."""
+    frequency: str
+    selected: str
+    threshold: str
+
+    def component_dims(self, store: xr.Dataset) -> list[str]:
+        return [d for d in store[self.count].dims if d != INSTRUCTION]
+
+
+_OUTPUTS = {
+    "neurons": ("frequency", "isn", "threshold"),
+    "experts": ("expert_frequency", "ise", "expert_threshold"),
+    "expert_neurons": ("expert_neuron_frequency", "expert_isn", "expert_neuron_threshold"),
+    "shared_neurons": ("shared_frequency", "shared_isn", "shared_threshold"),
+}
+FAMILIES = tuple(Family(f.name, f.count, f.dims, *_OUTPUTS[f.name]) for f in COUNT_FAMILIES)
+
+
+def families_in(dataset: xr.Dataset, by: str = "count") -> list[Family]:
+    """The families whose variable `by` (count, frequency or selected) the dataset holds."""
+    return [f for f in FAMILIES if getattr(f, by) in dataset]

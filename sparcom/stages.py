@@ -1,0 +1,65 @@
+"""The pipeline's stages as the caching sees them: each stage's code, keys of results on disk,
+and whether a cached result can still be used (docs/method.md section 8).
+
+- `STAGES`: stage name -> its code (`StageCode`, declared in each stage package's `keys` module).
+- `result_key(stage, *inputs)`: the key of a stage whose inputs are earlier results on disk.
+- `unusable_output(result)`: why a cached result can no longer be used (a file or folder it
+  names is gone, a count store it names does not verify), or None.
+
+The keys of stages whose inputs are not results on disk live beside their stages:
+`sparcom.curation.keys`, `sparcom.extraction.keys`, `sparcom.identification.keys`,
+`sparcom.comparison.keys`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from sparcom.ablation.keys import ABLATE
+from sparcom.comparison.keys import COMPARE, FINETUNE
+from sparcom.core.hashing import content_hash
+from sparcom.curation.keys import CURATE
+from sparcom.extraction.keys import EXTRACT
+from sparcom.extraction.store import StoreError, verify_store
+from sparcom.identification.keys import ANALYSE, IDENTIFY
+
+STAGES = {"curate": CURATE, "extract": EXTRACT, "identify": IDENTIFY, "analyse": ANALYSE,
+          "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE}
+
+
+def result_key(stage: str, *inputs: object) -> str:
+    """For stages whose inputs are earlier results on disk: the folders' paths and write times
+    (a rewritten input is a new input), the stage's other inputs and its code."""
+    marks = [(str(i), (Path(i) / "zarr.json").stat().st_mtime_ns if (Path(i) / "zarr.json").exists() else None)
+             if isinstance(i, Path) else i for i in inputs]
+    return content_hash(stage, marks, STAGES[stage].version())
+
+
+def unusable_output(result: object) -> str | None:
+    """Paths in the result (Path objects, absolute path strings, inside dicts, lists and pydantic
+    models) must exist, and those that are count stores must verify."""
+    def paths(value: object):
+        if isinstance(value, Path):
+            yield value
+        elif isinstance(value, str) and value.startswith("/"):
+            yield Path(value)
+        elif isinstance(value, BaseModel):
+            yield from paths(value.model_dump())
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from paths(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from paths(item)
+
+    for path in paths(result):
+        if not path.exists():
+            return f"{path} is gone"
+        if (path / "zarr.json").is_file() and (path / "progress").is_dir():  # a count store
+            try:
+                verify_store(path)
+            except StoreError as error:
+                return str(error)
+    return None
