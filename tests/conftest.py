@@ -139,6 +139,26 @@ def forward_with_hooks(model, ids: list[int], hooks: list) -> None:
             hook.remove()
 
 
+def hooked(module: str, kind: str, *counts: str) -> dict:
+    """One entry of a store's `hooked_modules` attribute."""
+    return {"module": module, "kind": kind, "counts": list(counts)}
+
+
+def in_model_order(entries: list[dict]) -> list[dict]:
+    """`model.layers.<i>....` entries ordered as `named_modules()` lists them: by layer, then a
+    module before its submodules (the hooked ones sort by name the way the models define them)."""
+    return sorted(entries, key=lambda entry: (int(entry["module"].split(".")[2]), entry["module"]))
+
+
+def llama_hooked_modules(config) -> list[dict]:
+    """A LLaMA's hook points: each layer's activation module, and the last layer's MLP, whose
+    hook only stops the forward pass."""
+    last = config.num_hidden_layers - 1
+    return in_model_order(
+        [hooked(f"model.layers.{i}.mlp.act_fn", "forward_hook", "act_count") for i in range(last + 1)]
+        + [hooked(f"model.layers.{last}.mlp", "forward_hook")])
+
+
 @pytest.fixture
 def sample_records() -> list[InstructionRecord]:
     return [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]

@@ -330,6 +330,15 @@ def test_mismatched_stores_are_refused(tuned, message):
     assert message in str(error.value)
 
 
+def test_stores_hooked_differently_or_written_before_the_record_are_compatible():
+    """The same counts whichever path counted the experts; older stores lack `hooked_modules`."""
+    backend = [{"module": "model.layers.3.mlp.experts", "kind": "experts_backend",
+                "counts": ["expert_count", "expert_act_count"]}]
+    pre_hook = [dict(backend[0], kind="forward_pre_hook")]
+    check_stores_compatible(fake_store(moe=True, hooked_modules=backend), fake_store(moe=True, hooked_modules=pre_hook))
+    check_stores_compatible(fake_store(moe=True), fake_store(moe=True, hooked_modules=backend))
+
+
 def test_stores_with_different_expert_counts_are_refused():
     with pytest.raises(ComparisonError, match="experts per layer differ: base 4, tuned 2"):
         check_stores_compatible(fake_store(moe=True), fake_store(moe=True).isel(expert=slice(0, 2)))

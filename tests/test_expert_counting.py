@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers.integrations.moe as moe
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from sparcom.extraction.architectures import ffn_sites
@@ -20,7 +20,7 @@ from sparcom.extraction.extract import extract_to_store
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import open_store, store_attrs
 
-from conftest import reference_tokens
+from conftest import hooked, in_model_order, reference_tokens
 from test_architectures import naive_counts, tiny_models  # noqa: F401 (a fixture)
 
 MOE_FAMILIES = ["deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
@@ -90,6 +90,29 @@ def test_dense_models_record_no_expert_counting(tmp_path, tiny_llama_dir, cache_
     loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float32", device="cpu")
     store = extract_to_store(loaded, sample_records[:2], tmp_path / "s.zarr", ExtractionSettings())
     assert store_attrs(store)["expert_counting"] == "none"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_store_names_the_hooked_modules(tmp_path, tiny_models, cache_dir, sample_records,  # noqa: F811
+                                        uncovered_implementation, family):
+    directory = tiny_models(family)
+    config = AutoConfig.from_pretrained(directory)
+    dense = set(getattr(config, "mlp_only_layers", []))
+    last = config.num_hidden_layers - 1
+    loaded = load_model(resolve_model(str(directory)), cache_dir, dtype="float32", device="cpu")
+    for implementation, kind in [("eager", "experts_backend"), (uncovered_implementation, "forward_pre_hook")]:
+        expected = [hooked(f"model.layers.{last}.mlp", "forward_hook")]
+        for i in range(config.num_hidden_layers):
+            if i in dense:
+                expected.append(hooked(f"model.layers.{i}.mlp.act_fn", "forward_hook", "act_count"))
+                continue
+            expected.append(hooked(f"model.layers.{i}.mlp.experts", kind, "expert_count", "expert_act_count"))
+            if family == "qwen2_moe":
+                expected.append(hooked(f"model.layers.{i}.mlp.shared_expert.act_fn", "forward_hook",
+                                       "shared_act_count"))
+        loaded.model.set_experts_implementation(implementation)
+        store = extract_to_store(loaded, sample_records[:2], tmp_path / f"{kind}.zarr", ExtractionSettings())
+        assert store_attrs(store)["hooked_modules"] == in_model_order(expected), f"{family} {implementation}"
 
 
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import zarr
 from distributed import Client
+from transformers import AutoConfig
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -27,9 +28,9 @@ from sparcom.extraction.distributed import (
 )
 from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.core.models import ModelLoadError, load_model, resolve_model
-from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count
+from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count, store_attrs
 
-from conftest import make_record
+from conftest import llama_hooked_modules, make_record
 from test_dask_cluster import DASK, START_TIMEOUT, free_port, stop
 from test_extraction_exact import naive_store
 
@@ -193,6 +194,7 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
     assert not is_complete(store) and finished_shards(store) == {0, 2}
     extract_on_cluster(threads_client, model, records, store, SETTINGS, {}, cache_dir)
     assert_naive_counts(store, expected)
+    assert store_attrs(store)["hooked_modules"] == llama_hooked_modules(AutoConfig.from_pretrained(tiny_llama_dir))
     from sparcom.extraction.distributed import _model_lock
 
     with _model_lock:

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import xarray as xr
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.extract import extract_to_store
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import StoreError, open_store
 
-from conftest import forward_with_hooks, reference_tokens
+from conftest import forward_with_hooks, llama_hooked_modules, reference_tokens
 
 
 def naive_counts(model, tokenizer, record, span: str) -> tuple[np.ndarray, int]:
@@ -87,6 +87,7 @@ def test_store_follows_spec_and_opens_without_warnings(tmp_path, tiny_llama_dir,
                       "dataset_hash", "sparcom_version"):
         assert attribute in store.attrs
     assert store.attrs["token_span"] == "prompt" and store.attrs["dtype"] == "float32"
+    assert store.attrs["hooked_modules"] == llama_hooked_modules(AutoConfig.from_pretrained(tiny_llama_dir))
 
 
 def test_unfinished_store_is_refused_and_resumes_to_the_same_counts(

@@ -59,7 +59,7 @@ def test_controls_families_and_packaged_sets_have_one_list_each():
 def test_the_store_holds_the_schema_variables_with_the_schema_dims():
     moe_layer = type("MoELayer", (), {"index": 3})()
     sites = FFNSites(dense_layers=(0, 1, 2), dense_activations=(), dense_neurons=8, moe_layers=(moe_layer,),
-                     experts=4, expert_neurons=6, shared_neurons=5, last_mlp=None)
+                     experts=4, expert_neurons=6, shared_neurons=5, last_mlp=None, names={})
     variables, layer_coords = store_layout(sites)
     assert variables == {f.count: (f.dims, shape) for f, shape in zip(COUNT_FAMILIES, [(3, 8), (1, 4), (1, 4, 6), (1, 5)])}
     assert layer_coords == {"layer": (0, 1, 2), "moe_layer": [3]}

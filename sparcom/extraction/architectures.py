@@ -6,13 +6,15 @@
   MoE layers:    the fused experts module (transformers 5: `gate_up_proj[expert, 2I, hidden]`,
                  called with the router's top-k choice), and the activation module of the
                  shared (always-on) experts where the model has them.
+  `names` gives each of these modules' dotted path, as `model.named_modules()` does.
 - `SUPPORTED`: the model types, with the path of their decoder layers.
 Anything else is refused with an error that names the architecture and lists the supported ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -58,6 +60,8 @@ class FFNSites:
     expert_neurons: int
     shared_neurons: int
     last_mlp: nn.Module              # the forward pass can stop once this module has run
+    # module -> dotted path, in model order, for every module above (the store records them)
+    names: Mapping[nn.Module, str] = field(compare=False)
 
     @property
     def has_shared_experts(self) -> bool:
@@ -127,8 +131,10 @@ def ffn_sites(model: nn.Module) -> FFNSites:
     if len({id(a) for a in activations}) != len(activations):
         raise UnsupportedArchitecture(f"{model_type}: layers share one activation module")
     experts, expert_neurons = expert_shapes.pop() if expert_shapes else (0, 0)
+    sites = {*activations, *(m.experts for m in moe_layers), layers[-1].mlp}
     return FFNSites(
         dense_layers=tuple(dense_layers), dense_activations=tuple(dense_activations),
         dense_neurons=dense_widths.pop() if dense_widths else 0, moe_layers=tuple(moe_layers),
         experts=experts, expert_neurons=expert_neurons,
-        shared_neurons=shared_widths.pop() if shared_widths else 0, last_mlp=layers[-1].mlp)
+        shared_neurons=shared_widths.pop() if shared_widths else 0, last_mlp=layers[-1].mlp,
+        names={module: name for name, module in model.named_modules() if module in sites})

@@ -19,6 +19,14 @@
   tokens (a third of the experts' matmul work).
 - `expert_counting_path(sites)`: which of the two counts the routed experts of a model
   ("backend", "pre_hook", both joined by "+", or "none" without routed experts).
+- `FFNCounter(sites).hook_points`: every module the counter hooks, in model order, as
+  `HookPoint(module, kind, counts)`: its dotted path (as `model.named_modules()` names it), how
+  it is hooked, and the store variables it feeds. Kinds:
+    "forward_hook"      reads the module's output (activation modules; and the last layer's
+                        MLP, which feeds no variable: its hook ends the forward pass);
+    "forward_pre_hook"  reads the module's arguments (fused experts: the router's top-k choice);
+    "experts_backend"   the fused experts module runs through the counting experts backend.
+  The store keeps them as its `hooked_modules` attribute.
 
 The forward pass stops after the last layer's MLP: the final norm and the LM head never run.
 A model spread over devices (`device_map`) counts each layer where it computes: its hooks see
@@ -27,17 +35,44 @@ the masks and count buffers on that device, and the buffers are added up on the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparcom.extraction.architectures import FFNSites, MoELayer
+from sparcom.extraction.architectures import FFNSites
 from sparcom.extraction.expert_counting import CountingBackend, backend_covers
 
 
 def expert_counting_path(sites: FFNSites) -> str:
     paths = {"backend" if backend_covers(layer.experts) else "pre_hook" for layer in sites.moe_layers}
     return "+".join(sorted(paths)) or "none"
+
+
+FORWARD_HOOK = "forward_hook"
+FORWARD_PRE_HOOK = "forward_pre_hook"
+EXPERTS_BACKEND = "experts_backend"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    module: str               # dotted path, as model.named_modules() gives it
+    kind: str
+    counts: tuple[str, ...]   # the store variables it feeds
+
+    def as_attribute(self) -> dict:
+        return {"module": self.module, "kind": self.kind, "counts": list(self.counts)}
+
+
+@dataclass(frozen=True)
+class _Hook:
+    point: HookPoint
+    module: nn.Module
+    slot: int | None          # the layer's place along the store's layer dimension
+    hook: Callable | None     # None: the counting experts backend counts this module
 
 
 class _LastLayerCounted(Exception):
@@ -55,22 +90,44 @@ class FFNCounter:
         self._backend: CountingBackend | None = None
         self._elsewhere: dict[torch.device, tuple] = {}  # device -> (mask, mask_bytes, rows, buffers)
 
+    @property
+    def hook_points(self) -> list[HookPoint]:
+        return [hook.point for hook in self._plan()]
+
+    def _plan(self) -> list[_Hook]:
+        """Every hook of this counter, in model order: the store's record and what `__enter__`
+        installs come from this one list, so they cannot disagree."""
+        sites, hooks = self.sites, []
+
+        def add(module: nn.Module, kind: str, counts: tuple[str, ...], slot: int | None,
+                hook: Callable | None) -> None:
+            hooks.append(_Hook(HookPoint(sites.names[module], kind, counts), module, slot, hook))
+
+        for slot, module in enumerate(sites.dense_activations):
+            add(module, FORWARD_HOOK, ("act_count",), slot, partial(self._count_positive, "act_count", slot))
+        for slot, layer in enumerate(sites.moe_layers):
+            routed = ("expert_count", "expert_act_count")
+            if backend_covers(layer.experts):
+                add(layer.experts, EXPERTS_BACKEND, routed, slot, None)
+            else:
+                add(layer.experts, FORWARD_PRE_HOOK, routed, slot, partial(self._count_routed, slot))
+            if layer.shared_activation is not None:
+                add(layer.shared_activation, FORWARD_HOOK, ("shared_act_count",), slot,
+                    partial(self._count_positive, "shared_act_count", slot))
+        add(sites.last_mlp, FORWARD_HOOK, (), None, self._stop)
+        order = {module: position for position, module in enumerate(sites.names)}
+        return sorted(hooks, key=lambda hook: order[hook.module])
+
     def __enter__(self) -> FFNCounter:
-        counted_by_backend = {layer.experts: slot for slot, layer in enumerate(self.sites.moe_layers)
-                              if backend_covers(layer.experts)}
+        plan = self._plan()
+        counted_by_backend = {hook.module: hook.slot for hook in plan if hook.point.kind == EXPERTS_BACKEND}
         if counted_by_backend:
             self._backend = CountingBackend(counted_by_backend, self._count_routes, self._count_gates).__enter__()
-        register = self._handles.append
-        for slot, module in enumerate(self.sites.dense_activations):
-            register(module.register_forward_hook(self._placed(self._activation_hook("act_count", slot))))
-        for slot, layer in enumerate(self.sites.moe_layers):
-            if layer.experts not in counted_by_backend:
-                register(layer.experts.register_forward_pre_hook(self._placed(self._routing_hook(slot)),
-                                                                 with_kwargs=True))
-            if layer.shared_activation is not None:
-                register(layer.shared_activation.register_forward_hook(
-                    self._placed(self._activation_hook("shared_act_count", slot))))
-        register(self.sites.last_mlp.register_forward_hook(self._placed(self._stop)))
+        for hook in plan:
+            if hook.point.kind == FORWARD_HOOK:
+                self._handles.append(hook.module.register_forward_hook(self._placed(hook.hook)))
+            elif hook.point.kind == FORWARD_PRE_HOOK:
+                self._handles.append(hook.module.register_forward_pre_hook(self._placed(hook.hook), with_kwargs=True))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -111,26 +168,18 @@ class FFNCounter:
                 "use right padding or another dtype")
         raise _LastLayerCounted
 
-    def _activation_hook(self, name: str, slot: int):
-        def count_positive(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            # uint8 multiply-and-sum: exact integers, and measured 3x faster than bool `&` then sum.
-            active = (output.reshape(*self._mask.shape, -1) > 0).view(torch.uint8)
-            active.mul_(self._mask_bytes)
-            self._buffers[name][:, slot] = active.sum(dim=1, dtype=torch.int32)
+    def _count_positive(self, name: str, slot: int, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        # uint8 multiply-and-sum: exact integers, and measured 3x faster than bool `&` then sum.
+        active = (output.reshape(*self._mask.shape, -1) > 0).view(torch.uint8)
+        active.mul_(self._mask_bytes)
+        self._buffers[name][:, slot] = active.sum(dim=1, dtype=torch.int32)
 
-        return count_positive
-
-    def _routing_hook(self, slot: int):
-        layer: MoELayer = self.sites.moe_layers[slot]
-
-        def count_routed(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            token, expert = self._count_routes(slot, top_k_index.reshape(hidden.shape[0], -1))
-            self._count_expert_neurons(layer.experts, slot, hidden, token, expert)
-
-        return count_routed
+    def _count_routed(self, slot: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        token, expert = self._count_routes(slot, top_k_index.reshape(hidden.shape[0], -1))
+        self._count_expert_neurons(module, slot, hidden, token, expert)
 
     def _count_routes(self, slot: int, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Counts each counted token's routed experts; returns the (flat token, expert) pairs."""

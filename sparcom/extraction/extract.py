@@ -49,6 +49,7 @@ ProgressCallback = Callable[[int, int], None]  # (instructions done, instruction
 
 
 def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
+    sites = ffn_sites(loaded.model)
     return {
         "model": loaded.source.name,
         "model_path": str(loaded.source.path),
@@ -56,7 +57,8 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "model_fingerprint": loaded.fingerprint,
         "revision": loaded.source.revision or "",
         "architecture": loaded.model.config.model_type,
-        "expert_counting": expert_counting_path(ffn_sites(loaded.model)),
+        "expert_counting": expert_counting_path(sites),
+        "hooked_modules": [point.as_attribute() for point in FFNCounter(sites).hook_points],
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "devices": loaded.devices,
