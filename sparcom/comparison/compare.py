@@ -28,6 +28,7 @@ from sparcom.identification.generality import generality, share
 from sparcom.identification.schema import FAMILIES, GROUP, Family
 from sparcom.identification.schema import families_in as identified_families
 from sparcom.identification.rules import parameter_names
+from sparcom.extraction.schema import INSTRUCTION, LAYER, MOE_LAYER
 
 PAIRS_FILE = Path(__file__).parent / "model_pairs.yaml"
 STATUS_MEANINGS = "absent kept gained lost"  # codes 0..3 of the `<set>_status` variables
@@ -77,7 +78,7 @@ def _shape_differences(base: xr.Dataset, tuned: xr.Dataset, variables: tuple[str
     for dim, meaning in DIMENSION_MEANINGS.items():
         if base.sizes.get(dim) != tuned.sizes.get(dim):
             differences.append(f"{meaning} differ: base {base.sizes.get(dim, 0)}, tuned {tuned.sizes.get(dim, 0)}")
-        elif dim in ("layer", "moe_layer") and dim in base.coords and dim in tuned.coords \
+        elif dim in (LAYER, MOE_LAYER) and dim in base.coords and dim in tuned.coords \
                 and not np.array_equal(base[dim].values, tuned[dim].values):
             differences.append(f"{meaning} differ: base {base[dim].values.tolist()}, "
                                f"tuned {tuned[dim].values.tolist()}")
@@ -96,7 +97,7 @@ def check_stores_compatible(base: xr.Dataset, tuned: xr.Dataset) -> None:
     differences = _attribute_differences(base, tuned, {
         "architecture": "architecture", "dataset_hash": "dataset hash", "token_span": "token span"})
     differences += _shape_differences(base, tuned, tuple(f.count for f in FAMILIES))
-    if base.sizes.get("instruction") != tuned.sizes.get("instruction") or not np.array_equal(
+    if base.sizes.get(INSTRUCTION) != tuned.sizes.get(INSTRUCTION) or not np.array_equal(
             base.instruction_id.values, tuned.instruction_id.values):
         differences.append("instructions differ (ids or order)")
     _refuse(base, tuned, differences)

@@ -28,6 +28,7 @@ from sparcom.identification.schema import GROUP, Family
 from sparcom.identification.rules import rule_parameters
 from sparcom.core.markdown import put_section, table
 from sparcom.extraction.store import save_zarr
+from sparcom.extraction.schema import MOE_LAYER
 
 MEASURES = {
     "turnover": "1 - Jaccard of the base and tuned sets",
@@ -233,7 +234,7 @@ def markdown_comparison(summary: dict) -> str:
         rows = [[layer] + [_cell(summary["expert_selection_js"][g][i], 4) for g in summary["groups"]]
                 for i, layer in enumerate(layers)]
         sections.append("## Expert selection frequencies: JS divergence per MoE layer (bits)\n\n"
-                        + table(["moe_layer"] + summary["groups"], rows))
+                        + table([MOE_LAYER] + summary["groups"], rows))
     return "\n\n".join(sections) + "\n"
 
 
@@ -289,7 +290,7 @@ def plot_frequency_shift(comparison: xr.Dataset, families: list[Family], path: P
 
 
 def plot_expert_selection(comparison: xr.Dataset, path: Path) -> None:
-    js = comparison.expert_selection_js.transpose(GROUP, "moe_layer")
+    js = comparison.expert_selection_js.transpose(GROUP, MOE_LAYER)
     figure = Figure(figsize=(9, 3.2), layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(js.values, cmap="magma", aspect="auto", interpolation="nearest")

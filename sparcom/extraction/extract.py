@@ -27,13 +27,11 @@ from sparcom.core.code_version import package_version
 from sparcom.extraction.architectures import FFNSites, ffn_sites
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.counting import FFNCounter, expert_counting_path
-from sparcom.core.models import (
-    LoadedModel,
-)
+from sparcom.core.models import LoadedModel
 from sparcom.curation.prompts import tokenize_instruction
 from sparcom.extraction.batching import padded_batches
 from sparcom.extraction.keys import counts_key, extraction_key
-from sparcom.extraction.schema import COUNT_FAMILIES, LAYER, MOE_LAYER
+from sparcom.extraction.schema import COUNT_FAMILIES, LAYER, MOE_LAYER, TOKEN_COUNT
 from sparcom.curation.records import InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.store import (
     StoreError, check_store_target, create_store, damaged_shards, describe_shards, finalize_store, finished_shards,
@@ -161,7 +159,7 @@ def _count(
                   for name, values in counter.count(loaded.model, ids, attention, counted).items()}
         for row, b in enumerate(batch):
             counts[indices[b]] = {name: values[row] for name, values in result.items()}
-            counts[indices[b]]["token_count"] = np.uint32(sum(tokenized[b].counted))
+            counts[indices[b]][TOKEN_COUNT] = np.uint32(sum(tokenized[b].counted))
         advance(len(batch))
     return counts
 

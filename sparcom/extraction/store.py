@@ -35,6 +35,7 @@ import zarr
 from sparcom.extraction.integrity import MANIFEST_NAME, chunk_files, chunk_manifest, expected_chunks, find_damage
 from sparcom.core.outputs import MARKER, building
 from sparcom.curation.records import InstructionRecord, record_hash
+from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 
 STATUS = "sparcom_status"
 STORE_KIND = "count store"  # the output marker of stores (sparcom.core.outputs)
@@ -69,19 +70,19 @@ def create_store(
     path = Path(path)
     n = len(records)
     strings = lambda values: np.array(values, dtype=object)  # noqa: E731 - variable-length strings
-    data_vars = {"token_count": (("instruction",), da.zeros(n, dtype=np.uint32, chunks=shard_size))}
+    data_vars = {TOKEN_COUNT: ((INSTRUCTION,), da.zeros(n, dtype=np.uint32, chunks=shard_size))}
     for name, (dims, sizes) in variables.items():
         per_layer_bytes = shard_size * 4 * math.prod(sizes[1:])
         layers = min(layer_chunk, sizes[0], max(1, CHUNK_BYTES // per_layer_bytes))
-        data_vars[name] = (("instruction", *dims), da.zeros(
+        data_vars[name] = ((INSTRUCTION, *dims), da.zeros(
             (n, *sizes), dtype=np.uint32, chunks=(shard_size, layers, *sizes[1:])))
     dataset = xr.Dataset(
         data_vars,
         coords={
-            "instruction_id": ("instruction", strings([r.id for r in records])),
-            "category": ("instruction", strings([r.category for r in records])),
-            "origin": ("instruction", strings([r.origin for r in records])),
-            "record_hash": ("instruction", strings([record_hash(r) for r in records])),
+            "instruction_id": (INSTRUCTION, strings([r.id for r in records])),
+            "category": (INSTRUCTION, strings([r.category for r in records])),
+            "origin": (INSTRUCTION, strings([r.origin for r in records])),
+            "record_hash": (INSTRUCTION, strings([record_hash(r) for r in records])),
             **{dim: (dim, np.asarray(indices, dtype=np.int32)) for dim, indices in layer_coords.items()},
         },
         attrs={**attrs, STATUS: "writing", "shard_size": shard_size},
@@ -153,7 +154,7 @@ def _shard_arrays(path: Path) -> list[str]:
     for meta in Path(path).glob("*/zarr.json"):
         info = json.loads(meta.read_text())
         dims = info.get("dimension_names") or []
-        if info.get("node_type") != "array" or dims[:1] != ["instruction"] or info["data_type"] != "uint32":
+        if info.get("node_type") != "array" or dims[:1] != [INSTRUCTION] or info["data_type"] != "uint32":
             continue  # coordinates (strings) are written once, at creation, not by shard
         if size and info["chunk_grid"]["configuration"]["chunk_shape"][0] == min(size, info["shape"][0]):
             names.append(meta.parent.name)

@@ -42,7 +42,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.identification.settings import IdentificationSettings
-from sparcom.extraction.schema import INSTRUCTION
+from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 from sparcom.identification.rules import check_rule, select_by
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
 from sparcom.identification.split_half import SPLIT_SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
@@ -325,7 +325,7 @@ def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
 def _check_store(store: xr.Dataset, where: object) -> None:
     if not families_in(store):
         raise ValueError(f"{where}: no count variable ({', '.join(f.count for f in FAMILIES)})")
-    if "token_count" not in store:
+    if TOKEN_COUNT not in store:
         raise ValueError(f"{where}: no token_count variable")
 
 
