@@ -1,5 +1,12 @@
-"""Shared fixtures: the default model's tokenizer, tiny random models built on it, sample records,
-the one Prefect test server (`prefect_harness`), and Dask pinned to two local workers at most.
+"""Shared fixtures: the default model's tokenizer, tiny random models built on it (`tiny_llama_dir`,
+`tiny_models` for every supported family), sample records, a tiny LLaMA's store and components
+(`identified`), the one Prefect test server (`prefect_harness`), and Dask pinned to two local
+workers at most; and the session's setup (Prefect server settings, torch threads).
+
+Fixtures and session setup only: the helpers tests share are in tests/builders.py (inputs) and
+tests/references.py (independent computations), imported by module name (`from builders import
+...`; pytest puts tests/ on sys.path, as it has no __init__.py). No test file imports from
+conftest or from another test file (tests/test_suite_hygiene.py checks).
 
 Tests that load the real model, start a server, a browser or a cluster, or kill processes are
 marked `slow`; `bash scripts/test.sh -m "not slow"` is the fast loop."""
@@ -11,22 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from builders import CONFIGS, HELD_OUT, SAMPLE_TEXTS, SMALL_SERVER_SETTINGS, make_record, write_jsonl
 from sparcom.curation.records import InstructionRecord
 
 # torch and transformers are imported where used: with `-n 2`, the process that only hands out
 # tests to the workers then starts them seconds sooner.
 
 
-# Every Prefect server the tests start is a small SQLite one on a loaded machine: database calls
-# wait longer before the server gives up with a 503, and Prefect's client retries 429/502/503
-# more often (with backoff) than its default 5 times. tests/test_deployment_e2e.py passes these
-# to its server, worker and CLI processes; here they reach the test server and clients.
-SMALL_SERVER_SETTINGS = {
-    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",             # statement timeout; default 10 s
-    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",  # default 5 s
-    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_TIMEOUT": "60",  # waiting for a pooled connection
-    "PREFECT_CLIENT_MAX_RETRIES": "8",                   # 1 + 2 + ... + 30 s: minutes of a busy server
-}
+# Small SQLite servers on a loaded machine: see builders.SMALL_SERVER_SETTINGS.
 for _name, _value in SMALL_SERVER_SETTINGS.items():
     os.environ.setdefault(_name, _value)
 
@@ -94,71 +93,52 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return directory
 
 
-def make_record(i: int, category: str, instruction: str, input: str = "", response: str = "An answer.") -> InstructionRecord:
-    return InstructionRecord(
-        id=f"t-{i:03d}", category=category, origin="ai" if i % 2 else "human", source="tests",
-        instruction=instruction, input=input, response=response, license="CC0-1.0")
-
-
-SAMPLE_TEXTS = [
-    ("CLS", "Is this review positive or negative?", "The soup was cold and the waiter rude.", "Negative."),
-    ("CODE", "Write a Python function that reverses a string.", "", "def rev(s):\n    return s[::-1]"),
-    ("QA", "What is the capital of Peru?", "", "Lima."),
-    ("GEN", "Write a haiku about autumn rain falling on old stone steps.", "", "Grey rain on old steps,\nmoss drinks..."),
-    ("MATH", "What is 17 times 23?", "", "17 x 23 = 391.\nAnswer: 391"),
-    ("SUM", "Summarize in one sentence.", "The council met on Tuesday. It voted to repair the bridge, "
-     "to plant forty trees along the river and to open the library on Sundays from next spring.",
-     "The council approved a bridge repair, new trees and Sunday library hours."),
-    ("QA", "Why is the sky blue?", "", "Air scatters blue light more than red light."),
-    ("MATH", "Solve 2x + 6 = 14.", "", "2x = 8, so x = 4.\nAnswer: 4"),
-    ("CLS", "Label the topic: sports, politics or science.", "The striker scored twice in the final.", "sports"),
-    ("GEN", "Give me three names for a bakery.", "", "Rise & Shine; The Crumb Club; Flour Power"),
-    ("CODE", "Explain what this does.", "print(sum(range(10)))", "It prints 45, the sum of 0 to 9."),
-    ("SUM", "Give a headline.", "Scientists found that bees can count up to four.", "Bees can count to four"),
-]
-
-
-def reference_tokens(record: InstructionRecord, tokenizer, span: str) -> tuple[list[int], int]:
-    """The unpadded token ids a naive reference feeds the model, and the first counted position."""
-    prompt = list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": record.user_turn()}], add_generation_prompt=True)["input_ids"])
-    if span == "response":
-        return prompt + tokenizer(record.response, add_special_tokens=False)["input_ids"], len(prompt)
-    return prompt, 0
-
-
-def forward_with_hooks(model, ids: list[int], hooks: list) -> None:
-    """One unpadded forward pass of the full model; the hooks are removed even on error."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def hooked(module: str, kind: str, *counts: str) -> dict:
-    """One entry of a store's `hooked_modules` attribute."""
-    return {"module": module, "kind": kind, "counts": list(counts)}
-
-
-def in_model_order(entries: list[dict]) -> list[dict]:
-    """`model.layers.<i>....` entries ordered as `named_modules()` lists them: by layer, then a
-    module before its submodules (the hooked ones sort by name the way the models define them)."""
-    return sorted(entries, key=lambda entry: (int(entry["module"].split(".")[2]), entry["module"]))
-
-
-def llama_hooked_modules(config) -> list[dict]:
-    """A LLaMA's hook points: each layer's activation module, and the last layer's MLP, whose
-    hook only stops the forward pass."""
-    last = config.num_hidden_layers - 1
-    return in_model_order(
-        [hooked(f"model.layers.{i}.mlp.act_fn", "forward_hook", "act_count") for i in range(last + 1)]
-        + [hooked(f"model.layers.{last}.mlp", "forward_hook")])
-
-
 @pytest.fixture
 def sample_records() -> list[InstructionRecord]:
     return [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """build(family) -> the folder of a randomly initialised tiny model of the family in
+    builders.CONFIGS, with the default tokenizer, saved like a hub model (built once per module)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    built = {}
+
+    def build(family: str):
+        if family not in built:
+            config_class, options = CONFIGS[family]
+            config = getattr(transformers, config_class)(
+                vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **options)
+            torch.manual_seed(1)
+            model = AutoModelForCausalLM.from_config(config)
+            directory = tmp_path_factory.mktemp(family)
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            built[family] = directory
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def identified(tmp_path_factory, tiny_llama_dir, cache_dir):
+    """work/stores/<store>.zarr and work/runs/<run>/components.zarr, laid out as the pipeline does."""
+    from sparcom.extraction.settings import ExtractionSettings
+    from sparcom.identification.settings import IdentificationSettings
+    from sparcom.extraction.extract import extract_to_store
+    from sparcom.core.models import load_model, resolve_model
+    from sparcom.identification.identify import identify_store
+
+    work = tmp_path_factory.mktemp("work")
+    loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float32", device="cpu")
+    sample_records = [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]
+    store = extract_to_store(loaded, sample_records, work / "stores" / "tiny.zarr", ExtractionSettings())
+    components = identify_store(store, IdentificationSettings(epsilon=0.05), work / "runs" / "tiny-run")
+    held_out = write_jsonl([make_record(100 + i, *texts) for i, texts in enumerate(HELD_OUT)], work / "held.jsonl")
+    return work, store, components, held_out

@@ -29,9 +29,8 @@ from sparcom.config import load_settings
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.batching import plan_batches
 
-from conftest import SAMPLE_TEXTS, make_record
-from test_ablation_hooks import _mlps, _zero_down_columns, tiny
-from test_ablation_stage import identified, write_jsonl  # noqa: F401 - the fixture
+from builders import SAMPLE_TEXTS, make_record, tiny, write_jsonl
+from references import mlps, zero_down_columns
 
 DEVICE = torch.device("cpu")
 NEW_TOKENS = 6
@@ -148,8 +147,8 @@ def test_greedy_under_ablation_equals_a_zeroed_copy_and_a_no_op_changes_nothing(
     prompts = tokenize_prompts(records, tokenizer)
     plain = greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     copied = copy.deepcopy(model)
-    for mlp, row in zip(_mlps(copied), mask):
-        _zero_down_columns(mlp, np.flatnonzero(row).tolist(), "mistral")
+    for mlp, row in zip(mlps(copied), mask):
+        zero_down_columns(mlp, np.flatnonzero(row).tolist(), "mistral")
     with Ablation(model, {"neurons": mask}):
         ablated = greedy_generate(model, prompts, tokenizer, PADDED, DEVICE, NEW_TOKENS)
     assert ablated == [hf_greedy(copied, r, tokenizer) for r in records]
@@ -200,7 +199,7 @@ def eval_file(tmp_path: Path, math: str | None = None, cls: str | None = None) -
 FAST = dict(seeds=1, controls=["random"], resamples=20, permutations=20, max_response_tokens=4, eval_per_group=1)
 
 
-def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, cache_dir):  # noqa: F811
+def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, cache_dir):
     work, store, components, _ = identified
     held = eval_file(tmp_path)
     settings = AblationSettings(eval_dataset=held, accuracy=True, max_new_tokens=NEW_TOKENS, **FAST)
@@ -249,7 +248,7 @@ def test_stage_with_and_without_accuracy(tmp_path, identified, tiny_llama_dir, c
     assert "Accuracy" not in ablation_markdown(summarize_ablation(off))
 
 
-def test_accuracy_without_a_checkable_answer_is_refused(tmp_path, identified, cache_dir):  # noqa: F811
+def test_accuracy_without_a_checkable_answer_is_refused(tmp_path, identified, cache_dir):
     work, store, components, _ = identified
     held = eval_file(tmp_path, math="Answer: x = 1, y = 2", cls="Food: good\nService: bad")
     settings = AblationSettings(eval_dataset=held, accuracy=True, **FAST)

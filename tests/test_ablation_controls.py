@@ -14,7 +14,7 @@ from sparcom.ablation.statistics import ablation_figures, sign_flip_p_value
 from sparcom.identification.schema import FAMILIES
 from sparcom.curation.records import record_hash
 
-from conftest import make_record
+from builders import make_record
 
 
 def _set(layers: int = 4, width: int = 50, seed: int = 0) -> tuple[xr.DataArray, xr.DataArray]:

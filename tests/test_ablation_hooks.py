@@ -10,18 +10,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sparcom.ablation.hooks import Ablation, AblationError
 from sparcom.extraction.architectures import ffn_sites
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
-from conftest import make_record, reference_tokens
-from test_architectures import CONFIGS
+from builders import make_record, tiny
+from references import mlps, reference_tokens, zero_down_columns
 
 DEVICE = torch.device("cpu")
 
@@ -29,19 +27,6 @@ DEVICE = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def tiny(family: str, tokenizer, dtype=torch.float32) -> nn.Module:
-    config_class, options = CONFIGS[family]
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, initializer_range=0.2, **options)  # large weights: clear effects
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    if family == "deepseek_v3":  # a non-zero correction bias, so removal must not leave it choosable
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(0.5, -0.5, 4))
-    return model
 
 
 def naive_nll(model: nn.Module, record, tokenizer) -> float:
@@ -83,24 +68,6 @@ def test_response_cap_and_empty_response(sample_records, tokenizer):
         tokenize_responses([blank], tokenizer)
 
 
-def _mlps(model):
-    family = model.config.model_type
-    layers = model.transformer.h if family == "gpt2" else (
-        model.gpt_neox.layers if family == "gpt_neox" else model.model.layers)
-    return [layer.mlp for layer in layers]
-
-
-def _zero_down_columns(mlp: nn.Module, columns: list[int], family: str) -> None:
-    """The test's own switch: the columns of the down projection's input, in a weight copy."""
-    with torch.no_grad():
-        if family == "gpt2":
-            mlp.c_proj.weight[columns, :] = 0  # Conv1D: weight[in, out]
-        elif family == "gpt_neox":
-            mlp.dense_4h_to_h.weight[:, columns] = 0
-        else:
-            mlp.down_proj.weight[:, columns] = 0
-
-
 @pytest.mark.parametrize("family", ["mistral", "gemma", "phi3", "gpt2", "gpt_neox"])
 def test_dense_neurons_off_equals_zeroed_down_projection(sample_records, tokenizer, family):
     model = tiny(family, tokenizer)
@@ -108,8 +75,8 @@ def test_dense_neurons_off_equals_zeroed_down_projection(sample_records, tokeniz
     rng = np.random.default_rng(0)
     mask = rng.random((len(sites.dense_layers), sites.dense_neurons)) < 0.2
     copied = copy.deepcopy(model)
-    for mlp, row in zip(_mlps(copied), mask):
-        _zero_down_columns(mlp, np.flatnonzero(row).tolist(), family)
+    for mlp, row in zip(mlps(copied), mask):
+        zero_down_columns(mlp, np.flatnonzero(row).tolist(), family)
     expected = [naive_nll(copied, r, tokenizer) for r in sample_records]
     plain = [naive_nll(model, r, tokenizer) for r in sample_records]
     tokenized = tokenize_responses(sample_records, tokenizer)
@@ -139,7 +106,7 @@ def test_expert_and_shared_neurons_off_equal_zeroed_down_projection(sample_recor
         for layer, mask in zip(sites.moe_layers, off["shared_neurons"]):
             mlp = copied.model.layers[layer.index].mlp
             shared = getattr(mlp, "shared_expert", None) or mlp.shared_experts
-            _zero_down_columns(shared, np.flatnonzero(mask).tolist(), family)
+            zero_down_columns(shared, np.flatnonzero(mask).tolist(), family)
     expected = [naive_nll(copied, r, tokenizer) for r in sample_records]
     plain = [naive_nll(model, r, tokenizer) for r in sample_records]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

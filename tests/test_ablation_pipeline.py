@@ -16,14 +16,13 @@ from sparcom.config import PipelineSettings
 from sparcom.curation.settings import DatasetSettings
 from sparcom.extraction.settings import ModelSettings
 
-from test_ablation_stage import identified  # noqa: F401 - the fixture
-from test_pipeline import write_jsonl
+from builders import write_jsonl
 
 TINY = AblationSettings(eval_per_group=1, seeds=1, resamples=20, permutations=20, max_response_tokens=4)
 
 
 @pytest.mark.slow  # a Prefect server, the pipeline, a fine-tune
-def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, tiny_llama_dir, cache_dir,  # noqa: F811
+def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, tiny_llama_dir, cache_dir,
                                                      sample_records):
     from flows.pipeline import sparcom_pipeline
     from cli.runs import task_run_states
@@ -59,7 +58,7 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
     assert (run_dir / "report.md").read_text().count(SECTION) == 1
 
 
-def test_cli_ablate(tmp_path, identified, cache_dir, monkeypatch):  # noqa: F811
+def test_cli_ablate(tmp_path, identified, cache_dir, monkeypatch):
     work, store, components, held_out = identified
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir.parent))
     runner = CliRunner()

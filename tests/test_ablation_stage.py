@@ -18,31 +18,13 @@ from sparcom.ablation.ablate import AblationInputError, find_store, run_ablation
 from sparcom.ablation.settings import AblationSettings
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.identification.settings import IdentificationSettings
-from sparcom.extraction.extract import extract_to_store
 from sparcom.identification.identify import identify_store
-from sparcom.core.models import load_model, resolve_model
 
-from conftest import SAMPLE_TEXTS, make_record, reference_tokens
 
-HELD_OUT = [(c, f"{i} {text}", extra, f"{answer} {i}") for i, (c, text, extra, answer) in enumerate(SAMPLE_TEXTS)]
+from builders import HELD_OUT, make_record, write_jsonl
+from references import reference_tokens
+
 FAST = dict(seeds=2, resamples=50, permutations=200, max_response_tokens=None)
-
-
-def write_jsonl(records, path):
-    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def identified(tmp_path_factory, tiny_llama_dir, cache_dir):
-    """work/stores/<store>.zarr and work/runs/<run>/components.zarr, laid out as the pipeline does."""
-    work = tmp_path_factory.mktemp("work")
-    loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float32", device="cpu")
-    sample_records = [make_record(i, *texts) for i, texts in enumerate(SAMPLE_TEXTS)]
-    store = extract_to_store(loaded, sample_records, work / "stores" / "tiny.zarr", ExtractionSettings())
-    components = identify_store(store, IdentificationSettings(epsilon=0.05), work / "runs" / "tiny-run")
-    held_out = write_jsonl([make_record(100 + i, *texts) for i, texts in enumerate(HELD_OUT)], work / "held.jsonl")
-    return work, store, components, held_out
 
 
 def naive_nll(model, record, tokenizer) -> float:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,28 +23,9 @@ from sparcom.core.settings import DaskSettings
 from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify_store
 from sparcom.identification.report import report_generality
-from test_identify import (
-    CATEGORIES, assert_components_match, assert_summary_matches_sets, moe_store, naive_generality, write_store,
-)
 
-DASK = str(Path(sys.executable).with_name("dask"))
-START_TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+from builders import CATEGORIES, DASK, START_TIMEOUT, free_port, moe_store, stop, write_store
+from references import assert_components_match, assert_summary_matches_sets, naive_generality
 
 
 @pytest.fixture(scope="module")

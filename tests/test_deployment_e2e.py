@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import SAMPLE_TEXTS, SMALL_SERVER_SETTINGS, make_record
+from builders import SAMPLE_TEXTS, SMALL_SERVER_SETTINGS, make_record
 from prefect_api import api_client
 
 pytestmark = pytest.mark.slow  # a server, a worker, flow runs in processes, a browser

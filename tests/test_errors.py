@@ -14,7 +14,7 @@ from sparcom.curation.curate import curate
 from sparcom.curation.record_files import file_pool
 from sparcom.curation.records import RecordError
 
-from conftest import make_record
+from builders import make_record
 
 runner = CliRunner()
 

@@ -20,8 +20,7 @@ from sparcom.extraction.extract import extract_to_store
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import open_store, store_attrs
 
-from conftest import hooked, in_model_order, reference_tokens
-from test_architectures import naive_counts, tiny_models  # noqa: F401 (a fixture)
+from references import hooked, in_model_order, naive_counts, reference_tokens
 
 MOE_FAMILIES = ["deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 UNCOVERED = "test-eager-copy"  # an implementation the backend does not know the row order of

@@ -30,9 +30,8 @@ from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.core.models import ModelLoadError, load_model, resolve_model
 from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count, store_attrs
 
-from conftest import llama_hooked_modules, make_record
-from test_dask_cluster import DASK, START_TIMEOUT, free_port, stop
-from test_extraction_exact import naive_store
+from builders import DASK, START_TIMEOUT, free_port, make_record, stop
+from references import llama_hooked_modules, naive_store
 
 # float64 counts do not depend on batching, so every split of the work gives the naive counts.
 SETTINGS = ExtractionSettings(dtype="float64", device="cpu", shard_size=4)

@@ -8,33 +8,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import xarray as xr
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.extract import extract_to_store
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import StoreError, open_store
 
-from conftest import forward_with_hooks, llama_hooked_modules, reference_tokens
-
-
-def naive_counts(model, tokenizer, record, span: str) -> tuple[np.ndarray, int]:
-    """Counts [layer, neuron] and T for one record, straight from transformers."""
-    ids, first_counted = reference_tokens(record, tokenizer, span)
-    gates = []
-    forward_with_hooks(model, ids, [layer.mlp.gate_proj.register_forward_hook(
-        lambda m, i, out: gates.append(out[0])) for layer in model.model.layers])
-    counts = np.stack([(F.silu(g[first_counted:]) > 0).sum(0).numpy() for g in gates])
-    return counts, len(ids) - first_counted
-
-
-def naive_store(model_dir, dtype, records, span):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pairs = [naive_counts(model, tokenizer, r, span) for r in records]
-    return np.stack([c for c, _ in pairs]), np.array([t for _, t in pairs])
+from references import llama_hooked_modules, naive_store
 
 
 @pytest.mark.parametrize("span", ["prompt", "response"])

@@ -12,6 +12,8 @@ from prefect import flow, task
 from sparcom.stages import unusable_output
 from tasks.caching import cached
 
+from builders import make_record
+
 CALLS: list[str] = []
 
 
@@ -57,7 +59,6 @@ def test_a_deleted_output_is_recomputed_and_said(tmp_path, prefect_harness, capl
 def small_store(path: Path) -> Path:
     import numpy as np
 
-    from conftest import make_record
     from sparcom.extraction.store import create_store, finalize_store, write_shard
 
     records = [make_record(i, "QA", f"Question {i}") for i in range(4)]

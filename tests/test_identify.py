@@ -1,150 +1,29 @@
 """Selection rules, stored components and generality analysis against plain NumPy, on constructed
-dense and MoE stores written to Zarr in the store contract's layout (several chunks per dim)."""
+dense and MoE stores written to Zarr in the store contract's layout (several chunks per dim); the
+NumPy and set-arithmetic references are in tests/references.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
 
 from sparcom.identification.settings import IdentificationSettings
-from sparcom.identification.generality import analyze, family_part, generality
+from sparcom.identification.generality import analyze, generality
 from sparcom.identification.identify import group_frequencies, identify, identify_store
 from sparcom.identification.rules import select, top_fraction_threshold
-from sparcom.identification.schema import FAMILIES
-from sparcom.extraction.store import seal_store
-from sparcom.identification.report import report_generality
+
+from builders import CATEGORIES, make_store, moe_store, write_store
+from references import (
+    assert_components_match, assert_moe_store_report_matches_set_arithmetic, naive_generality, naive_global_selection,
+)
 
 RULES = ("global_percentile", "layer_percentile", "threshold")
 
 
-def make_store(act_count: np.ndarray, token_count: np.ndarray, categories: list[str]) -> xr.Dataset:
-    n = len(categories)
-    return xr.Dataset(
-        {"act_count": (("instruction", "layer", "neuron"), act_count.astype(np.uint32)),
-         "token_count": (("instruction",), token_count.astype(np.uint32))},
-        coords={"instruction_id": ("instruction", [f"i{k}" for k in range(n)]),
-                "category": ("instruction", categories),
-                "origin": ("instruction", ["ai", "human"] * (n // 2) + ["ai"] * (n % 2)),
-                "layer": np.arange(act_count.shape[1])})
-
-
-def moe_store(seed: int, categories: list[str], dense_layers: int = 2, moe_layers: int = 3,
-              experts: int = 4, expert_neurons: int = 5, shared_neurons: int = 6) -> xr.Dataset:
-    """A DeepSeek-style store: dense layers first (dim `layer`), then MoE layers (`moe_layer`
-    holds their true indices); without dense layers, a Mixtral-style one."""
-    rng = np.random.default_rng(seed)
-    n = len(categories)
-    tokens = rng.integers(4, 30, n)
-    routed = rng.integers(0, 7, (n, moe_layers, experts)).clip(max=tokens[:, None, None])
-    variables = {
-        "token_count": (("instruction",), tokens),
-        "expert_count": (("instruction", "moe_layer", "expert"), routed),
-        "expert_act_count": (("instruction", "moe_layer", "expert", "expert_neuron"),
-                             rng.integers(0, 7, (n, moe_layers, experts, expert_neurons)).clip(max=routed[..., None])),
-        "shared_act_count": (("instruction", "moe_layer", "shared_neuron"),
-                             rng.integers(0, 7, (n, moe_layers, shared_neurons)).clip(max=tokens[:, None, None])),
-    }
-    coords = {"moe_layer": np.arange(dense_layers, dense_layers + moe_layers, dtype=np.int32)}
-    if dense_layers:
-        variables["act_count"] = (("instruction", "layer", "neuron"),
-                                  rng.integers(0, 7, (n, dense_layers, 8)).clip(max=tokens[:, None, None]))
-        coords["layer"] = np.arange(dense_layers, dtype=np.int32)
-    store = xr.Dataset({k: (dims, np.asarray(v, dtype=np.uint32)) for k, (dims, v) in variables.items()},
-                       coords={"instruction_id": ("instruction", [f"i{k}" for k in range(n)]),
-                               "category": ("instruction", categories),
-                               "origin": ("instruction", ["ai", "human"] * (n // 2) + ["ai"] * (n % 2)),
-                               **coords})
-    return store
-
-
-def write_store(store: xr.Dataset, path: Path, instruction_chunk: int = 3) -> Path:
-    """The store as extraction leaves it: Zarr v3, chunked along instruction and layer, complete."""
-    chunk = {"instruction": instruction_chunk, "layer": 1, "moe_layer": 2}
-    encoding = {name: {"chunks": tuple(min(chunk.get(d, store.sizes[d]), store.sizes[d]) for d in var.dims)}
-                for name, var in store.data_vars.items()}
-    coords = {c: ("instruction", np.array(store[c].values, dtype=object))
-              for c in ("instruction_id", "category", "origin")}
-    attrs = {"model": "tiny-test", "model_fingerprint": "f" * 64, "dataset_hash": "d" * 64,
-             "token_span": "prompt", "sparcom_status": "complete"}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
-        store.assign_coords(coords).assign_attrs(attrs).to_zarr(
-            path, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-    seal_store(path)
-    return path
-
-
-# --- plain NumPy references ------------------------------------------------------------------
-
-def naive_frequency(counts: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    total = int(tokens[rows].sum())
-    summed = counts[rows].astype(np.int64).sum(0)
-    return summed / total if total else np.zeros(summed.shape)
-
-
-def naive_global_selection(frequency: np.ndarray, epsilon: float) -> np.ndarray:
-    """Sort descending, take the m-th value, keep everything at or above it that is not zero."""
-    flat = sorted(frequency.ravel().tolist(), reverse=True)
-    m = max(1, math.ceil(epsilon * len(flat) - 1e-9))
-    return (frequency >= flat[m - 1]) & (frequency > 0)
-
-
-def naive_selection(frequency: np.ndarray, rule: str, epsilon: float, tau: float) -> np.ndarray:
-    """frequency[layer, ...] of one group -> its set under the rule."""
-    if rule == "threshold":
-        return frequency >= tau
-    if rule == "layer_percentile":
-        return np.stack([naive_global_selection(layer, epsilon) for layer in frequency])
-    return naive_global_selection(frequency, epsilon)
-
-
-def group_rows(store: xr.Dataset, by: str) -> dict[str, np.ndarray]:
-    key = "instruction_id" if by == "instruction" else by
-    labels = np.array(store[key].values.tolist(), dtype=str)
-    return {g: labels == g for g in sorted(set(labels.tolist()))}
-
-
-def assert_components_match(components: xr.Dataset, store: xr.Dataset, settings: IdentificationSettings):
-    rows = group_rows(store, settings.group_by)
-    tokens = store.token_count.values
-    # groups are sorted labels; per instruction they keep the store's order
-    expected_groups = store.instruction_id.values.tolist() if settings.group_by == "instruction" else list(rows)
-    assert [str(g) for g in components.group.values] == [str(g) for g in expected_groups]
-    checked = 0
-    for family in FAMILIES:
-        if family.count not in store:
-            assert family.frequency not in components and family.selected not in components
-            continue
-        counts = store[family.count].values
-        for group, members in rows.items():
-            expected = naive_frequency(counts, tokens, members)
-            got = components[family.frequency].sel(group=group).values
-            np.testing.assert_array_equal(got, expected, err_msg=f"{family.frequency} {group}")
-            np.testing.assert_array_equal(
-                components[family.selected].sel(group=group).values,
-                naive_selection(expected, settings.rule, settings.epsilon, settings.tau),
-                err_msg=f"{family.selected} {group} {settings.rule}")
-            assert int(components.token_total.sel(group=group)) == int(tokens[members].sum())
-            checked += 1
-        if settings.rule == "global_percentile":
-            for group, members in rows.items():
-                flat = np.sort(naive_frequency(counts, tokens, members).ravel())[::-1]
-                m = max(1, math.ceil(settings.epsilon * flat.size - 1e-9))
-                assert float(components[family.threshold].sel(group=group)) == flat[m - 1]
-    assert checked > 0
-
-
 # --- fixtures ----------------------------------------------------------------------------------
-
-CATEGORIES = ["CLS", "MATH", "QA", "CLS", "MATH", "QA", "CLS", "SUM", "CODE", "QA", "CLS"]
-
 
 @pytest.fixture
 def random_store():
@@ -286,35 +165,6 @@ def test_ties_and_empty_groups_through_the_store(tmp_path):
 
 # --- generality ----------------------------------------------------------------------------------
 
-def naive_generality(sets: dict[str, set]) -> dict:
-    groups = list(sets)
-    everything = set().union(*sets.values())
-    return {
-        "general": {c for c in everything if all(c in sets[g] for g in groups)},
-        "unique": {g: sets[g] - set().union(*(sets[o] for o in groups if o != g)) for g in groups},
-        "jaccard": {(a, b): (len(sets[a] & sets[b]) / len(sets[a] | sets[b]) if sets[a] | sets[b] else None)
-                    for a in groups for b in groups},
-    }
-
-
-def assert_summary_matches_sets(summary: dict, components: xr.Dataset) -> None:
-    """Every family's set sizes, general and unique counts and Jaccard indices in a report summary
-    against set arithmetic on the selected components."""
-    groups = [str(g) for g in components.group.values]
-    for family in FAMILIES:
-        if family.selected not in components:
-            continue
-        sets = {g: {tuple(ix) for ix in np.argwhere(components[family.selected].sel(group=g).values)}
-                for g in groups}
-        naive = naive_generality(sets)
-        reported = summary["families"][family.name]
-        assert reported["set_size"] == {g: len(sets[g]) for g in groups}
-        assert reported["general_count"] == len(naive["general"])
-        assert reported["unique_count"] == {g: len(naive["unique"][g]) for g in groups}
-        for (a, b), value in naive["jaccard"].items():
-            assert reported["jaccard"][a][b] == (None if value is None else round(value, 4))
-
-
 def test_generality_matches_set_arithmetic():
     rng = np.random.default_rng(3)
     groups = ["CLS", "CODE", "QA", "EMPTY"]
@@ -346,60 +196,7 @@ def test_generality_matches_set_arithmetic():
 
 
 def test_report_of_a_moe_store_matches_set_arithmetic(tmp_path):
-    store = moe_store(23, CATEGORIES, experts=6)
-    settings = IdentificationSettings(epsilon=0.15)
-    components_path = identify_store(write_store(store, tmp_path / "s.zarr"), settings, tmp_path / "out")
-    summary = report_generality(components_path, tmp_path / "out")
-    components = xr.open_zarr(components_path).load()
-    stored = xr.open_zarr(tmp_path / "out" / "generality.zarr").load()
-    groups = summary["groups"]
-    assert groups == ["CLS", "CODE", "MATH", "QA", "SUM"]
-    assert set(summary["families"]) == {"neurons", "experts", "expert_neurons", "shared_neurons"}
-    saved = json.loads(Path(summary["files"]["summary.json"]).read_text())
-
-    for family in FAMILIES:
-        selected = components[family.selected]
-        dims = [d for d in selected.dims if d != "group"]
-        sets = {g: {tuple(ix) for ix in np.argwhere(selected.sel(group=g).values)} for g in groups}
-        naive = naive_generality(sets)
-        part = family_part(stored, family)
-        for reported in (summary["families"][family.name], saved["families"][family.name]):  # returned, on disk
-            assert reported["general_count"] == len(naive["general"])
-            assert reported["unique_count"] == {g: len(naive["unique"][g]) for g in groups}
-            assert reported["set_size"] == {g: len(sets[g]) for g in groups}
-            for (a, b), value in naive["jaccard"].items():
-                assert reported["jaccard"][a][b] == (None if value is None else round(value, 4))
-        reported = summary["families"][family.name]
-        layer_axis = dims.index(family.layer_dim)
-        for g in groups:
-            per_layer = np.bincount([c[layer_axis] for c in sets[g]], minlength=selected.sizes[family.layer_dim])
-            assert reported["set_size_per_layer"][g] == per_layer.tolist()
-            unique_mask = np.zeros(selected.sel(group=g).shape, bool)
-            for c in naive["unique"][g]:
-                unique_mask[c] = True
-            np.testing.assert_array_equal(part.unique.sel(group=g).values, unique_mask)
-            if "expert" in dims:
-                expert_axis = dims.index("expert")
-                per_expert = np.bincount([c[expert_axis] for c in sets[g]], minlength=selected.sizes["expert"])
-                assert reported["set_size_per_expert"][g] == per_expert.tolist()
-                if sets[g]:
-                    np.testing.assert_allclose(part.expert_distribution.sel(group=g).values, per_expert / len(sets[g]))
-        general_mask = np.zeros(selected.shape[1:], bool)
-        for c in naive["general"]:
-            general_mask[c] = True
-        np.testing.assert_array_equal(part.general.values, general_mask)
-
-    files = summary["files"]
-    for name in ("report.md", "summary.json", "jaccard.png", "layers.png", "experts.png"):
-        assert Path(files[name]).is_file(), name
-    expert_sets = {g: {tuple(ix) for ix in np.argwhere(components.ise.sel(group=g).values)} for g in groups}
-    sets_table = pd.read_parquet(files["experts_sets.parquet"]).set_index("group")
-    assert sets_table.set_size.to_dict() == {g: len(expert_sets[g]) for g in groups}
-    jaccard_table = pd.read_parquet(files["expert_neurons_jaccard.parquet"])
-    assert len(jaccard_table) == len(groups) ** 2
-    report = Path(files["report.md"]).read_text()
-    for heading in ("General neurons", "General experts", "General expert neurons", "Distribution over experts"):
-        assert heading in report
+    assert_moe_store_report_matches_set_arithmetic(tmp_path)
 
 
 def test_analysis_leaves_out_an_unaffordable_jaccard_matrix(monkeypatch):

@@ -20,7 +20,7 @@ from sparcom.identification.identify import group_frequencies
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import StoreError, is_complete, open_store, verify_store
 
-from conftest import make_record
+from builders import make_record
 
 SHARD = 4
 SETTINGS = ExtractionSettings(shard_size=SHARD, max_batch_size=1)

@@ -16,10 +16,7 @@ from sparcom.curation.settings import DatasetSettings
 from sparcom.extraction.settings import ModelSettings
 from sparcom.extraction.store import is_complete, open_store
 
-
-def write_jsonl(records, path: Path) -> Path:
-    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
-    return path
+from builders import write_jsonl
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from sparcom.extraction.extract import extract_to_store, parse_shards
 from sparcom.core.models import load_model, resolve_model
 from sparcom.extraction.store import finished_shards, is_complete, open_store, shard_count
 
-from conftest import make_record
+from builders import make_record
 
 # One prompt per forward pass makes the counts independent of how work was split.
 SETTINGS_YAML = "extraction: {max_batch_size: 1, shard_size: 4}\n"

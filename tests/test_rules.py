@@ -1,10 +1,9 @@
-"""Every selection rule against a plain NumPy implementation written here from docs/method.md section 2 and 4a
-(ties at the boundary, all-zero groups and components, fewer non-zero values than m), lape also
-against a transcription of the released script's arithmetic, and bad parameters refused."""
+"""Every selection rule against a plain NumPy implementation of docs/method.md section 2 and 4a
+(references.naive_rule; ties at the boundary, all-zero groups and components, fewer non-zero
+values than m), lape also against a transcription of the released script's arithmetic, and bad
+parameters refused."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -17,55 +16,14 @@ from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify, identify_store
 from sparcom.identification.rules import select
 from sparcom.identification.schema import RULES
-from tests.test_identify import make_store, write_store
+
+from builders import make_store, write_store
+from references import naive_rule
 
 GROUPS = ["CLS", "CODE", "MATH", "QA"]
 
 
-# --- references, from the text of docs/method.md ------------------------------------------------------------
-
-def top_m(values: np.ndarray, epsilon: float) -> np.ndarray:
-    """docs/method.md section 2 on one flat list: the m-th largest is the threshold; keep >= it and > 0."""
-    ordered = sorted(values.tolist(), reverse=True)
-    m = max(1, math.ceil(epsilon * len(ordered) - 1e-9))
-    return (values >= ordered[m - 1]) & (values > 0)
-
-
-def naive_rule(p: np.ndarray, rule: str, epsilon=0.01, tau=0.5, top_rate=0.01, filter_rate=0.95,
-               bar_ratio=0.95) -> np.ndarray:
-    """p[group, layer, neuron] -> selected[group, layer, neuron]."""
-    groups = p.shape[0]
-    if rule == "threshold":
-        return (p >= tau) & (p > 0)
-    if rule == "global_percentile":
-        return np.stack([top_m(p[g].ravel(), epsilon).reshape(p.shape[1:]) for g in range(groups)])
-    if rule == "layer_percentile":
-        return np.stack([np.stack([top_m(layer, epsilon) for layer in p[g]]) for g in range(groups)])
-    if rule == "contrastive":
-        out = np.zeros(p.shape, bool)
-        for g in range(groups):
-            best_other = np.max(np.delete(p, g, axis=0), axis=0)
-            out[g] = top_m((p[g] - best_other).ravel(), epsilon).reshape(p.shape[1:])
-        return out
-    assert rule == "lape"
-    flat_p = p.reshape(groups, -1)
-    n = flat_p.shape[1]
-    entropy = np.zeros(n)
-    for c in range(n):
-        total = flat_p[:, c].sum()
-        for g in range(groups):
-            q = flat_p[g, c] / total if total > 0 else 0.0
-            if q > 0:
-                entropy[c] -= q * math.log(q)
-    everything = sorted(flat_p.ravel().tolist())
-    filter_value = everything[max(1, round(n * groups * filter_rate)) - 1]
-    candidate = (flat_p > filter_value).any(axis=0)
-    keep = max(1, round(n * top_rate))
-    ranked = sorted(entropy[candidate].tolist())
-    kept = candidate & (entropy <= ranked[min(keep, len(ranked)) - 1]) if ranked else candidate
-    bar = everything[max(1, round(n * groups * bar_ratio)) - 1]
-    return (kept[None, :] & (flat_p > bar)).reshape(p.shape)
-
+# --- the released script's arithmetic ------------------------------------------------------------------------
 
 def released_lape(over_zero: np.ndarray, n: np.ndarray, top_rate: float, filter_rate: float,
                   bar_ratio: float) -> list[list[list[int]]]:

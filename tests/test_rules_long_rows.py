@@ -1,5 +1,5 @@
 """Percentile selection on rows long enough for the sampled bound (sparcom.identification.rules.SAMPLE_STRIDE):
-the same sets and thresholds as the plain-sort reference of tests/test_rules.py, also where the
+the same sets and thresholds as the plain-sort reference of tests/references.py, also where the
 bound misses, where fewer than m values are positive, and on negative margins."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import xarray as xr
 
 from sparcom.identification.rules import SAMPLE_STRIDE, select
-from tests.test_rules import naive_rule
+
+from references import naive_rule
 
 N = 40 * SAMPLE_STRIDE * 8  # components per group: sampled for every epsilon below
 

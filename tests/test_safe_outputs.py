@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from cli.app import app
 from sparcom.core.outputs import MARKER, OutputError, building, check_output, claimed
 
+from builders import make_record
+
 
 def folder_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -99,7 +101,6 @@ def test_identify_refuses_a_users_out_folder(users_folder, tmp_path):
     from sparcom.extraction.store import create_store, finalize_store, write_shard
 
     import numpy as np
-    from conftest import make_record
 
     records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
     store = tmp_path / "s.zarr"

@@ -15,8 +15,9 @@ from sparcom.identification.identify import identify, identify_store, one_pass_s
 from sparcom.identification.report import report_generality
 from sparcom.identification.split_half import half_assignment
 from sparcom.extraction.store import open_store
-from tests.test_identify import make_store, moe_store, write_store
-from tests.test_rules import naive_rule
+
+from builders import make_store, moe_store, write_store
+from references import naive_rule
 
 CATEGORIES = ["CLS", "CODE", "MATH", "QA"]
 

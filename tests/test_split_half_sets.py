@@ -14,8 +14,9 @@ from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify, one_pass_sums
 from sparcom.identification.split_half import cross_jaccard, half_assignment
 from sparcom.extraction.store import StoreError, open_store
-from tests.test_identify import make_store, test_report_of_a_moe_store_matches_set_arithmetic, write_store
-from tests.test_rules import naive_rule
+
+from builders import make_store, write_store
+from references import assert_moe_store_report_matches_set_arithmetic, naive_rule
 
 
 def naive_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,11 +98,11 @@ def test_cross_jaccard_of_sets_equals_set_arithmetic(chunked):
 
 def test_lazy_analysis_of_sets_too_large_for_memory(tmp_path, monkeypatch):
     """Sets above IN_MEMORY_BYTES are analysed chunk by chunk: the same report, against set
-    arithmetic (the in-memory analysis of the same test runs with the default size)."""
+    arithmetic (test_identify.py runs the same check in memory, at the default size)."""
     import sparcom.identification.generality
 
     monkeypatch.setattr(sparcom.identification.generality, "IN_MEMORY_BYTES", 0)
-    test_report_of_a_moe_store_matches_set_arithmetic(tmp_path)
+    assert_moe_store_report_matches_set_arithmetic(tmp_path)
 
 
 def test_group_sums_above_16_bits_stay_exact(tmp_path):
