@@ -59,6 +59,7 @@ TILE_BYTES = 2**22
 SUM_FAN_IN = 8
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 RUN_KIND = "run"  # the output marker of run folders: components, analysis, report
+COMPONENTS_NAME = "components.zarr"  # the selected components in a run folder
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
 
@@ -414,7 +415,7 @@ def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: 
     verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.core.outputs`)."""
     store = open_store(store_path)
     _checked_labels(store, settings, store_path)
-    target = Path(out_dir) / "components.zarr"
+    target = Path(out_dir) / COMPONENTS_NAME
     with claimed(out_dir, RUN_KIND), building(target, "components") as path:
         if settings.group_by == INSTRUCTION:
             frequencies = group_frequencies(store, settings.group_by)
