@@ -5,12 +5,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from sparcom.ablation.ablate import ABLATION_NAME, find_store
+from sparcom.ablation.ablate import ABLATION_NAME, components_in, find_store
 from sparcom.config import AblationSettings, ExtractionSettings, default_cache_dir
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
-
-COMPONENTS = "components.zarr"
 
 
 @flow(name="sparcom-ablate")
@@ -24,8 +22,7 @@ def ablate(
     refresh: list[Stage] = [],  # noqa: B006
 ) -> dict:
     """`components`: a run folder or its components.zarr; `store`: none finds it beside the run."""
-    components = Path(components)
-    components = components / COMPONENTS if (components / COMPONENTS).exists() else components
+    components = components_in(components)
     summary = refreshed(measure_ablation, "ablate", refresh)(
         components, store or find_store(components), settings, extraction, cache_dir, out_dir)
     get_run_logger().info("Ablation is in %s", Path(out_dir) / ABLATION_NAME)

@@ -7,7 +7,9 @@ from prefect import flow, get_run_logger
 from flows.compare import compare_with_tuned
 from flows.identify import identify_components
 from flows.naming import run_name
+from sparcom.ablation.ablate import evaluated_on
 from sparcom.config import PipelineSettings
+from sparcom.identification.identify import COMPONENTS_NAME
 from sparcom.provenance import results_dir
 from tasks.ablation import hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
@@ -23,15 +25,14 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     if settings.ablation.enabled and settings.ablation.held_out_fraction:
         dataset, held_out = hold_out(dataset, settings.ablation.held_out_fraction, settings.ablation.seed,
                                      settings.work_dir)
-        settings = settings.model_copy(deep=True, update={"ablation": settings.ablation.model_copy(
-            update={"eval_dataset": held_out})})
+        settings = evaluated_on(settings, held_out)
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     run_dir = results_dir(settings.work_dir, store, settings.identification)
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.ablation.enabled:
         summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
-            run_dir / "components.zarr", store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
+            run_dir / COMPONENTS_NAME, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
             run_report=run_dir / "report.md")
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
