@@ -222,8 +222,8 @@ def train_checkpoint(
     network = trainable_network(loaded.model, settings)
     losses = train(network, examples, settings, _pad_id(loaded.tokenizer), on_progress)
     network = trained_network(network, settings)
-    provenance = checkpoint_provenance(model, settings, fingerprint, key, records, examples, len(held_out), losses,
-                                       loaded, started)
+    provenance = checkpoint_provenance(model, settings, fingerprint, key, records, data_hash, examples,
+                                       len(held_out), losses, loaded, started)
     save_checkpoint(target, network, loaded.tokenizer, provenance)
     return target
 
@@ -262,8 +262,9 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def checkpoint_provenance(model: ModelSettings, settings: FinetuneSettings, fingerprint: str, key: str,
-                          records: Sequence[InstructionRecord], examples: Sequence[TrainingExample],
-                          held_out: int, losses: list[float], loaded: LoadedModel, started: float) -> dict:
+                          records: Sequence[InstructionRecord], data_hash: str,
+                          examples: Sequence[TrainingExample], held_out: int, losses: list[float],
+                          loaded: LoadedModel, started: float) -> dict:
     """What `sparcom_finetune.json` says of a checkpoint: its base, data, settings, losses, versions."""
     return {
         "base_model": model.name,
@@ -272,7 +273,7 @@ def checkpoint_provenance(model: ModelSettings, settings: FinetuneSettings, fing
         "finetune_key": key,
         "training_data": {
             "source": str(settings.dataset) if settings.dataset else "hexainst (shipped records)",
-            "dataset_hash": dataset_hash(records),
+            "dataset_hash": data_hash,
             "records": len(records),
             "examples_trained_on": len(examples),
             "held_out": held_out,
