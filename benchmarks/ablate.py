@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,15 +38,7 @@ from sparcom.ablation.response_nll import response_nll, tokenize_responses
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--records", type=int, default=30)
-    parser.add_argument("--max-response-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--new-tokens", type=int, default=0, help="also time greedy decoding of this many tokens")
-    args = parser.parse_args()
-
+    args = parse_args()
     settings = ExtractionSettings(device=args.device)
     loaded = load_model(resolve_model(args.model), default_cache_dir(), settings.dtype, args.device)
     records = authored_records(per_category=max(1, args.records // 6))
@@ -54,6 +47,34 @@ def main() -> None:
     sites = ffn_sites(loaded.model)
     rng = np.random.default_rng(0)
     mask = rng.random((len(sites.dense_layers), sites.dense_neurons)) < 0.01
+    modes = scoring_modes(loaded, settings, tokenized, batches, mask, sites)
+    greedy = greedy_modes(loaded, settings, records, args.new_tokens, mask, sites)
+    if args.new_tokens:
+        modes |= greedy
+    times = timed(modes, args.repeats)
+    tokens = sum(len(t) for t in tokenized)
+    print(f"{len(tokenized)} records, {tokens} tokens ({sum(sum(t.counted) for t in tokenized)} response), "
+          f"{len(batches)} batches, load average {os.getloadavg()}")
+    for name, values in times.items():
+        baseline = "generate" if name in ("generate", "greedy", "greedy ablated") else "plain"
+        best = min(values)
+        print(f"{name:>14}: {len(tokenized) / best:8.2f} records/s  {best:7.2f} s  "
+              f"{best / min(times[baseline]):5.2f}x {baseline}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--records", type=int, default=30)
+    parser.add_argument("--max-response-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=0, help="also time greedy decoding of this many tokens")
+    return parser.parse_args()
+
+
+def scoring_modes(loaded, settings, tokenized, batches, mask, sites) -> dict[str, Callable[[], None]]:
+    """plain (the baseline), measured and ablated: the NLL passes over the same batches."""
 
     def plain() -> None:
         with torch.inference_mode():
@@ -68,10 +89,14 @@ def main() -> None:
         with Ablation(loaded.model, {"neurons": mask}, sites):
             response_nll(loaded.model, tokenized, loaded.tokenizer, settings, loaded.device)
 
-    modes = {"plain": plain, "measured": measured, "ablated": ablated}
+    return {"plain": plain, "measured": measured, "ablated": ablated}
+
+
+def greedy_modes(loaded, settings, records, new_tokens, mask, sites) -> dict[str, Callable[[], None]]:
+    """generate (the baseline), greedy and greedy ablated: decoding the same records' prompts."""
     prompts = tokenize_prompts(records, loaded.tokenizer)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    greedy_plan = plan_batches([len(p) + args.new_tokens for p in prompts], settings.batch_tokens,
+    greedy_plan = plan_batches([len(p) + new_tokens for p in prompts], settings.batch_tokens,
                                settings.max_batch_size, settings.max_padding)
     greedy_batches = [pad_batch([prompts[b] for b in batch], pad_id, "left", loaded.device)[:2] for batch in greedy_plan]
 
@@ -79,32 +104,28 @@ def main() -> None:
         with torch.inference_mode():
             for ids, attention in greedy_batches:
                 loaded.model.generate(input_ids=ids, attention_mask=attention, do_sample=False, num_beams=1,
-                                      max_new_tokens=args.new_tokens, pad_token_id=pad_id)
+                                      max_new_tokens=new_tokens, pad_token_id=pad_id)
 
     def greedy() -> None:
-        greedy_generate(loaded.model, prompts, loaded.tokenizer, settings, loaded.device, args.new_tokens)
+        greedy_generate(loaded.model, prompts, loaded.tokenizer, settings, loaded.device, new_tokens)
 
     def greedy_ablated() -> None:
         with Ablation(loaded.model, {"neurons": mask}, sites):
             greedy()
 
-    if args.new_tokens:
-        modes |= {"generate": generate, "greedy": greedy, "greedy ablated": greedy_ablated}
+    return {"generate": generate, "greedy": greedy, "greedy ablated": greedy_ablated}
+
+
+def timed(modes: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each mode per repeat, the modes interleaved; the plain pass warms up first."""
     times = {name: [] for name in modes}
-    plain()  # warm-up
-    for _ in range(args.repeats):
+    modes["plain"]()  # warm-up
+    for _ in range(repeats):
         for name, run in modes.items():  # interleaved, so load changes hit every mode alike
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    tokens = sum(len(t) for t in tokenized)
-    print(f"{len(tokenized)} records, {tokens} tokens ({sum(sum(t.counted) for t in tokenized)} response), "
-          f"{len(batches)} batches, load average {os.getloadavg()}")
-    for name, values in times.items():
-        baseline = "generate" if name in ("generate", "greedy", "greedy ablated") else "plain"
-        best = min(values)
-        print(f"{name:>14}: {len(tokenized) / best:8.2f} records/s  {best:7.2f} s  "
-              f"{best / min(times[baseline]):5.2f}x {baseline}")
+    return times
 
 
 if __name__ == "__main__":

@@ -244,6 +244,17 @@ def naive_counts(loaded, batches) -> list[dict[str, torch.Tensor]]:
 
 
 def main() -> None:
+    args = parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.model, args.records, args.device, args.workers)))
+        return
+    results, loads, scale_out_runs = run_modes(args, model_path(args.model))
+    print_approaches(args, results, loads)
+    if args.workers:
+        print_scale_out(args, results, scale_out_runs)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="default, mixtral-random or a model path/hub id")
     parser.add_argument("--records", type=int, default=300)
@@ -252,11 +263,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="with --workers: alternating rounds of the three scale-out runs (median)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, args.model, args.records, args.device, args.workers)))
-        return
-    model = model_path(args.model)
+    return parser.parse_args()
+
+
+def run_modes(args: argparse.Namespace, model: str) -> tuple[dict, dict, dict]:
+    """(figures of each mode's first run, load average after it, scale-out modes' (seconds, load) per
+    round): every mode run in its own process."""
     modes = ["plain", "sparcom", "naive", "overhead"]
     scale_out = ["sparcom-1thread", "sparcom", "dask"]
     if args.workers:
@@ -271,6 +283,11 @@ def main() -> None:
         loads.setdefault(mode, os.getloadavg()[0])
         if mode in scale_out_runs:
             scale_out_runs[mode].append((json.loads(output.strip().splitlines()[-1])["seconds"], os.getloadavg()[0]))
+    return results, loads, scale_out_runs
+
+
+def print_approaches(args: argparse.Namespace, results: dict, loads: dict) -> None:
+    """The table of plain, sparcom and naive, then the cost of counting itself."""
     plain = results["plain"]["seconds"]
     print(f"model {args.model}, {args.records} instructions, {results['plain']['tokens']} prompt tokens, "
           f"padded tokens {1 - results['plain']['tokens'] / results['plain']['processed']:.1%} of processed, "
@@ -288,21 +305,25 @@ def main() -> None:
     if "pre_hook" in overhead:
         print(f"routed experts counted by the pre-hook instead (every pass computing as eager does): "
               f"{overhead['pre_hook']:.2f} s, pre-hook / uncounted = {overhead['pre_hook'] / overhead['uncounted']:.3f}")
-    if args.workers:
-        single = results["sparcom-1thread"]
-        print(f"scale-out, whole extraction of the same records ({single['tokens']} tokens), "
-              f"{args.rounds} alternating rounds, median seconds (each round's in brackets):")
-        print(f"{'how':<34}{'seconds':>9}{'tokens/s':>10}{'vs 1 thread':>13}  rounds (load avg)")
-        median = {mode: statistics.median(s for s, _ in runs) for mode, runs in scale_out_runs.items()}
-        for label, mode in (("1 process, 1 torch thread", "sparcom-1thread"),
-                            (f"1 process, {results['sparcom']['threads']} torch threads", "sparcom"),
-                            (f"{args.workers} Dask workers, 1 thread each", "dask")):
-            rounds = ", ".join(f"{s:.1f} ({load:.1f})" for s, load in scale_out_runs[mode])
-            print(f"{label:<34}{median[mode]:>9.2f}{single['tokens'] / median[mode]:>10.0f}"
-                  f"{median['sparcom-1thread'] / median[mode]:>13.2f}  {rounds}")
-        print(f"Dask workers against one process with all cores: {median['sparcom'] / median['dask']:.2f}x "
-              f"(median); per round: " + ", ".join(
-                  f"{a / d:.2f}x" for (a, _), (d, _) in zip(scale_out_runs["sparcom"], scale_out_runs["dask"])))
+
+
+def print_scale_out(args: argparse.Namespace, results: dict, scale_out_runs: dict) -> None:
+    """One process with one thread, one with all cores and the Dask workers: medians and rounds."""
+    single = results["sparcom-1thread"]
+    print(f"scale-out, whole extraction of the same records ({single['tokens']} tokens), "
+          f"{args.rounds} alternating rounds, median seconds (each round's in brackets):")
+    print(f"{'how':<34}{'seconds':>9}{'tokens/s':>10}{'vs 1 thread':>13}  rounds (load avg)")
+    median = {mode: statistics.median(s for s, _ in runs) for mode, runs in scale_out_runs.items()}
+    for label, mode in (("1 process, 1 torch thread", "sparcom-1thread"),
+                        (f"1 process, {results['sparcom']['threads']} torch threads", "sparcom"),
+                        (f"{args.workers} Dask workers, 1 thread each", "dask")):
+        rounds = ", ".join(f"{s:.1f} ({load:.1f})" for s, load in scale_out_runs[mode])
+        print(f"{label:<34}{median[mode]:>9.2f}{single['tokens'] / median[mode]:>10.0f}"
+              f"{median['sparcom-1thread'] / median[mode]:>13.2f}  {rounds}")
+    print(f"Dask workers against one process with all cores: {median['sparcom'] / median['dask']:.2f}x "
+          f"(median); per round: " + ", ".join(
+              f"{a / d:.2f}x" for (a, _), (d, _) in zip(scale_out_runs["sparcom"], scale_out_runs["dask"])))
+
 
 if __name__ == "__main__":
     main()

@@ -246,9 +246,8 @@ def ablate_command(
 ) -> None:
     """Switch each group's components off on held-out records and report whether they hurt their
     own group more than others and more than random and frequency-matched controls."""
-    from sparcom.ablation.ablate import find_store, run_ablation
+    from sparcom.ablation.ablate import components_in, find_store, run_ablation
     from sparcom.ablation.report import ablation_markdown, report_ablation
-    from sparcom.identification.schema import COMPONENTS
 
     settings = _settings(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
@@ -256,7 +255,7 @@ def ablate_command(
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
         extraction__dtype=dtype, extraction__device=device)
-    path = components / COMPONENTS if (components / COMPONENTS).exists() else components
+    path = components_in(components)
     result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
                           settings.cache_dir, out, model_name=model)
     summary = report_ablation(result, out)

@@ -5,9 +5,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from sparcom.ablation.ablate import find_store
+from sparcom.ablation.ablate import components_in, find_store
 from sparcom.ablation.schema import ABLATION
-from sparcom.identification.schema import COMPONENTS
 from sparcom.ablation.settings import AblationSettings
 from sparcom.core.settings import default_cache_dir
 from sparcom.extraction.settings import ExtractionSettings
@@ -26,8 +25,7 @@ def ablate(
     refresh: list[Stage] = [],  # noqa: B006
 ) -> dict:
     """`components`: a run folder or its components.zarr; `store`: none finds it beside the run."""
-    components = Path(components)
-    components = components / COMPONENTS if (components / COMPONENTS).exists() else components
+    components = components_in(components)
     summary = refreshed(measure_ablation, "ablate", refresh)(
         components, store or find_store(components), settings, extraction, cache_dir, out_dir)
     get_run_logger().info("Ablation is in %s", Path(out_dir) / ABLATION)

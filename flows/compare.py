@@ -6,28 +6,21 @@ stores are taken as they are), checked to match, identified alike, and what chan
   fine-tuned here (cached) unless the settings name one.
 """
 
-from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from flows.identify import identify_components
+from sparcom.comparison.compare import check_sides, comparison_run_dir, fine_tuned_groups
 from sparcom.config import PipelineSettings
 from sparcom.extraction.settings import ModelSettings
-from sparcom.curation.records import CATEGORIES
+from sparcom.identification.schema import COMPONENTS
 from tasks.ablation import measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.comparison import check_comparable, compare_checkpoints
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
 from tasks.finetuning import finetune_model
-
-COMPONENTS = "components.zarr"
-
-
-def comparison_run_dir(settings: PipelineSettings, base_name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(settings.work_dir).resolve() / "runs" / f"{stamp}-compare-{Path(base_name).name.removesuffix('.zarr')}"
 
 
 @flow(name="sparcom-compare")
@@ -40,16 +33,14 @@ def compare_models(
     focus_groups: list[str] | None = None,
 ) -> dict:
     """Each side is a model (extracted over `settings.dataset`) or a finished count store."""
-    if (base is None) == (base_store is None) or (tuned is None) == (tuned_store is None):
-        raise ValueError("give the base and the tuned side each as a model or as a store (one of the two)")
-    run_dir = comparison_run_dir(settings, base.name if base else str(base_store))
+    check_sides(base, tuned, base_store, tuned_store)
+    run_dir = comparison_run_dir(settings.work_dir, base.name if base else str(base_store))
     if base_store is None or tuned_store is None:
         dataset = prepare_dataset_folder(settings.dataset.path, Path(settings.work_dir) / "datasets")
-        stores = [extract_activations(model, dataset, settings.extraction, settings.work_dir, settings.cache_dir,
-                                      settings.dask)
-                  for model in (base, tuned) if model is not None]
-        base_store = base_store or stores.pop(0)
-        tuned_store = tuned_store or stores.pop(0)
+        base_store = base_store or extract_activations(
+            base, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
+        tuned_store = tuned_store or extract_activations(
+            tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     check_comparable(base_store, tuned_store)
     identify_components(base_store, run_dir / "base", settings.identification, settings.dask,
                         artifact_prefix="sparcom-base")
@@ -72,19 +63,13 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     check_comparable(base_store, tuned_store)
     identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh,
                         artifact_prefix="sparcom-tuned")
-    if settings.ablation.enabled and (run_dir / "ablation.json").exists():
+    base_ablation = run_dir / "ablation.json"
+    if settings.ablation.enabled and base_ablation.exists():
         # The tuned model's own components, switched off on the tuned model, on the same records.
         refreshed(measure_ablation, "ablate", refresh)(
             run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
             settings.cache_dir, run_dir / "tuned", prefix="sparcom-tuned", run_report=run_dir / "report.md",
-            baseline=run_dir / "ablation.json")
-    return refreshed(compare_checkpoints, "compare", refresh)(run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
-                               fine_tuned_groups(settings), settings.comparison.top_movers,
-                               run_report=run_dir / "report.md")
-
-
-def fine_tuned_groups(settings: PipelineSettings) -> list[str]:
-    """The groups the tuned model was trained on, where the pipeline fine-tuned it by category."""
-    if settings.comparison.tuned is not None or settings.identification.group_by != "category":
-        return []
-    return list(settings.finetune.categories) or list(CATEGORIES)
+            baseline=base_ablation)
+    return refreshed(compare_checkpoints, "compare", refresh)(
+        run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
+        fine_tuned_groups(settings), settings.comparison.top_movers, run_report=run_dir / "report.md")

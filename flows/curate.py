@@ -1,5 +1,7 @@
 """Curate HexaInst: gather the inputs -> validate, deduplicate, limit, sample -> save -> report."""
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 
 from sparcom.config import PipelineSettings
@@ -16,7 +18,7 @@ def curate_hexainst(settings: PipelineSettings = PipelineSettings()) -> dict:
     pools += [load_user_dataset(path, options.on_error) for path in options.inputs]
     pools += [load_public_set(spec) for spec in options.sources]
     curation = curate_records(pools, options)
-    directory = save_curated(curation, options.out, settings.work_dir)
+    directory = save_curated(curation, options.out, Path(settings.work_dir) / "datasets")
     report = publish_balance_report(curation)
     get_run_logger().info("Curated dataset is in %s", directory)
     return {**curation.summary(), "directory": str(directory), "report": report}

@@ -6,15 +6,13 @@
   `<prefix>-ablation` markdown artifact with a progress artifact; content-cached like every stage.
 """
 
-import json
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from sparcom.ablation.ablate import run_ablation, split_dataset
-from sparcom.ablation.report import ablation_markdown, criticality_change, report_ablation
-from sparcom.core.markdown import put_section
+from sparcom.ablation.report import ablation_markdown, link_into_report, report_ablation
 from sparcom.ablation.settings import AblationSettings
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.curation.hexainst import AUTHORED_DIR
@@ -57,10 +55,6 @@ def measure_ablation(components: Path, store: Path, settings: AblationSettings, 
     create_markdown_artifact(
         ablation_markdown(summary, plot=None), key=f"{prefix}-ablation",
         description="Ablation: NLL change per group switched off and records evaluated, against controls")
-    if run_report is not None and baseline is not None:
-        section = criticality_change(json.loads(Path(baseline).read_text()), summary)
-        put_section(run_report, section)
-    elif run_report is not None:
-        plot = Path(summary["files"]["ablation.png"]).resolve().relative_to(Path(run_report).resolve().parent)
-        put_section(run_report, ablation_markdown(summary, plot=str(plot)))
+    if run_report is not None:
+        link_into_report(run_report, summary, baseline)
     return summary

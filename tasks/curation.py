@@ -2,8 +2,10 @@
 
 - `prepare_dataset_folder(path, datasets_dir)`: `sparcom.curation.starter.prepare_dataset` as the
   pipeline's cached curate stage (a file, or the starter set, saved under its content hash).
-- `load_authored`, `load_user_dataset`, `load_public_set`: one input pool each.
-- `curate_records`, `save_curated`: validate, deduplicate, limit and sample; save.
+- `load_authored`, `load_user_dataset`, `load_public_set`: one input pool each
+  (`authored_pool`, `file_pool`, `public_pool`).
+- `curate_records`, `save_curated`: validate, deduplicate, limit and sample; save
+  (`sparcom.curation.curate.curate`, `save_curation`).
 - `publish_balance_report`: the balance report as the `hexainst-balance` artifact.
 """
 
@@ -12,14 +14,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from sparcom.curation.settings import CurationSettings
 from sparcom.curation.curate import Curation, balance_markdown, curate, save_curation
 from sparcom.curation.starter import prepare_dataset
 from sparcom.curation.hexainst import authored_pool
 from sparcom.curation.packaged_sources import public_pool
 from sparcom.curation.keys import curation_key
 from sparcom.curation.record_files import file_pool
-from sparcom.curation.records import OnError, Pool
+from sparcom.curation.records import Pool
 from sparcom.curation.sources import SourceSpec
 from tasks.caching import cached
 
@@ -27,14 +28,8 @@ prepare_dataset_folder = task(prepare_dataset, name="curate dataset", **cached(l
     curation_key(path), str(Path(datasets_dir).resolve()))))
 
 
-@task(name="shipped AI-authored records")
-def load_authored() -> Pool:
-    return authored_pool()
-
-
-@task(task_run_name="read {path}")
-def load_user_dataset(path: Path, on_error: OnError) -> Pool:
-    return file_pool(path, on_error)
+load_authored = task(authored_pool, name="shipped AI-authored records")
+load_user_dataset = task(file_pool, name="load_user_dataset", task_run_name="read {path}")
 
 
 @task(task_run_name="load public set {spec.name}")
@@ -45,14 +40,8 @@ def load_public_set(spec: SourceSpec) -> Pool:
     return pool
 
 
-@task(name="validate, deduplicate, limit and sample")
-def curate_records(pools: list[Pool], settings: CurationSettings) -> Curation:
-    return curate(pools, settings)
-
-
-@task(name="save curated dataset")
-def save_curated(curation: Curation, out: Path | None, work_dir: Path) -> Path:
-    return save_curation(curation, out, Path(work_dir) / "datasets")
+curate_records = task(curate, name="validate, deduplicate, limit and sample")
+save_curated = task(save_curation, name="save curated dataset")
 
 
 @task(name="publish balance report")

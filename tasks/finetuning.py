@@ -12,8 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from sparcom.comparison.settings import FinetuneSettings
 from sparcom.extraction.settings import ModelSettings
-from sparcom.curation.dataset import load_records
-from sparcom.comparison.finetune import read_provenance, train_checkpoint
+from sparcom.comparison.finetune import checkpoint_markdown, held_out_ids, train_checkpoint
 from sparcom.comparison.keys import planned_finetune_key
 from tasks.caching import cached
 
@@ -30,15 +29,9 @@ def finetune_model(
     def report(step: int, steps: int, loss: float) -> None:
         update_progress_artifact(artifact, 100.0 * step / steps)
 
-    held_out = {r.id for r in load_records(held_out_dataset)} if held_out_dataset else frozenset()
-    checkpoint = train_checkpoint(model, settings, Path(work_dir) / "checkpoints", cache_dir, held_out, report)
+    checkpoint = train_checkpoint(model, settings, Path(work_dir) / "checkpoints", cache_dir,
+                                  held_out_ids(held_out_dataset), report)
     update_progress_artifact(artifact, 100.0)
-    provenance = read_provenance(checkpoint)
-    create_markdown_artifact(
-        f"Checkpoint `{checkpoint}`: {provenance['settings']['method']} fine-tune of "
-        f"`{provenance['base_model']}` (fingerprint `{provenance['base_fingerprint'][:12]}`), "
-        f"{provenance['steps']} steps on {provenance['training_data']['records']} records "
-        f"{provenance['training_data']['per_category']}; loss {provenance['loss_first']:.3f} -> "
-        f"{provenance['loss_last']:.3f}; {provenance['wall_seconds']} s.",
-        key="sparcom-finetune", description="The fine-tuned checkpoint and how it was trained")
+    create_markdown_artifact(checkpoint_markdown(checkpoint), key="sparcom-finetune",
+                             description="The fine-tuned checkpoint and how it was trained")
     return ModelSettings(name=str(checkpoint))

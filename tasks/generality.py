@@ -20,13 +20,12 @@ from tasks.caching import cached
 def analyze_generality(components: Path, run_dir: Path, prefix: str = "sparcom") -> dict:
     """The report, published as `<prefix>-findings` (markdown), tables and a link to the files."""
     # Imported when the task runs: a cached rerun does not load matplotlib.
-    from sparcom.identification.report import artifact_tables, report_generality
+    from sparcom.identification.report import artifact_tables, findings_markdown, report_generality
 
     with claimed(run_dir, RUN_KIND):  # one writer at a time in the run folder
         summary = report_generality(components, run_dir)
-    files = "\n".join(f"- [{name}]({Path(path).resolve().as_uri()})" for name, path in summary["files"].items())
     create_markdown_artifact(
-        Path(summary["files"]["report.md"]).read_text() + f"\n## Files\n\n{files}\n", key=f"{prefix}-findings",
+        findings_markdown(summary), key=f"{prefix}-findings",
         description="Instruction-specific components: set sizes, general and unique counts, Jaccard")
     for key, table in artifact_tables(summary).items():
         create_table_artifact(table["table"], key=key.replace("sparcom", prefix, 1), description=table["description"])

@@ -14,12 +14,18 @@ groups' records, and more than control components of the same number, place and 
   part and a held-out evaluation part, per category, disjoint.
 - `split_dataset(dataset_dir, fraction, seed, datasets_dir)`: the same for a saved dataset: both
   parts saved under their hashes (the pipeline identifies on one and evaluates on the other).
+- `evaluated_on(settings, held_out)`: the pipeline's settings with the ablation evaluated on
+  the held-out part.
+- `components_in(path)`: the components.zarr of an identification folder (or the path itself).
 - `find_store(components_path)`: the count store beside an identification folder of a work dir.
 - `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
   With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
-  answer (`sparcom.ablation.accuracy`), add the accuracy variables.
+  answer (`sparcom.ablation.accuracy`), add the accuracy variables. Its steps:
+  `fingerprinted_model` (the model, refused unless the components were found in its weights),
+  `measured_passes` (response NLLs and greedy answers, each `under_each` set and control
+  switched off), `control_frequencies`, `ablation_dataset` (the variables and figures).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -44,9 +51,12 @@ from sparcom.ablation.settings import AblationSettings
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
-from sparcom.identification.schema import FAMILIES, GROUP, Family
+from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.store import is_complete, open_store, save_zarr, store_attrs
+
+if TYPE_CHECKING:  # loading a model needs torch: imported where the stage runs
+    from sparcom.core.models import LoadedModel
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -81,6 +91,12 @@ def choose_family(components: xr.Dataset, name: str) -> Family:
         raise AblationInputError(
             f"unknown family {name!r} for these components; they hold: {', '.join(f.name for f in present)}")
     return known[name]
+
+
+def components_in(path: Path) -> Path:
+    """The components.zarr of a run folder, or `path` itself where it is not one (a components.zarr)."""
+    path = Path(path)
+    return path / COMPONENTS if (path / COMPONENTS).exists() else path
 
 
 def find_store(components_path: Path) -> Path:
@@ -122,6 +138,13 @@ def split_dataset(dataset_dir: Path, fraction: float, seed: int, datasets_dir: P
                                                        "seed": seed})
         parts.append(directory)
     return parts[0], parts[1]
+
+
+def evaluated_on(settings, held_out: Path):
+    """The pipeline's settings with the ablation evaluated on the `held_out` dataset; `settings` is
+    a `config.PipelineSettings` (a copy is returned)."""
+    return settings.model_copy(deep=True, update={"ablation": settings.ablation.model_copy(
+        update={"eval_dataset": held_out})})
 
 
 def _label(record: InstructionRecord, group_by: str) -> str:
@@ -235,19 +258,49 @@ def run_ablation(
 ) -> Path:
     """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
     and must have the components' weights fingerprint."""
-    from sparcom.ablation.accuracy import accuracy_dataset, greedy_generate, tokenize_prompts
-    from sparcom.core.models import load_model, model_fingerprint, resolve_model
-    from sparcom.ablation.response_nll import response_nll, tokenize_responses
+    from sparcom.ablation.accuracy import accuracy_dataset
 
-    components = xr.open_zarr(components_path)
-    plan = plan_ablation(components, store_path, settings)
+    plan = plan_ablation(xr.open_zarr(components_path), store_path, settings)
+    loaded = fingerprinted_model(plan, store_path, extraction, cache_dir, model_name)
+    (base, nll_ablated, nll_control), texts = measured_passes(plan, loaded, settings, extraction, on_progress)
+    controls = list(settings.controls)
+    control_frequency = control_frequencies(plan, controls, settings.seeds)
+    dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
+    if texts is not None:
+        dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
+    path = Path(out_dir) / ABLATION
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_zarr(dataset, path)
+    return path
+
+
+def fingerprinted_model(plan: AblationPlan, store_path: Path, extraction: ExtractionSettings, cache_dir: Path,
+                        model_name: str | None = None) -> LoadedModel:
+    """The model loaded: the store's own unless `model_name` is given; one whose weights are not
+    the ones the components were found in is refused before it loads."""
+    from sparcom.core.models import load_model, model_fingerprint, resolve_model
+
     attrs = store_attrs(store_path)
     name = model_name or (attrs["model_path"] if Path(attrs.get("model_path", "")).exists() else attrs["model"])
     source = resolve_model(name)
     if model_fingerprint(source, cache_dir) != plan.attrs["model_fingerprint"]:
         raise AblationInputError(f"model {name}: its weights are not the ones the components were found in "
                                  f"(fingerprint {plan.attrs['model_fingerprint'][:12]}); pass that model")
-    loaded = load_model(source, cache_dir, extraction.dtype, extraction.device)
+    return load_model(source, cache_dir, extraction.dtype, extraction.device)
+
+
+Measured = tuple[np.ndarray, np.ndarray, np.ndarray]  # intact, each group off, each control off
+
+
+def measured_passes(plan: AblationPlan, loaded: LoadedModel, settings: AblationSettings,
+                    extraction: ExtractionSettings, on_progress: ProgressCallback | None = None,
+                    ) -> tuple[Measured, Measured | None]:
+    """(response NLLs, greedy answers or None): each intact, with each group's set switched off and
+    with each control switched off; the answers only with `settings.accuracy`, of the records
+    with a checkable answer ("" for the others)."""
+    from sparcom.ablation.accuracy import greedy_generate, tokenize_prompts
+    from sparcom.ablation.response_nll import response_nll, tokenize_responses
+
     tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
     checked = np.flatnonzero(plan.checkable) if settings.accuracy else np.array([], dtype=int)
     prompts = tokenize_prompts([plan.records[i] for i in checked], loaded.tokenizer)
@@ -269,40 +322,40 @@ def run_ablation(
                                          settings.max_new_tokens, advance)
         return texts
 
-    def under_each(measure: Callable[[], np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`measure()` intact, with each group's set switched off, with each control switched off."""
-        base = measure()
+    nlls = under_each(nll, len(tokenized), plan, loaded, settings, advance)
+    texts = under_each(generations, len(prompts), plan, loaded, settings, advance) if settings.accuracy else None
+    progress.close()
+    return nlls, texts
 
-        def switched_off(chosen: xr.DataArray) -> np.ndarray:
-            if not chosen.any():  # an empty set is the intact pass again
-                advance(size)
-                return base
-            with Ablation(loaded.model, {plan.family.name: chosen.values}):
-                return measure()
 
-        ablated = np.stack([switched_off(plan.sets[g]) for g in plan.groups])
-        controlled = np.full((len(controls), settings.seeds, *ablated.shape), np.nan, dtype=base.dtype)
-        for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds),
-                                                   enumerate(plan.groups)):
-            controlled[c, s, g] = switched_off(plan.controls.get((control, s, group), plan.sets[group]))
-        return base, ablated, controlled
+def under_each(measure: Callable[[], np.ndarray], size: int, plan: AblationPlan, loaded: LoadedModel,
+               settings: AblationSettings, advance: Callable[[int], None]) -> Measured:
+    """`measure()` intact, with each group's set switched off, with each control switched off."""
+    base = measure()
+
+    def switched_off(chosen: xr.DataArray) -> np.ndarray:
+        if not chosen.any():  # an empty set is the intact pass again
+            advance(size)
+            return base
+        with Ablation(loaded.model, {plan.family.name: chosen.values}):
+            return measure()
 
     controls = list(settings.controls)
-    base, nll_ablated, nll_control = under_each(nll, len(tokenized))
-    texts = under_each(generations, len(prompts)) if settings.accuracy else None
-    progress.close()
-    control_frequency = np.full(nll_control.shape[:3], np.nan)
+    ablated = np.stack([switched_off(plan.sets[g]) for g in plan.groups])
+    controlled = np.full((len(controls), settings.seeds, *ablated.shape), np.nan, dtype=base.dtype)
     for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds), enumerate(plan.groups)):
+        controlled[c, s, g] = switched_off(plan.controls.get((control, s, group), plan.sets[group]))
+    return base, ablated, controlled
+
+
+def control_frequencies(plan: AblationPlan, controls: list[str], seeds: int) -> np.ndarray:
+    """The mean overall frequency of each control set, [control, seed, group]."""
+    control_frequency = np.full((len(controls), seeds, len(plan.groups)), np.nan)
+    for (c, control), s, (g, group) in product(enumerate(controls), range(seeds), enumerate(plan.groups)):
         # a group with an empty set has no control: its set (nothing) again
         control_frequency[c, s, g] = _mean_frequency(plan.frequency, plan.controls.get((control, s, group),
                                                                                       plan.sets[group]))
-    dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
-    if texts is not None:
-        dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
-    path = Path(out_dir) / ABLATION
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_zarr(dataset, path)
-    return path
+    return control_frequency
 
 
 def ablation_dataset(plan: AblationPlan, base: np.ndarray, nll: np.ndarray, nll_control: np.ndarray,

@@ -11,6 +11,9 @@ off hurts its own records more than other groups' records and more than each con
 - `criticality_change(base, tuned)`: did fine-tuning make each group's components more or less
   critical to their own category (own delta of the tuned model's components on the tuned model
   against the base model's on the base model)?
+- `link_into_report(report, summary, baseline)`: the ablation's section in a run's report.md
+  (replaced on a rerun): with `baseline` (the ablation.json of the model before fine-tuning)
+  whether fine-tuning made the components more or less critical, else the section and its plot.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from sparcom.core.markdown import table
+from sparcom.core.markdown import put_section, table
 
 ALPHA = 0.05
 SECTION = "## Do the components matter? (ablation)"
@@ -267,3 +270,14 @@ def criticality_change(base: dict, tuned: dict) -> str:
         rows.append([group, _fmt(before), _fmt(after), verdict])
     header = ["group", "base own delta", "tuned own delta", "fine-tuning made them"]
     return "\n".join(lines) + "\n" + table(header, rows) + "\n"
+
+
+def link_into_report(report: Path, summary: dict, baseline: Path | None = None) -> None:
+    """Put the ablation's section into a run's report.md: the criticality change against
+    `baseline` where one is given, else the ablation's own section with its plot."""
+    if baseline is not None:
+        section = criticality_change(json.loads(Path(baseline).read_text()), summary)
+    else:
+        plot = Path(summary["files"]["ablation.png"]).resolve().relative_to(Path(report).resolve().parent)
+        section = ablation_markdown(summary, plot=str(plot))
+    put_section(report, section)

@@ -13,10 +13,15 @@
   divergence of expert selection frequencies per layer. The families are `identify.FAMILIES`.
 - `top_movers(base, tuned, n)`: per group, the components whose frequency moved most.
 - `load_model_pairs()`: the public base/tuned pairs of `sparcom/data/model_pairs.yaml`.
+- `check_sides(base, tuned, base_store, tuned_store)`: each side of a comparison given once,
+  as a model or as a count store.
+- `comparison_run_dir(work_dir, base_name)`: a new run folder for a standalone comparison.
+- `fine_tuned_groups(settings)`: the groups the pipeline's fine-tune trained on (the focus).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ import xarray as xr
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from sparcom.curation.records import CATEGORIES
 from sparcom.identification.generality import generality, share
 from sparcom.identification.schema import FAMILIES, GROUP, Family
 from sparcom.identification.schema import families_in as identified_families
@@ -285,3 +291,23 @@ def model_pair(name: str, path: Path = PAIRS_FILE) -> ModelPair:
     if name not in pairs:
         raise ValueError(f"unknown model pair {name!r}; {path} lists: {', '.join(sorted(pairs))}")
     return pairs[name]
+
+
+def check_sides(base: object, tuned: object, base_store: Path | None, tuned_store: Path | None) -> None:
+    """Each side a model or a finished count store, one of the two: else a ValueError."""
+    if (base is None) == (base_store is None) or (tuned is None) == (tuned_store is None):
+        raise ValueError("give the base and the tuned side each as a model or as a store (one of the two)")
+
+
+def comparison_run_dir(work_dir: Path, base_name: str) -> Path:
+    """`<work_dir>/runs/<time>-compare-<base model or store name>`."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(work_dir).resolve() / "runs" / f"{stamp}-compare-{Path(base_name).name.removesuffix('.zarr')}"
+
+
+def fine_tuned_groups(settings) -> list[str]:
+    """The groups the tuned model was trained on, where the pipeline fine-tuned it by category;
+    `settings` is a `config.PipelineSettings`."""
+    if settings.comparison.tuned is not None or settings.identification.group_by != "category":
+        return []
+    return list(settings.finetune.categories) or list(CATEGORIES)

@@ -6,7 +6,11 @@
   writes a safetensors checkpoint directory that `sparcom.core.models` loads like any model, with
   `sparcom_finetune.json` beside the weights (base fingerprint, data hash, settings, losses).
   Checkpoints are content-addressed by `sparcom.comparison.keys.finetune_key`: a rerun returns the
-  finished one untouched.
+  finished one untouched. Its steps: `training_examples`, `trainable_network`, `train`,
+  `trained_network` (LoRA merged), `checkpoint_provenance`, `save_checkpoint`.
+- `held_out_ids(dataset_dir)`: the record ids of a held-out dataset, which training leaves out.
+- `read_provenance(checkpoint)`, `checkpoint_markdown(checkpoint)`: how a checkpoint was
+  trained, as data and as one markdown paragraph.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sparcom.core.code_version import package_version
 from sparcom.comparison.settings import FinetuneSettings
 from sparcom.extraction.settings import ModelSettings
-from sparcom.core.models import load_model, model_fingerprint, model_slug, resolve_model
+from sparcom.curation.dataset import load_records
+from sparcom.core.models import LoadedModel, load_model, model_fingerprint, model_slug, resolve_model
 from sparcom.curation.prompts import prompt_ids, token_ids
 from sparcom.comparison.keys import finetune_key
 from sparcom.comparison.training_data import training_records
@@ -194,24 +199,55 @@ def train_checkpoint(
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code)
-    examples = [encode_example(r, loaded.tokenizer, settings.max_tokens) for r in records]
+    examples = training_examples(records, loaded.tokenizer, settings)
+    network = trainable_network(loaded.model, settings)
+    losses = train(network, examples, settings, _pad_id(loaded.tokenizer), on_progress)
+    network = trained_network(network, settings)
+    provenance = checkpoint_provenance(model, settings, fingerprint, key, records, data_hash, examples,
+                                       len(held_out), losses, loaded, started)
+    save_checkpoint(target, network, loaded.tokenizer, provenance)
+    return target
+
+
+def training_examples(records: Sequence[InstructionRecord], tokenizer: PreTrainedTokenizerBase,
+                      settings: FinetuneSettings) -> list[TrainingExample]:
+    """The records encoded, those whose response `max_tokens` cuts away left out."""
+    examples = [encode_example(r, tokenizer, settings.max_tokens) for r in records]
     examples = [e for e in examples if e.response_tokens > 0]
     if not examples:
         raise FinetuneError(f"max_tokens = {settings.max_tokens} cuts every response away; raise it")
-    network = loaded.model
+    return examples
+
+
+def trainable_network(network: PreTrainedModel, settings: FinetuneSettings) -> PreTrainedModel:
+    """The model ready to train: gradient checkpointing where asked, LoRA adapters for `lora`."""
     if settings.gradient_checkpointing:
         network.gradient_checkpointing_enable()
         network.config.use_cache = False
     if settings.method == "lora":
         network = _with_lora(network, settings)
-    pad_id = loaded.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else loaded.tokenizer.eos_token_id or 0
-    losses = train(network, examples, settings, pad_id, on_progress)
+    return network
+
+
+def trained_network(network: PreTrainedModel, settings: FinetuneSettings) -> PreTrainedModel:
+    """The trained model as it is saved: LoRA adapters merged in, the generation cache back on."""
     if settings.method == "lora":
         network = network.merge_and_unload()
     network.config.use_cache = True
+    return network
 
-    provenance = {
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad_id = tokenizer.pad_token_id
+    return pad_id if pad_id is not None else tokenizer.eos_token_id or 0
+
+
+def checkpoint_provenance(model: ModelSettings, settings: FinetuneSettings, fingerprint: str, key: str,
+                          records: Sequence[InstructionRecord], data_hash: str,
+                          examples: Sequence[TrainingExample], held_out: int, losses: list[float],
+                          loaded: LoadedModel, started: float) -> dict:
+    """What `sparcom_finetune.json` says of a checkpoint: its base, data, settings, losses, versions."""
+    return {
         "base_model": model.name,
         "base_revision": model.revision,
         "base_fingerprint": fingerprint,
@@ -221,7 +257,7 @@ def train_checkpoint(
             "dataset_hash": data_hash,
             "records": len(records),
             "examples_trained_on": len(examples),
-            "held_out": len(held_out),
+            "held_out": held_out,
             "per_category": dict(sorted(Counter(r.category for r in records).items())),
             "response_tokens": sum(e.response_tokens for e in examples),
             "cut_at_max_tokens": sum(len(e.input_ids) == settings.max_tokens for e in examples),
@@ -239,11 +275,21 @@ def train_checkpoint(
                      "transformers": transformers.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def save_checkpoint(target: Path, network: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    provenance: dict) -> None:
+    """Weights, tokenizer and provenance moved into `target` together; where another process
+    finished it first, theirs is kept."""
     with building(target, "checkpoint", keep_existing=True) as partial:  # another process's first: theirs
         network.save_pretrained(partial)
-        loaded.tokenizer.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
         (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    return target
+
+
+def held_out_ids(dataset_dir: Path | None) -> Collection[str]:
+    """The ids of the records in `dataset_dir` (none without one): records training leaves out."""
+    return {r.id for r in load_records(dataset_dir)} if dataset_dir else frozenset()
 
 
 def read_provenance(checkpoint: Path) -> dict:
@@ -251,3 +297,14 @@ def read_provenance(checkpoint: Path) -> dict:
     if not path.is_file():
         raise FinetuneError(f"{checkpoint}: not a finished sparcom fine-tune (no {PROVENANCE_FILE})")
     return json.loads(path.read_text())
+
+
+def checkpoint_markdown(checkpoint: Path) -> str:
+    """One paragraph: which base model, how many steps on which records, the loss before and after."""
+    provenance = read_provenance(checkpoint)
+    return (
+        f"Checkpoint `{checkpoint}`: {provenance['settings']['method']} fine-tune of "
+        f"`{provenance['base_model']}` (fingerprint `{provenance['base_fingerprint'][:12]}`), "
+        f"{provenance['steps']} steps on {provenance['training_data']['records']} records "
+        f"{provenance['training_data']['per_category']}; loss {provenance['loss_first']:.3f} -> "
+        f"{provenance['loss_last']:.3f}; {provenance['wall_seconds']} s.")

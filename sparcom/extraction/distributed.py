@@ -8,7 +8,9 @@
   shards=...)`). A task whose worker is lost is rerun elsewhere: the shards whose flags were not
   set are rewritten whole, those whose flags were set are skipped. The client marks the store
   complete and records, per shard, the worker, host and devices that filled it (store
-  attribute `shard_fillers`).
+  attribute `shard_fillers`). Its steps: `cluster_extraction_key` (the workers must load the
+  model alike), `resumable_shards` (what the store holds already), `shard_submitter` (one task
+  of shards to the cluster) and `fill_on_workers` (one task per free worker until none is left).
 - `shard_tasks(costs, workers)`: the shards grouped into tasks, costliest first. A task's
   instructions are sorted by length together, as the single-process path sorts
   SORT_WINDOW_SHARDS shards together, so its batches are fuller; the tasks shrink to single
@@ -32,12 +34,12 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import zarr
-from distributed import Client, as_completed, get_worker
+from distributed import Client, Future, as_completed, get_worker
 from tqdm.auto import tqdm
 
 from sparcom.core.cluster import GPU_RESOURCE
@@ -161,46 +163,82 @@ def extract_on_cluster(
     """The store, complete unless `shards` left some out."""
     store = Path(store).resolve()  # workers may run in other directories
     workers = offering_workers(client, resources)
-    loads = load_on_workers(client, model, settings, cache_dir, workers)
+    key = cluster_extraction_key(load_on_workers(client, model, settings, cache_dir, workers), records, settings)
+    n_shards = shard_count(len(records), settings.shard_size)
+    done = resumable_shards(store, key)
+    if done is None:
+        return store
+    wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
+    submit = shard_submitter(client, model, records, store, settings, resources, cache_dir, donors, key)
+    tasks = shard_tasks({shard: shard_cost(records, shard, settings) for shard in wanted}, len(workers))
+    fill_on_workers(client, submit, tasks, len(workers), store, records, settings, done, on_progress)
+    if len(finished_shards(store)) == n_shards:
+        finalize_store(store)
+    return store
+
+
+def cluster_extraction_key(loads: Sequence[dict], records: Sequence[InstructionRecord],
+                           settings: ExtractionSettings) -> str:
+    """The store's extraction key, from what the workers loaded; refused when they loaded the model differently."""
     kinds = {(load["fingerprint"], str(load["dtype"])) for load in loads}
     if len(kinds) > 1:  # e.g. bfloat16 on GPU workers beside float32 on CPU ones: counts would mix
         raise ClusterError(f"workers load the model differently (fingerprint, dtype): {sorted(kinds)}; "
                            "set extraction.dtype, or restrict shards with dask.shard_resources")
-    key = extraction_key(loads[0]["fingerprint"], dataset_hash(records), settings, loads[0]["dtype"])
-    n_shards = shard_count(len(records), settings.shard_size)
-    done: set[int] = set()
-    if store.exists():
-        if store_attrs(store).get("extraction_key") != key:
-            raise StoreError(f"{store}: holds counts for other settings, model or dataset; "
-                             "choose another path or delete it")
-        if is_complete(store):
-            return store
-        done = finished_shards(store)
-    wanted = sorted(set(range(n_shards) if shards is None else shards) - done)
+    return extraction_key(loads[0]["fingerprint"], dataset_hash(records), settings, loads[0]["dtype"])
+
+
+def resumable_shards(store: Path, key: str) -> set[int] | None:
+    """The shards `store` already holds for `key` (none where there is no store yet); None when
+    the store is complete. A store of other counts is refused."""
+    if not store.exists():
+        return set()
+    if store_attrs(store).get("extraction_key") != key:
+        raise StoreError(f"{store}: holds counts for other settings, model or dataset; "
+                         "choose another path or delete it")
+    if is_complete(store):
+        return None
+    return finished_shards(store)
+
+
+def shard_submitter(client: Client, model: ModelSettings, records: Sequence[InstructionRecord], store: Path,
+                    settings: ExtractionSettings, resources: dict[str, float], cache_dir: Path,
+                    donors: Sequence[Path], key: str) -> Callable[[list[int]], Future]:
+    """A function that submits one task of shards to the cluster; the records are scattered once, here."""
     shared_records = client.scatter(list(records), broadcast=False, hash=False)
-    costs = {shard: shard_cost(records, shard, settings) for shard in wanted}
+
+    def submit(task: list[int]) -> Future:
+        return client.submit(
+            _fill_shards, model, settings, Path(cache_dir), shared_records, store, task,
+            [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
+            key=f"{TASK_PREFIX}{key[:12]}-{'_'.join(map(str, task))}")
+
+    return submit
+
+
+def fill_on_workers(client: Client, submit: Callable[[list[int]], Future], tasks: list[list[int]], workers: int,
+                    store: Path, records: Sequence[InstructionRecord], settings: ExtractionSettings,
+                    done: set[int], on_progress: ProgressCallback | None = None) -> None:
+    """The tasks' shards filled, recording who filled each; every task left is cancelled on an error."""
     # Tasks are handed out one per free worker, in order: submitted all at once with priorities,
     # the scheduler ran single shards meant for the end first, and the costliest task last.
-    pending = iter(shard_tasks(costs, len(workers)))
+    pending = iter(tasks)
     futures = []
     running = as_completed()
 
     def submit_next() -> None:
         task = next(pending, None)
         if task is not None:
-            futures.append(client.submit(
-                _fill_shards, model, settings, Path(cache_dir), shared_records, store, task,
-                [Path(d).resolve() for d in donors], resources=resources or None, pure=False,
-                key=f"{TASK_PREFIX}{key[:12]}-{'_'.join(map(str, task))}"))
+            futures.append(submit(task))
             running.add(futures[-1])
 
     def instructions(shards: Iterable[int]) -> int:
         return sum(len(shard_range(s, settings.shard_size, len(records))) for s in shards)
 
     counted = instructions(done)
-    progress = tqdm(total=n_shards, initial=len(done), unit="shard", desc=f"extracting on {len(workers)} workers")
+    progress = tqdm(total=shard_count(len(records), settings.shard_size), initial=len(done), unit="shard",
+                    desc=f"extracting on {workers} workers")
     try:
-        for _ in workers:
+        for _ in range(workers):
             submit_next()
         for future in running:
             filled = future.result()
@@ -215,9 +253,6 @@ def extract_on_cluster(
         raise
     finally:
         progress.close()
-    if len(finished_shards(store)) == n_shards:
-        finalize_store(store)
-    return store
 
 
 def shard_tasks(costs: dict[int, int], workers: int) -> list[list[int]]:

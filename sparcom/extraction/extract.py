@@ -99,14 +99,8 @@ def extract_to_store(
     data_hash = dataset_hash(records)
     key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
     check_store_target(store)
-    if store.exists():
-        existing = store_attrs(store).get("extraction_key")
-        if existing != key:
-            raise StoreError(
-                f"{store}: holds counts for other settings, model or dataset (key {existing}); "
-                "choose another path or delete it")
-        if is_complete(store) and not repair_store(store):
-            return store
+    if _finished_store(store, key):
+        return store
     sites = ffn_sites(loaded.model)
     if not store.exists():
         variables, layer_coords = store_layout(sites)
@@ -116,6 +110,30 @@ def extract_to_store(
     n_shards = shard_count(len(records), settings.shard_size)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
     reusable = DonorRows(donors, counts_key(loaded.fingerprint, settings.span, loaded.dtype))
+    _count_shards(loaded, sites, records, store, settings, wanted, reusable, on_progress, show_progress)
+    if finalize and len(finished_shards(store)) == n_shards:
+        finalize_store(store)
+    return store
+
+
+def _finished_store(store: Path, key: str) -> bool:
+    """Whether `store` is finished for `key` and whole (a damaged one is reopened for its damaged
+    shards: not finished). A store of other counts is refused."""
+    if not store.exists():
+        return False
+    existing = store_attrs(store).get("extraction_key")
+    if existing != key:
+        raise StoreError(
+            f"{store}: holds counts for other settings, model or dataset (key {existing}); "
+            "choose another path or delete it")
+    return is_complete(store) and not repair_store(store)
+
+
+def _count_shards(loaded: LoadedModel, sites: FFNSites, records: Sequence[InstructionRecord], store: Path,
+                  settings: ExtractionSettings, wanted: list[int], reusable: DonorRows,
+                  on_progress: ProgressCallback | None, show_progress: bool) -> None:
+    """The `wanted` shards written whole, SORT_WINDOW_SHARDS at a time: rows the donors hold
+    copied, the others counted."""
     done_before = len(records) - sum(len(shard_range(s, settings.shard_size, len(records))) for s in wanted)
     progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting",
                     disable=not show_progress)
@@ -138,9 +156,6 @@ def extract_to_store(
                 write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
                                            for name in counts[rows[0]]})
     progress.close()
-    if finalize and len(finished_shards(store)) == n_shards:
-        finalize_store(store)
-    return store
 
 
 def _count(

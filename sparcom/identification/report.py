@@ -7,6 +7,7 @@
   ("is this set specific to its group?"), with the template's share of the counted tokens.
 - `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts),
   the split-half table included.
+- `findings_markdown(summary)`: the written report.md with a list linking every file (for a UI).
 - `write_report(components, analysis, out_dir)`: all of it on disk: `generality.zarr`, Parquet
   tables under `tables/`, `summary.json`, `report.md` and the plots.
 - `start_plots(small, families)`: the plots of the analysis's small figures, drawn (on the
@@ -207,6 +208,12 @@ def artifact_tables(summary: dict) -> dict[str, dict]:
                 "description": f"{TITLES[name][1]}: Jaccard overlap between groups",
                 "table": [{"group": a, **row} for a, row in family["jaccard"].items()]}
     return tables
+
+
+def findings_markdown(summary: dict) -> str:
+    """report.md as written, then a `## Files` list linking each file by its absolute URI."""
+    files = "\n".join(f"- [{name}]({Path(path).resolve().as_uri()})" for name, path in summary["files"].items())
+    return Path(summary["files"]["report.md"]).read_text() + f"\n## Files\n\n{files}\n"
 
 
 def write_tables(analysis: xr.Dataset, families: list[Family], out_dir: Path) -> dict[str, str]:
