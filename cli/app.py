@@ -26,8 +26,8 @@ from typing import Annotated, Optional, get_args
 import typer
 
 from cli.errors import ErrorStyleGroup
-from sparcom.config import PipelineSettings, load_settings
 from sparcom.ablation.schema import CONTROLS, FAMILY_CHOICES
+from sparcom.config import PipelineSettings, load_settings
 from sparcom.curation.records import CATEGORIES
 from sparcom.extraction.settings import DType, TokenSpan
 from sparcom.identification.schema import GROUP_BY, RULES
@@ -139,10 +139,10 @@ def extract(
     """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7), in
     this process or as one Dask task per shard (an existing scheduler, or one local worker per GPU)."""
     from sparcom.core.cluster import extraction_cluster
+    from sparcom.core.models import check_device_map, load_model, resolve_model
     from sparcom.curation.dataset import load_records
     from sparcom.extraction.distributed import extract_on_cluster, shard_resources
     from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
-    from sparcom.core.models import check_device_map, load_model, resolve_model
     from sparcom.extraction.store import check_store_target, is_complete
 
     settings = _settings(
@@ -191,11 +191,11 @@ def identify(
     """Select instruction-specific neurons and experts and report their generality and
     uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
     from sparcom.core.cluster import dask_cluster
-    from sparcom.identification.identify import identify_store
-    from sparcom.identification.schema import RUN_KIND
     from sparcom.core.outputs import check_output, claimed
-    from sparcom.identification.report import report_generality
     from sparcom.extraction.store import verify_store
+    from sparcom.identification.identify import identify_store
+    from sparcom.identification.report import report_generality
+    from sparcom.identification.schema import RUN_KIND
 
     settings = _settings(config, identification__rule=rule, identification__epsilon=epsilon,
                          identification__tau=tau, identification__group_by=group_by,
@@ -294,8 +294,8 @@ def curate(
         curation__on_error=on_error, curation__tokenizer=tokenizer,
         curation__max_prompt_tokens=max_prompt_tokens, curation__max_response_tokens=max_response_tokens,
         curation__near_duplicate_threshold=near_duplicate_threshold, curation__out=out, work_dir=work_dir)
-    from sparcom.curation.dataset import DATASET_KIND
     from sparcom.core.outputs import check_output
+    from sparcom.curation.dataset import DATASET_KIND
 
     if settings.curation.out:
         check_output(settings.curation.out, DATASET_KIND)  # before any work, never a user's folder
@@ -322,9 +322,9 @@ def generate(
     trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own code")] = False,
 ) -> None:
     """Write new AI-generated records with a chat model from constrained meta-prompts."""
+    from sparcom.core.models import load_model, resolve_model
     from sparcom.curation.generate import generate_records, transformers_chat
     from sparcom.curation.hexainst import authored_records
-    from sparcom.core.models import load_model, resolve_model
 
     settings = _settings(config, model__name=model, model__trust_remote_code=trust_remote_code or None,
                          extraction__dtype=dtype, extraction__device=device)
@@ -453,7 +453,8 @@ def trigger(
     exit 1 when the run ends Failed, Crashed or Cancelled."""
     import yaml
 
-    from cli.trigger import merge_parameters, parse_assignments, trigger as trigger_run  # Prefect only here
+    from cli.trigger import merge_parameters, parse_assignments  # Prefect only here
+    from cli.trigger import trigger as trigger_run
 
     try:
         _settings(config)  # a bad file is refused here, not on the worker

@@ -12,7 +12,10 @@ from uuid import UUID
 
 from prefect import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, TaskRunFilter,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    TaskRunFilter,
 )
 
 

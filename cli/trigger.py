@@ -28,6 +28,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.urls import url_for
 
+
 @dataclass(frozen=True)
 class TriggeredRun:
     id: UUID

@@ -6,7 +6,11 @@ from prefect import flow, get_run_logger
 
 from sparcom.config import PipelineSettings
 from tasks.curation import (
-    curate_records, load_authored, load_public_set, load_user_dataset, publish_balance_report,
+    curate_records,
+    load_authored,
+    load_public_set,
+    load_user_dataset,
+    publish_balance_report,
     save_curated,
 )
 

@@ -9,8 +9,8 @@ from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.ablation.ablate import evaluated_on
 from sparcom.config import PipelineSettings
-from sparcom.identification.schema import COMPONENTS
 from sparcom.identification.keys import results_dir
+from sparcom.identification.schema import COMPONENTS
 from tasks.ablation import hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder

@@ -14,9 +14,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from sparcom.ablation.ablate import run_ablation, split_dataset
 from sparcom.ablation.report import ablation_markdown, link_into_report, report_ablation
 from sparcom.ablation.settings import AblationSettings
-from sparcom.extraction.settings import ExtractionSettings
-from sparcom.curation.hexainst import AUTHORED_DIR
 from sparcom.core.hashing import input_fingerprint
+from sparcom.curation.hexainst import AUTHORED_DIR
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.stages import result_key
 from tasks.caching import cached
 

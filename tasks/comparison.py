@@ -10,10 +10,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from sparcom.comparison.schema import COMPARISON_REPORT
 from sparcom.comparison.compare import check_stores_compatible
-from sparcom.stages import result_key
+from sparcom.comparison.schema import COMPARISON_REPORT
 from sparcom.extraction.store import open_store
+from sparcom.stages import result_key
 from tasks.caching import cached
 
 

@@ -15,13 +15,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from sparcom.curation.curate import Curation, balance_markdown, curate, save_curation
-from sparcom.curation.starter import prepare_dataset
 from sparcom.curation.hexainst import authored_pool
-from sparcom.curation.packaged_sources import public_pool
 from sparcom.curation.keys import curation_key
+from sparcom.curation.packaged_sources import public_pool
 from sparcom.curation.record_files import file_pool
 from sparcom.curation.records import Pool
 from sparcom.curation.sources import SourceSpec
+from sparcom.curation.starter import prepare_dataset
 from tasks.caching import cached
 
 prepare_dataset_folder = task(prepare_dataset, name="curate dataset", **cached(lambda path, datasets_dir: (

@@ -11,9 +11,9 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from sparcom.core.settings import DaskSettings
+from sparcom.extraction.keys import planned_extraction_key
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.stage import extract_dataset
-from sparcom.extraction.keys import planned_extraction_key
 from tasks.caching import cached
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from sparcom.comparison.settings import FinetuneSettings
-from sparcom.extraction.settings import ModelSettings
 from sparcom.comparison.finetune import checkpoint_markdown, held_out_ids, train_checkpoint
 from sparcom.comparison.keys import planned_finetune_key
+from sparcom.comparison.settings import FinetuneSettings
+from sparcom.extraction.settings import ModelSettings
 from tasks.caching import cached
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from sparcom.identification.schema import RUN_KIND
 from sparcom.core.outputs import claimed
+from sparcom.identification.schema import RUN_KIND
 from sparcom.stages import result_key
 from tasks.caching import cached
 

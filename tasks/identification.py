@@ -11,7 +11,6 @@ from sparcom.identification.identify import identify_store
 from sparcom.identification.keys import identification_key
 from tasks.caching import cached
 
-
 select_components = task(
     identify_store, name="identify instruction-specific components", **cached(lambda store_path, settings, out_dir: (
         identification_key(store_path, settings), str(out_dir))))

@@ -42,18 +42,18 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
-from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
-from sparcom.ablation.statistics import ablation_figures
-from sparcom.ablation.hooks import Ablation
 from sparcom.ablation.answers import CHECKS, reference_answer
+from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.hooks import Ablation
+from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.settings import AblationSettings
-from sparcom.extraction.settings import ExtractionSettings
+from sparcom.ablation.statistics import ablation_figures
 from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
-from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.store import is_complete, open_store, save_zarr, store_attrs
+from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
 
 if TYPE_CHECKING:  # loading a model needs torch: imported where the stage runs
     from sparcom.core.models import LoadedModel

@@ -25,12 +25,12 @@ import xarray as xr
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparcom.ablation.schema import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.answers import is_correct, reference_answer
-from sparcom.extraction.settings import ExtractionSettings
-from sparcom.extraction.batching import pad_batch, plan_batches
+from sparcom.ablation.schema import ABLATED, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.curation.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.curation.records import InstructionRecord
+from sparcom.extraction.batching import pad_batch, plan_batches
+from sparcom.extraction.settings import ExtractionSettings
 
 
 def tokenize_prompts(records: Sequence[InstructionRecord], tokenizer: PreTrainedTokenizerBase

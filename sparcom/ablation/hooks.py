@@ -33,7 +33,6 @@ from sparcom.extraction.architectures import SUPPORTED, FFNSites, ffn_sites
 from sparcom.extraction.schema import FAMILY_NAMES
 
 
-
 def _softmax_top_k(router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral (always renormalised), Qwen2-MoE, Qwen3-MoE and OLMoE (`norm_topk_prob`)."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)

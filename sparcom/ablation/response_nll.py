@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from sparcom.extraction.settings import ExtractionSettings
-from sparcom.extraction.batching import padded_batches
 from sparcom.curation.prompts import TokenizedInstruction, tokenize_instruction
 from sparcom.curation.records import InstructionRecord
+from sparcom.extraction.batching import padded_batches
+from sparcom.extraction.settings import ExtractionSettings
 
 # Positions whose logits are computed at once: bounds the [rows, vocabulary] logits in memory.
 LM_HEAD_ROWS = 1024

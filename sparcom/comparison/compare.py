@@ -30,11 +30,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from sparcom.curation.records import CATEGORIES
+from sparcom.extraction.schema import INSTRUCTION, LAYER, MOE_LAYER
 from sparcom.identification.generality import generality, share
+from sparcom.identification.rules import parameter_names
 from sparcom.identification.schema import FAMILIES, GROUP, Family
 from sparcom.identification.schema import families_in as identified_families
-from sparcom.identification.rules import parameter_names
-from sparcom.extraction.schema import INSTRUCTION, LAYER, MOE_LAYER
 
 PAIRS_FILE = Path(__file__).parent / "model_pairs.yaml"
 STATUS_MEANINGS = "absent kept gained lost"  # codes 0..3 of the `<set>_status` variables

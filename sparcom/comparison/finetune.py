@@ -29,16 +29,16 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparcom.core.code_version import package_version
-from sparcom.comparison.settings import FinetuneSettings
-from sparcom.extraction.settings import ModelSettings
-from sparcom.curation.dataset import load_records
-from sparcom.core.models import LoadedModel, load_model, model_fingerprint, model_slug, resolve_model
-from sparcom.curation.prompts import prompt_ids, token_ids
 from sparcom.comparison.keys import finetune_key
+from sparcom.comparison.settings import FinetuneSettings
 from sparcom.comparison.training_data import training_records
+from sparcom.core.code_version import package_version
+from sparcom.core.models import LoadedModel, load_model, model_fingerprint, model_slug, resolve_model
 from sparcom.core.outputs import building
+from sparcom.curation.dataset import load_records
+from sparcom.curation.prompts import prompt_ids, token_ids
 from sparcom.curation.records import InstructionRecord, dataset_hash
+from sparcom.extraction.settings import ModelSettings
 
 PROVENANCE_FILE = "sparcom_finetune.json"
 IGNORED = -100  # the label value Hugging Face causal LMs leave out of the loss

@@ -24,11 +24,11 @@ from matplotlib.ticker import MaxNLocator
 
 from sparcom.comparison.compare import compare_components, families_in, top_movers
 from sparcom.comparison.schema import COMPARISON, COMPARISON_REPORT, COMPARISON_SUMMARY
-from sparcom.identification.schema import GROUP, Family
-from sparcom.identification.rules import rule_parameters
 from sparcom.core.markdown import put_section, table
-from sparcom.extraction.store import save_zarr
 from sparcom.extraction.schema import MOE_LAYER
+from sparcom.extraction.store import save_zarr
+from sparcom.identification.rules import rule_parameters
+from sparcom.identification.schema import GROUP, Family
 
 MEASURES = {
     "turnover": "1 - Jaccard of the base and tuned sets",

@@ -24,10 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparcom.curation.dedup import canonical_text, near_duplicate_pairs
 from sparcom.core.markdown import table
+from sparcom.curation.dedup import canonical_text, near_duplicate_pairs
 from sparcom.curation.records import (
-    CATEGORIES, ORIGINS, InstructionRecord, Pool, RecordError, Rejection, dataset_hash, record_problem,
+    CATEGORIES,
+    ORIGINS,
+    InstructionRecord,
+    Pool,
+    RecordError,
+    Rejection,
+    dataset_hash,
+    record_problem,
 )
 
 # Stages a record can leave by, in the order they are applied; each record leaves by one or is kept.

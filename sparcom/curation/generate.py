@@ -24,8 +24,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sparcom.curation.dedup import canonical_text, jaccard, shingles
 from sparcom.core.hashing import content_hash
+from sparcom.curation.dedup import canonical_text, jaccard, shingles
 from sparcom.curation.records import InstructionRecord, record_problem
 
 ChatFunction = Callable[[list[dict[str, str]]], str]

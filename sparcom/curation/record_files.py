@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sparcom.curation.records import (
-    InstructionRecord, OnError, Pool, RawRow, RecordError, Rejection, jsonl_rows, validate_rows,
+    InstructionRecord,
+    OnError,
+    Pool,
+    RawRow,
+    RecordError,
+    Rejection,
+    jsonl_rows,
+    validate_rows,
 )
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")

@@ -14,6 +14,7 @@ from pydantic import Field
 from sparcom.core.settings import StrictModel
 from sparcom.curation.sources import SourceSpec, default_sources
 
+
 class DatasetSettings(StrictModel):
     path: Path | None = Field(None, description="JSONL file or saved dataset; none: the starter set")
 

@@ -43,13 +43,13 @@ from distributed import Client, Future, as_completed, get_worker
 from tqdm.auto import tqdm
 
 from sparcom.core.cluster import GPU_RESOURCE
+from sparcom.core.hashing import content_hash
+from sparcom.core.models import LoadedModel, load_model, resolve_model
 from sparcom.core.settings import DaskSettings
-from sparcom.extraction.settings import ExtractionSettings, ModelSettings
+from sparcom.curation.records import InstructionRecord, dataset_hash
 from sparcom.extraction.extract import SORT_WINDOW_SHARDS, ProgressCallback, extract_to_store, shard_range
 from sparcom.extraction.keys import extraction_key
-from sparcom.core.models import LoadedModel, load_model, resolve_model
-from sparcom.core.hashing import content_hash
-from sparcom.curation.records import InstructionRecord, dataset_hash
+from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.store import StoreError, finalize_store, finished_shards, is_complete, shard_count, store_attrs
 
 FILLERS = "shard_fillers"

@@ -24,18 +24,30 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparcom.core.code_version import package_version
-from sparcom.extraction.architectures import FFNSites, ffn_sites
-from sparcom.extraction.settings import ExtractionSettings
-from sparcom.extraction.counting import FFNCounter, expert_counting_path
 from sparcom.core.models import LoadedModel
 from sparcom.curation.prompts import tokenize_instruction
+from sparcom.curation.records import InstructionRecord, dataset_hash, record_hash
+from sparcom.extraction.architectures import FFNSites, ffn_sites
 from sparcom.extraction.batching import padded_batches
+from sparcom.extraction.counting import FFNCounter, expert_counting_path
 from sparcom.extraction.keys import counts_key, extraction_key
 from sparcom.extraction.schema import COUNT_FAMILIES, LAYER, MOE_LAYER, TOKEN_COUNT
-from sparcom.curation.records import InstructionRecord, dataset_hash, record_hash
+from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.store import (
-    StoreError, check_store_target, create_store, damaged_shards, describe_shards, finalize_store, finished_shards,
-    is_complete, open_store, reopen_shards, shard_count, store_attrs, verify_store, write_shard,
+    StoreError,
+    check_store_target,
+    create_store,
+    damaged_shards,
+    describe_shards,
+    finalize_store,
+    finished_shards,
+    is_complete,
+    open_store,
+    reopen_shards,
+    shard_count,
+    store_attrs,
+    verify_store,
+    write_shard,
 )
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparcom.core.cluster import extraction_cluster
-from sparcom.core.models import check_device_map, load_model, model_fingerprint, model_slug, resolve_dtype, \
-    resolve_device, resolve_model
+from sparcom.core.models import (
+    check_device_map,
+    load_model,
+    model_fingerprint,
+    model_slug,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
 from sparcom.core.settings import DaskSettings
 from sparcom.curation.dataset import load_records
 from sparcom.curation.records import dataset_hash

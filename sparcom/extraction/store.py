@@ -32,9 +32,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from sparcom.extraction.integrity import MANIFEST_NAME, chunk_files, chunk_manifest, expected_chunks, find_damage
 from sparcom.core.outputs import MARKER, building
 from sparcom.curation.records import InstructionRecord, record_hash
+from sparcom.extraction.integrity import MANIFEST_NAME, chunk_files, chunk_manifest, expected_chunks, find_damage
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 
 STATUS = "sparcom_status"

@@ -23,31 +23,30 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from pathlib import Path
 
-import itertools
-import math
-
 import dask
 import dask.array as da
-from dask.array.core import concatenate3
 import numpy as np
 import xarray as xr
 import zarr
 
 # dask's task objects, to fuse a run's reads into its product: dask is pinned (pyproject.toml).
 from dask._task_spec import Alias, List, Task, TaskRef, convert_legacy_graph
+from dask.array.core import concatenate3
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from sparcom.identification.settings import IdentificationSettings
+from sparcom.core.outputs import building, claimed
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
+from sparcom.extraction.store import StoreError, open_store
 from sparcom.identification.rules import check_rule, select_by
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
-from sparcom.identification.split_half import SPLIT_SEED, SPLIT_JACCARD, cross_jaccard, half_assignment
-from sparcom.core.outputs import building, claimed
-from sparcom.extraction.store import StoreError, open_store
+from sparcom.identification.settings import IdentificationSettings
+from sparcom.identification.split_half import SPLIT_JACCARD, SPLIT_SEED, cross_jaccard, half_assignment
 from sparcom.identification.template import template_share
 
 COLUMN = "sum_column"

@@ -30,11 +30,11 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from sparcom.core.drawing import Drawing, start_drawing
-from sparcom.identification.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
-from sparcom.identification.schema import GROUP, Family
-from sparcom.identification.rules import rule_parameters
 from sparcom.core.markdown import table
 from sparcom.extraction.store import save_zarr
+from sparcom.identification.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
+from sparcom.identification.rules import rule_parameters
+from sparcom.identification.schema import GROUP, Family
 
 TITLES = {
     "neurons": ("neurons", "Neurons of dense FFN layers"),
