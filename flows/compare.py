@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.identify import identify_components
-from sparcom.comparison.compare import check_sides, comparison_run_dir, fine_tuned_groups
+from sparcom.comparison.compare import check_sides, comparison_run_dir
 from sparcom.config import PipelineSettings
 from sparcom.extraction.settings import ModelSettings
 from sparcom.identification.schema import COMPONENTS
@@ -72,4 +72,4 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
             baseline=base_ablation)
     return refreshed(compare_checkpoints, "compare", refresh)(
         run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
-        fine_tuned_groups(settings), settings.comparison.top_movers, run_report=run_dir / "report.md")
+        settings.fine_tuned_groups(), settings.comparison.top_movers, run_report=run_dir / "report.md")

@@ -7,7 +7,6 @@ from prefect import flow, get_run_logger
 from flows.compare import compare_with_tuned
 from flows.identify import identify_components
 from flows.naming import run_name
-from sparcom.ablation.ablate import evaluated_on
 from sparcom.config import PipelineSettings
 from sparcom.identification.keys import results_dir
 from sparcom.identification.schema import COMPONENTS
@@ -25,7 +24,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     if settings.ablation.enabled and settings.ablation.held_out_fraction:
         dataset, held_out = hold_out(dataset, settings.ablation.held_out_fraction, settings.ablation.seed,
                                      settings.work_dir)
-        settings = evaluated_on(settings, held_out)
+        settings = settings.evaluated_on(held_out)
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     run_dir = results_dir(settings.work_dir, store, settings.identification)

@@ -3,7 +3,8 @@ command-line flags override. Each stage's own settings live in its package (`set
 so that a stage's code version covers its settings and not the others'.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
-  fine-tune and the before/after comparison, the ablation, folders).
+  fine-tune and the before/after comparison, the ablation, folders); `evaluated_on(held_out)`
+  and `fine_tuned_groups()` answer what the pipeline's stages ask of them together.
 - `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
   such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
@@ -20,6 +21,7 @@ from pydantic import Field, ValidationError
 from sparcom.ablation.settings import AblationSettings
 from sparcom.comparison.settings import ComparisonSettings, FinetuneSettings
 from sparcom.core.settings import DaskSettings, StrictModel, default_cache_dir, validation_message
+from sparcom.curation.records import CATEGORIES
 from sparcom.curation.settings import CurationSettings, DatasetSettings
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.identification.settings import IdentificationSettings
@@ -37,6 +39,17 @@ class PipelineSettings(StrictModel):
     dask: DaskSettings = DaskSettings()
     work_dir: Path = Field(Path("sparcom-work"), description="datasets, stores and run reports")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models")
+
+    def evaluated_on(self, held_out: Path) -> PipelineSettings:
+        """These settings with the ablation evaluated on the `held_out` dataset (a copy)."""
+        return self.model_copy(deep=True, update={"ablation": self.ablation.model_copy(
+            update={"eval_dataset": held_out})})
+
+    def fine_tuned_groups(self) -> list[str]:
+        """The groups the tuned model was trained on, where the pipeline fine-tunes it by category."""
+        if self.comparison.tuned is not None or self.identification.group_by != "category":
+            return []
+        return list(self.finetune.categories) or list(CATEGORIES)
 
 
 class SettingsError(ValueError):

@@ -76,3 +76,17 @@ def test_trigger_refuses_bad_parameters_before_calling_the_server(tmp_path):
     settings.write_text("identification: {epsilon: 7}\n")
     bad_settings = runner.invoke(app, ["trigger", "sparcom-pipeline/pipeline", "--config", str(settings)])
     assert bad_settings.exit_code == 2 and "epsilon" in bad_settings.output
+
+
+def test_what_the_stages_ask_of_the_pipeline_settings_together(tmp_path):
+    from sparcom.curation.records import CATEGORIES
+    from sparcom.extraction.settings import ModelSettings
+
+    settings = PipelineSettings()
+    assert settings.fine_tuned_groups() == ["CODE", "MATH"]
+    assert PipelineSettings(finetune={"categories": []}).fine_tuned_groups() == list(CATEGORIES)
+    assert PipelineSettings(comparison={"tuned": ModelSettings(name="t")}).fine_tuned_groups() == []
+    assert PipelineSettings(identification={"group_by": "origin"}).fine_tuned_groups() == []
+    held_out = settings.evaluated_on(tmp_path / "held-out")
+    assert held_out.ablation.eval_dataset == tmp_path / "held-out" and settings.ablation.eval_dataset is None
+    assert held_out.model_dump(exclude={"ablation"}) == settings.model_dump(exclude={"ablation"})

@@ -14,8 +14,6 @@ groups' records, and more than control components of the same number, place and 
   part and a held-out evaluation part, per category, disjoint.
 - `split_dataset(dataset_dir, fraction, seed, datasets_dir)`: the same for a saved dataset: both
   parts saved under their hashes (the pipeline identifies on one and evaluates on the other).
-- `evaluated_on(settings, held_out)`: the pipeline's settings with the ablation evaluated on
-  the held-out part.
 - `components_in(path)`: the components.zarr of an identification folder (or the path itself).
 - `find_store(components_path)`: the count store beside an identification folder of a work dir.
 - `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
@@ -138,13 +136,6 @@ def split_dataset(dataset_dir: Path, fraction: float, seed: int, datasets_dir: P
                                                        "seed": seed})
         parts.append(directory)
     return parts[0], parts[1]
-
-
-def evaluated_on(settings, held_out: Path):
-    """The pipeline's settings with the ablation evaluated on the `held_out` dataset; `settings` is
-    a `config.PipelineSettings` (a copy is returned)."""
-    return settings.model_copy(deep=True, update={"ablation": settings.ablation.model_copy(
-        update={"eval_dataset": held_out})})
 
 
 def _label(record: InstructionRecord, group_by: str) -> str:

@@ -16,7 +16,6 @@
 - `check_sides(base, tuned, base_store, tuned_store)`: each side of a comparison given once,
   as a model or as a count store.
 - `comparison_run_dir(work_dir, base_name)`: a new run folder for a standalone comparison.
-- `fine_tuned_groups(settings)`: the groups the pipeline's fine-tune trained on (the focus).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import xarray as xr
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from sparcom.curation.records import CATEGORIES
 from sparcom.extraction.schema import INSTRUCTION, LAYER, MOE_LAYER
 from sparcom.identification.generality import generality, share
 from sparcom.identification.rules import parameter_names
@@ -303,11 +301,3 @@ def comparison_run_dir(work_dir: Path, base_name: str) -> Path:
     """`<work_dir>/runs/<time>-compare-<base model or store name>`."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(work_dir).resolve() / "runs" / f"{stamp}-compare-{Path(base_name).name.removesuffix('.zarr')}"
-
-
-def fine_tuned_groups(settings) -> list[str]:
-    """The groups the tuned model was trained on, where the pipeline fine-tuned it by category;
-    `settings` is a `config.PipelineSettings`."""
-    if settings.comparison.tuned is not None or settings.identification.group_by != "category":
-        return []
-    return list(settings.finetune.categories) or list(CATEGORIES)
