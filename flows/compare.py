@@ -14,10 +14,10 @@ from flows.identify import identify_components
 from sparcom.comparison.compare import check_sides, comparison_run_dir
 from sparcom.config import PipelineSettings
 from sparcom.extraction.settings import ModelSettings
-from sparcom.identification.schema import COMPONENTS
-from tasks.ablation import measure_ablation
+from sparcom.identification.schema import COMPONENTS, REPORT
+from tasks.ablation import add_ablation_to_report, measure_ablation
 from tasks.caching import Stage, refreshed
-from tasks.comparison import check_comparable, compare_checkpoints
+from tasks.comparison import add_comparison_to_report, check_comparable, compare_checkpoints
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
 from tasks.finetuning import finetune_model
@@ -66,10 +66,12 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     base_ablation = run_dir / "ablation.json"
     if settings.ablation.enabled and base_ablation.exists():
         # The tuned model's own components, switched off on the tuned model, on the same records.
-        refreshed(measure_ablation, "ablate", refresh)(
+        tuned_ablation = refreshed(measure_ablation, "ablate", refresh)(
             run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
-            settings.cache_dir, run_dir / "tuned", prefix="sparcom-tuned", run_report=run_dir / "report.md",
-            baseline=base_ablation)
-    return refreshed(compare_checkpoints, "compare", refresh)(
+            settings.cache_dir, run_dir / "tuned", prefix="sparcom-tuned")
+        add_ablation_to_report(run_dir / REPORT, tuned_ablation, baseline=base_ablation)
+    comparison = refreshed(compare_checkpoints, "compare", refresh)(
         run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
-        settings.fine_tuned_groups(), settings.comparison.top_movers, run_report=run_dir / "report.md")
+        settings.fine_tuned_groups(), settings.comparison.top_movers)
+    add_comparison_to_report(run_dir / REPORT, comparison)
+    return comparison

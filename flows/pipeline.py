@@ -9,8 +9,8 @@ from flows.identify import identify_components
 from flows.naming import run_name
 from sparcom.config import PipelineSettings
 from sparcom.identification.keys import results_dir
-from sparcom.identification.schema import COMPONENTS
-from tasks.ablation import hold_out, measure_ablation
+from sparcom.identification.schema import COMPONENTS, REPORT
+from tasks.ablation import add_ablation_to_report, hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
@@ -31,8 +31,8 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.ablation.enabled:
         summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
-            run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
-            run_report=run_dir / "report.md")
+            run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir)
+        add_ablation_to_report(run_dir / REPORT, summary["ablation"])
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
     get_run_logger().info("Results are in %s", run_dir)

@@ -5,6 +5,8 @@ and whether a cached result can still be used (docs/method.md section 8).
 - `result_key(stage, *inputs)`: the key of a stage whose inputs are earlier results on disk.
 - `unusable_output(result)`: why a cached result can no longer be used (a file or folder it
   names is gone, a count store it names does not verify), or None.
+- `run_report_written(report)`: which write of a run's report.md by the analyse stage the later
+  stages' sections go into, as a `result_key` input.
 
 The keys of stages whose inputs are not results on disk live beside their stages:
 `sparcom.curation.keys`, `sparcom.extraction.keys`, `sparcom.identification.keys`,
@@ -24,6 +26,7 @@ from sparcom.curation.keys import CURATE
 from sparcom.extraction.keys import EXTRACT
 from sparcom.extraction.store import StoreError, verify_store
 from sparcom.identification.keys import ANALYSE, IDENTIFY
+from sparcom.identification.schema import GENERALITY
 
 STAGES = {"curate": CURATE, "extract": EXTRACT, "identify": IDENTIFY, "analyse": ANALYSE,
           "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE}
@@ -35,6 +38,14 @@ def result_key(stage: str, *inputs: object) -> str:
     marks = [(str(i), (Path(i) / "zarr.json").stat().st_mtime_ns if (Path(i) / "zarr.json").exists() else None)
              if isinstance(i, Path) else i for i in inputs]
     return content_hash(stage, marks, STAGES[stage].version())
+
+
+def run_report_written(report: Path) -> Path:
+    """The analyse stage writes report.md whole, so the sections that the ablation and the
+    comparison add must be added again after each of its runs, even when those stages are cache
+    hits. Their keys take this path: generality.zarr, written with report.md, whose write time
+    `result_key` reads (report.md's own changes with every section added)."""
+    return Path(report).parent / GENERALITY
 
 
 def unusable_output(result: object) -> str | None:

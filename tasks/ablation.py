@@ -4,6 +4,8 @@
   evaluation records, per category, by record hash.
 - `measure_ablation(...)`: `sparcom.ablation.ablate.run_ablation` and its report, published as the
   `<prefix>-ablation` markdown artifact with a progress artifact; content-cached like every stage.
+- `add_ablation_to_report(run_report, summary, baseline)`: `sparcom.ablation.report.link_into_report`,
+  cached on the report as the analyse stage wrote it (`sparcom.stages.run_report_written`).
 """
 
 from pathlib import Path
@@ -17,16 +19,19 @@ from sparcom.ablation.settings import AblationSettings
 from sparcom.core.hashing import input_fingerprint
 from sparcom.curation.hexainst import AUTHORED_DIR
 from sparcom.extraction.settings import ExtractionSettings
-from sparcom.stages import result_key
+from sparcom.stages import result_key, run_report_written
 from tasks.caching import cached
 
 
-def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sparcom", run_report=None,
-         baseline=None) -> str:
+def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sparcom") -> str:
     evaluation = input_fingerprint(settings.eval_dataset or AUTHORED_DIR)
-    base = input_fingerprint(baseline) if baseline and Path(baseline).exists() else None
     return result_key("ablate", Path(components), Path(store), settings, extraction, evaluation, str(out_dir),
-                      prefix, str(run_report), base)
+                      prefix)
+
+
+def _report_key(run_report, summary, baseline=None) -> str:
+    base = input_fingerprint(baseline) if baseline is not None and Path(baseline).exists() else None
+    return result_key("ablate", run_report_written(run_report), str(run_report), summary, base)
 
 
 @task(name="hold out evaluation records", **cached(lambda dataset_dir, fraction, seed, work_dir: (
@@ -38,12 +43,8 @@ def hold_out(dataset_dir: Path, fraction: float, seed: int, work_dir: Path) -> t
 
 @task(name="measure the ablation", **cached(_key))
 def measure_ablation(components: Path, store: Path, settings: AblationSettings, extraction: ExtractionSettings,
-                     cache_dir: Path, out_dir: Path, prefix: str = "sparcom", run_report: Path | None = None,
-                     baseline: Path | None = None) -> dict:
-    """ablation.zarr and its report in `out_dir`, published as `<prefix>-ablation`. With
-    `run_report`, its section goes into that report.md; with `baseline` (another ablation.json,
-    of the model before fine-tuning), the section says whether the components became more or
-    less critical."""
+                     cache_dir: Path, out_dir: Path, prefix: str = "sparcom") -> dict:
+    """ablation.zarr and its report in `out_dir`, published as `<prefix>-ablation`."""
     artifact = create_progress_artifact(0.0, description="Ablation: passes over the held-out records")
 
     def report(done: int, total: int) -> None:
@@ -55,6 +56,11 @@ def measure_ablation(components: Path, store: Path, settings: AblationSettings, 
     create_markdown_artifact(
         ablation_markdown(summary, plot=None), key=f"{prefix}-ablation",
         description="Ablation: NLL change per group switched off and records evaluated, against controls")
-    if run_report is not None:
-        link_into_report(run_report, summary, baseline)
     return summary
+
+
+@task(name="add the ablation to the run report", **cached(_report_key))
+def add_ablation_to_report(run_report: Path, summary: dict, baseline: Path | None = None) -> None:
+    """The ablation's section in a run's report.md; with `baseline` (another ablation.json, of the
+    model before fine-tuning), whether the components became more or less critical."""
+    link_into_report(run_report, summary, baseline)

@@ -3,6 +3,8 @@
 - `check_comparable(base_store, tuned_store)`: `sparcom.comparison.compare.check_stores_compatible`.
 - `compare_checkpoints(base_components, tuned_components, out_dir, ...)`:
   `sparcom.comparison.report.report_comparison`, published as the `sparcom-comparison` artifact.
+- `add_comparison_to_report(run_report, summary)`: `sparcom.comparison.report.link_into_report`,
+  cached on the report as the analyse stage wrote it (`sparcom.stages.run_report_written`).
 """
 
 from pathlib import Path
@@ -13,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from sparcom.comparison.compare import check_stores_compatible
 from sparcom.comparison.schema import COMPARISON_REPORT
 from sparcom.extraction.store import open_store
-from sparcom.stages import result_key
+from sparcom.stages import result_key, run_report_written
 from tasks.caching import cached
 
 
@@ -24,21 +26,27 @@ def check_comparable(base_store: Path, tuned_store: Path) -> None:
 
 
 @task(name="compare base and tuned components", **cached(
-    lambda base_components, tuned_components, out_dir, focus_groups, top_movers=10, run_report=None: (
+    lambda base_components, tuned_components, out_dir, focus_groups, top_movers=10: (
         result_key("compare", Path(base_components), Path(tuned_components), str(out_dir), focus_groups,
-                   top_movers, str(run_report)))))
+                   top_movers))))
 def compare_checkpoints(
-    base_components: Path, tuned_components: Path, out_dir: Path, focus_groups: list[str],
-    top_movers: int = 10, run_report: Path | None = None,
+    base_components: Path, tuned_components: Path, out_dir: Path, focus_groups: list[str], top_movers: int = 10,
 ) -> dict:
-    """The comparison report; with `run_report`, its headline is added to that report.md."""
+    """The comparison report, published as `sparcom-comparison`."""
     # Imported when the task runs: a cached rerun does not load matplotlib.
-    from sparcom.comparison.report import link_into_report, report_comparison
+    from sparcom.comparison.report import report_comparison
 
     summary = report_comparison(base_components, tuned_components, out_dir, focus_groups, top_movers)
-    if run_report is not None:
-        link_into_report(run_report, summary)
     create_markdown_artifact(
         Path(summary["files"][COMPARISON_REPORT]).read_text(), key="sparcom-comparison",
         description="Before/after: kept, gained and lost components, layer shift, frequency change")
     return summary
+
+
+@task(name="add the comparison to the run report", **cached(lambda run_report, summary: (
+    result_key("compare", run_report_written(run_report), str(run_report), summary))))
+def add_comparison_to_report(run_report: Path, summary: dict) -> None:
+    """The comparison's headline and a link to its report in a run's report.md."""
+    from sparcom.comparison.report import link_into_report
+
+    link_into_report(run_report, summary)

@@ -49,13 +49,30 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
     states = task_run_states(state.state_details.flow_run_id)
     assert [s for name, s in states.items() if name.startswith("measure the ablation")]
 
-    again = sparcom_pipeline(settings, refresh=["ablate"], return_state=True)
-    rerun: dict[str, list[str]] = {}
-    for name, names_states in task_run_states(again.state_details.flow_run_id).items():
-        rerun.setdefault(name.rsplit("-", 1)[0], []).extend(names_states)
+    def task_states(refresh: list[str]) -> dict[str, list[str]]:
+        """Each task's states in a rerun, its name without Prefect's run suffix."""
+        run = sparcom_pipeline(settings, refresh=refresh, return_state=True)
+        states: dict[str, list[str]] = {}
+        for name, names_states in task_run_states(run.state_details.flow_run_id).items():
+            states.setdefault(name.rsplit("-", 1)[0], []).extend(names_states)
+        return states
+
+    rerun = task_states(["ablate"])
     assert rerun["measure the ablation"] == ["Completed", "Completed"]
     assert rerun["extract activation counts"] == ["Cached", "Cached"]
     assert (run_dir / "report.md").read_text().count(SECTION) == 1
+
+    # The analysis writes report.md anew; the later stages' sections come back without their work.
+    again_states = task_states(["analyse"])
+    assert again_states["analyse generality and uniqueness"] == ["Completed", "Completed"]
+    assert again_states["measure the ablation"] == ["Cached", "Cached"]
+    assert again_states["compare base and tuned components"] == ["Cached"]
+    assert again_states["add the ablation to the run report"] == ["Completed", "Completed"]
+    assert again_states["add the comparison to the run report"] == ["Completed"]
+    rewritten = (run_dir / "report.md").read_text()
+    assert rewritten.count(SECTION) == 1 and "![ablation](ablation.png)" in rewritten
+    assert rewritten.count("## Before and after fine-tuning: are the components more critical?") == 1
+    assert rewritten.count("## Before and after fine-tuning\n") == 1
 
 
 def test_cli_ablate(tmp_path, identified, cache_dir, monkeypatch):
