@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from sparcom.ablation.accuracy import greedy_generate, tokenize_prompts
-from sparcom.ablation.hooks import Ablation
+from sparcom.intervention.hooks import Ablation
 from sparcom.extraction.architectures import ffn_sites
 from sparcom.core.settings import default_cache_dir
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.extraction.batching import pad_batch, padded_batches, plan_batches
 from sparcom.curation.hexainst import authored_records
 from sparcom.core.models import load_model, resolve_model
-from sparcom.ablation.response_nll import response_nll, tokenize_responses
+from sparcom.intervention.response_nll import response_nll, tokenize_responses
 
 
 def main() -> None:

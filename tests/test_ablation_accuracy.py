@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from sparcom.ablation.ablate import AblationInputError, run_ablation
 from sparcom.ablation.accuracy import accuracy_dataset, answers_correct, greedy_generate, tokenize_prompts
-from sparcom.ablation.hooks import Ablation
+from sparcom.intervention.hooks import Ablation
 from sparcom.ablation.report import ablation_markdown, report_ablation, summarize_ablation
 from sparcom.ablation.answers import is_correct, numbers, reference_answer
 from sparcom.extraction.architectures import ffn_sites

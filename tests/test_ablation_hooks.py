@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from sparcom.ablation.hooks import Ablation, AblationError
+from sparcom.intervention.hooks import Ablation, AblationError
 from sparcom.extraction.architectures import ffn_sites
 from sparcom.extraction.settings import ExtractionSettings
-from sparcom.ablation.response_nll import response_nll, tokenize_responses
+from sparcom.intervention.response_nll import response_nll, tokenize_responses
 
 from builders import make_record, tiny
 from references import mlps, reference_tokens, zero_down_columns

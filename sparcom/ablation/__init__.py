@@ -1,8 +1,6 @@
 """Stage 4, ablation: do a group's components matter? Switch them off on held-out records
 (docs/method.md section 6).
 
-- `hooks`: switching neurons, expert neurons and experts off, always undone.
-- `response_nll`: the mean NLL of reference responses, teacher-forced.
 - `controls`: random and frequency-matched control sets of the same size per layer.
 - `statistics`: deltas, specificity, control ratios, bootstrap intervals, permutation tests.
 - `answers`, `accuracy`: checkable answers, and greedy-decoded accuracy under each ablation.

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
-from sparcom.ablation.hooks import Ablation
+from sparcom.intervention.hooks import Ablation
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.settings import AblationSettings
 from sparcom.ablation.statistics import ablation_figures
@@ -290,7 +290,7 @@ def measured_passes(plan: AblationPlan, loaded: LoadedModel, settings: AblationS
     with each control switched off; the answers only with `settings.accuracy`, of the records
     with a checkable answer ("" for the others)."""
     from sparcom.ablation.accuracy import greedy_generate, tokenize_prompts
-    from sparcom.ablation.response_nll import response_nll, tokenize_responses
+    from sparcom.intervention.response_nll import response_nll, tokenize_responses
 
     tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
     checked = np.flatnonzero(plan.checkable) if settings.accuracy else np.array([], dtype=int)
