@@ -4,7 +4,7 @@ and whether a cached result can still be used (docs/method.md section 8).
 - `STAGES`: stage name -> its code (`StageCode`, declared in each stage package's `keys` module).
 - `result_key(stage, *inputs)`: the key of a stage whose inputs are earlier results on disk.
 - `unusable_output(result)`: why a cached result can no longer be used (a file or folder it
-  names is gone, a count store it names does not verify), or None.
+  names is gone, a count store or run output it names does not verify), or None.
 - `run_report_written(report)`: which write of a run's report.md by the analyse stage the later
   stages' sections go into, as a `result_key` input.
 
@@ -50,7 +50,7 @@ def run_report_written(report: Path) -> Path:
 
 def unusable_output(result: object) -> str | None:
     """Paths in the result (Path objects, absolute path strings, inside dicts, lists and pydantic
-    models) must exist, and those that are count stores must verify."""
+    models) must exist, and those that are Zarr stores (count stores, run outputs) must verify."""
     def paths(value: object):
         if isinstance(value, Path):
             yield value
@@ -68,7 +68,7 @@ def unusable_output(result: object) -> str | None:
     for path in paths(result):
         if not path.exists():
             return f"{path} is gone"
-        if (path / "zarr.json").is_file() and (path / "progress").is_dir():  # a count store
+        if (path / "zarr.json").is_file():  # a count store or a run output: it must verify
             try:
                 verify_store(path)
             except StoreError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -171,3 +172,79 @@ def test_identification_works_for_small_shards(tmp_path, records, shard_size):
         rows = categories == category
         expected = counts[rows].sum(0) / tokens[rows].sum()
         np.testing.assert_allclose(components.frequency.sel(group=category).values, expected)
+
+
+@pytest.mark.parametrize("manifest", ["missing", "unparsable"])
+def test_a_store_without_a_readable_manifest_is_recounted(tmp_path, intact, loaded, records, manifest):
+    store = tmp_path / "old.zarr"
+    shutil.copytree(intact, store)
+    if manifest == "missing":
+        (store / "sparcom_manifest.json").unlink()
+    else:
+        (store / "sparcom_manifest.json").write_text('{"format": 2}{"extra": 1}')
+    with pytest.raises(StoreError, match=r"old.zarr.*manifest.*`sparcom run --refresh extract`.*or delete .*old.zarr$"):
+        verify_store(store)
+    extract_to_store(loaded, records, store, SETTINGS)  # every shard recounted
+    verify_store(store)
+    xr.testing.assert_identical(open_store(store).compute(), open_store(intact).compute())
+
+
+def test_a_chunk_removed_from_both_store_and_manifest_is_found(tmp_path, intact):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(intact, store)
+    (store / "act_count" / "c" / "1" / "0" / "0").unlink()
+    manifest = json.loads((store / "sparcom_manifest.json").read_text())
+    del manifest["arrays"]["act_count"]["files"]["c/1/0/0"]
+    (store / "sparcom_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shard 1 \(records t-004"):
+        verify_store(store)
+
+
+def test_a_changed_root_attribute_is_found(tmp_path, intact):
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(intact, store)
+    zarr.open_group(store, mode="r+").attrs["shard_size"] = 3
+    with pytest.raises(StoreError, match=r"'root attributes': \['shard_size'\].*delete .*s.zarr and extract again"):
+        verify_store(store)
+
+
+def test_a_manifest_of_the_first_format_is_upgraded_without_a_recount(tmp_path, intact):
+    from sparcom.extraction.integrity import chunk_files
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(intact, store)
+    current = json.loads((store / "sparcom_manifest.json").read_text())
+    first = {"format": 1, "arrays": {name: {key: entry for key, entry in array["files"].items() if entry}
+                                     for name, array in current["arrays"].items()}}
+    (store / "sparcom_manifest.json").write_text(json.dumps(first))
+    written = {p: p.stat().st_mtime_ns for p in store.rglob("c/*") if p.is_file()}
+    verify_store(store)
+    assert json.loads((store / "sparcom_manifest.json").read_text()) == current
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("c/*") if p.is_file()} == written
+    assert chunk_files(store, "act_count")  # still the same chunks
+    (store / "sparcom_manifest.json").write_text(json.dumps(first))
+    (store / "token_count" / "c" / "2").unlink()
+    with pytest.raises(StoreError, match="shard 2"):  # an old manifest with damage is not upgraded
+        verify_store(store)
+    assert json.loads((store / "sparcom_manifest.json").read_text())["format"] == 1
+
+
+@pytest.mark.parametrize("path, message", [
+    ("missing.zarr", "missing.zarr: no such store"),
+    ("d.jsonl", "d.jsonl: is a file, not a Zarr store"),
+    ("empty", "empty: not a Zarr store (no zarr.json)"),
+    ("truncated.zarr", "truncated.zarr: its Zarr metadata cannot be read"),
+])
+def test_verify_names_what_is_not_a_store(tmp_path, intact, path, message):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(intact, tmp_path / "truncated.zarr")
+    meta = tmp_path / "truncated.zarr" / "zarr.json"
+    meta.write_text(meta.read_text()[:200])
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    if path == "truncated.zarr":
+        assert "delete" in result.output

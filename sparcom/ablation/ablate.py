@@ -50,7 +50,7 @@ from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.settings import ExtractionSettings
-from sparcom.extraction.store import is_complete, open_store, save_zarr, store_attrs
+from sparcom.extraction.store import is_complete, open_result, open_store, save_zarr, store_attrs
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
 
 if TYPE_CHECKING:  # loading a model needs torch: imported where the stage runs
@@ -251,7 +251,7 @@ def run_ablation(
     and must have the components' weights fingerprint."""
     from sparcom.ablation.accuracy import accuracy_dataset
 
-    plan = plan_ablation(xr.open_zarr(components_path), store_path, settings)
+    plan = plan_ablation(open_result(components_path), store_path, settings)
     loaded = fingerprinted_model(plan, store_path, extraction, cache_dir, model_name)
     (base, nll_ablated, nll_control), texts = measured_passes(plan, loaded, settings, extraction, on_progress)
     controls = list(settings.controls)

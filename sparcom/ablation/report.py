@@ -26,6 +26,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from sparcom.core.markdown import put_section, table
+from sparcom.extraction.store import open_result
 
 ALPHA = 0.05
 SECTION = "## Do the components matter? (ablation)"
@@ -233,7 +234,7 @@ def plot_ablation(ablation: xr.Dataset, path: Path) -> None:
 
 def report_ablation(ablation_path: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    ablation = xr.open_zarr(ablation_path).load()
+    ablation = open_result(ablation_path).load()
     summary = summarize_ablation(ablation)
     files = {name: str(out_dir / name) for name in ("ablation.md", "ablation.json", "ablation.png")}
     files["ablation.zarr"] = str(ablation_path)

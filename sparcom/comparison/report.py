@@ -26,7 +26,7 @@ from sparcom.comparison.compare import compare_components, families_in, top_move
 from sparcom.comparison.schema import COMPARISON, COMPARISON_REPORT, COMPARISON_SUMMARY
 from sparcom.core.markdown import put_section, table
 from sparcom.extraction.schema import MOE_LAYER
-from sparcom.extraction.store import save_zarr
+from sparcom.extraction.store import open_result, save_zarr
 from sparcom.identification.rules import rule_parameters
 from sparcom.identification.schema import GROUP, Family
 
@@ -330,8 +330,8 @@ def write_comparison_report(base: xr.Dataset, tuned: xr.Dataset, out_dir: Path,
 
 def report_comparison(base_components: Path, tuned_components: Path, out_dir: Path,
                       focus_groups: Sequence[str] = (), top: int = 10) -> dict:
-    base = xr.open_zarr(base_components).load()
-    tuned = xr.open_zarr(tuned_components).load()
+    base = open_result(base_components).load()
+    tuned = open_result(tuned_components).load()
     return write_comparison_report(base, tuned, out_dir, focus_groups, top)
 
 

@@ -12,7 +12,11 @@
 - `check_store_target(path)`: refuses an existing path that is not a count store.
 - `open_store(path)`: the finished, verified store as an xarray Dataset (dask-backed),
   coordinates loaded.
-- `save_zarr(dataset, path)`: any result dataset, with consolidated metadata.
+- `save_zarr(dataset, path)`: any result dataset, with consolidated metadata and its manifest.
+- `seal_result(path)`, `verify_result(path)`, `open_result(path)`: the manifest of a run output
+  (components, generality, ablation, comparison), its check, and the verified output opened;
+  `verify_store` checks either kind. A path that is not a readable Zarr store (missing, a file,
+  an empty folder, unreadable metadata) is a StoreError naming it and what to do.
 
 Shards are instruction ranges of exactly one chunk, so writers never share a chunk and separate
 processes can fill one store side by side.
@@ -34,7 +38,16 @@ import zarr
 
 from sparcom.core.outputs import MARKER, building
 from sparcom.curation.records import InstructionRecord, record_hash
-from sparcom.extraction.integrity import MANIFEST_NAME, chunk_files, chunk_manifest, expected_chunks, find_damage
+from sparcom.extraction.integrity import (
+    MANIFEST_NAME,
+    ManifestError,
+    chunk_files,
+    chunk_manifest,
+    expected_chunks,
+    find_damage,
+    read_manifest,
+    upgrade_manifest,
+)
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 
 STATUS = "sparcom_status"
@@ -103,7 +116,23 @@ def check_store_target(path: Path) -> None:
 
 
 def store_attrs(path: Path) -> dict:
-    return dict(zarr.open_group(path, mode="r").attrs)
+    return dict(_group(path).attrs)
+
+
+def _group(path: Path, mode: str = "r") -> zarr.Group:
+    """The store's root group; what is not a readable Zarr store is a StoreError saying so."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such store; give the path of a finished store")
+    if not path.is_dir():
+        raise StoreError(f"{path}: is a file, not a Zarr store (a folder); give the path of a finished store")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a Zarr store (no zarr.json); give the path of a finished store")
+    try:
+        return zarr.open_group(path, mode=mode)
+    except (ValueError, KeyError, TypeError, OSError) as error:  # JSON errors are ValueErrors
+        raise StoreError(f"{path}: its Zarr metadata cannot be read ({error}); it is damaged: "
+                         f"delete {path} and write it again (`--refresh` of its stage)") from None
 
 
 def write_shard(path: Path, shard: int, counts: dict[str, np.ndarray]) -> None:
@@ -141,7 +170,7 @@ def seal_store(path: Path) -> None:
     """Finish a fully written store: its chunk manifest (size and CRC-32 of every chunk), then
     the complete status, then consolidated metadata. Also for stores written by other means
     (benchmarks, tests) in this layout."""
-    (Path(path) / MANIFEST_NAME).write_text(json.dumps(chunk_manifest(path)), encoding="utf-8")
+    seal_result(path)
     zarr.open_group(path, mode="r+").attrs[STATUS] = "complete"
     with _quiet_consolidation():
         zarr.consolidate_metadata(path)
@@ -168,30 +197,44 @@ def _shard_of(key: str) -> int:
 def damaged_shards(path: Path, full: bool = True) -> tuple[list[int], dict[str, list[str]]]:
     """(shards whose chunks are missing or changed, damaged chunks of arrays not split by shard).
 
-    A store without a manifest (made before manifests existed) cannot be checked: every shard."""
+    A store without a readable manifest (also one made before manifests existed) cannot be
+    checked: every shard. One of the older format whose chunks verify gets the current format."""
     path = Path(path)
-    manifest_file = path / MANIFEST_NAME
-    if not manifest_file.is_file():
-        return list(range(len(zarr.open_group(path, mode="r")[PROGRESS]))), {}
-    damage = find_damage(path, json.loads(manifest_file.read_text()), full)
+    try:
+        manifest = read_manifest(path)
+    except ManifestError:
+        return list(range(_group(path)[PROGRESS].shape[0])), {}
+    damage = find_damage(path, manifest, full)
     by_shard = set(_shard_arrays(path))
     shards = sorted({_shard_of(key) for name, keys in damage.arrays().items() if name in by_shard for key in keys})
     other = {name: keys for name, keys in damage.arrays().items() if name not in by_shard}
+    other.update({name: ["zarr.json (its shape or chunks)"] for name in damage.grids})
+    if damage.attrs:
+        other["root attributes"] = damage.attrs
+    if not damage and full:
+        upgrade_manifest(path, manifest)
     return shards, other
 
 
 def verify_store(path: Path, full: bool = True) -> None:
     """Raise StoreError unless the finished store holds every chunk of its manifest unchanged."""
     path = Path(path)
+    _group(path)
+    if not (path / PROGRESS).is_dir():
+        verify_result(path, full)
+        return
     if not is_complete(path):
         raise StoreError(f"{path}: extraction has not finished (rerun it with the same settings to resume)")
-    if not (path / MANIFEST_NAME).is_file():
-        raise StoreError(f"{path}: no chunk manifest ({MANIFEST_NAME}), so it cannot be verified; "
-                         "rerun `sparcom extract` with the same settings to recount it")
+    try:
+        read_manifest(path)
+    except ManifestError as error:
+        raise StoreError(f"{error}: the store cannot be verified; rerun `sparcom extract` with the same "
+                         "settings (or `sparcom run --refresh extract`) to recount it, or delete "
+                         f"{path}") from None
     shards, other = damaged_shards(path, full)
     if other:
-        raise StoreError(f"{path}: damaged store: chunks {other} are missing or changed; "
-                         "it cannot be repaired, delete it and extract again")
+        raise StoreError(f"{path}: damaged store: {other} missing or changed; it cannot be repaired: "
+                         f"delete {path} and extract again")
     if shards:
         raise StoreError(f"{path}: damaged store: {describe_shards(path, shards)} have missing or changed "
                          "chunks; rerun `sparcom extract` with the same settings to recount them")
@@ -211,6 +254,35 @@ def describe_shards(path: Path, shards: Sequence[int], limit: int = 4) -> str:
         parts.append(f"shard {shard}" + (f" (records {shown})" if rows else ""))
     more = f" and {len(shards) - limit} more shards" if len(shards) > limit else ""
     return "; ".join(parts) + more
+
+
+def seal_result(path: Path) -> None:
+    """The chunk manifest of a finished store (the last thing written, but a count store's status)."""
+    (Path(path) / MANIFEST_NAME).write_text(json.dumps(chunk_manifest(path)), encoding="utf-8")
+
+
+def verify_result(path: Path, full: bool = True) -> None:
+    """Raise StoreError unless a run output (components, generality, ablation, comparison) holds
+    every chunk and root attribute of its manifest unchanged."""
+    path = Path(path)
+    _group(path)
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as error:
+        raise StoreError(f"{error}: {path} cannot be verified; delete it and rerun the stage that "
+                         "wrote it (`sparcom run` rewrites it)") from None
+    damage = find_damage(path, manifest, full)
+    if damage:
+        found = {**damage.arrays(), **{name: ["zarr.json"] for name in damage.grids},
+                 **({"root attributes": damage.attrs} if damage.attrs else {})}
+        raise StoreError(f"{path}: damaged: {found} missing or changed; delete it and rerun the stage "
+                         "that wrote it (`sparcom run` rewrites it)")
+
+
+def open_result(path: Path) -> xr.Dataset:
+    """A run output, verified, as a lazy Dataset."""
+    verify_result(path)
+    return xr.open_zarr(path, consolidated=True)
 
 
 def reopen_shards(path: Path, shards: Sequence[int]) -> None:
@@ -242,19 +314,19 @@ def _quiet_consolidation():
 
 
 def save_zarr(dataset: xr.Dataset, path: Path) -> Path:
+    """Written whole, with consolidated metadata, then its chunk manifest (`open_result` checks it)."""
     with _quiet_consolidation():
         dataset.to_zarr(path, mode="w", zarr_format=3, consolidated=True)
+    seal_result(path)
     return Path(path)
 
 
 def is_complete(path: Path) -> bool:
-    return Path(path).is_dir() and store_attrs(path).get(STATUS) == "complete"
+    return (Path(path) / "zarr.json").is_file() and store_attrs(path).get(STATUS) == "complete"
 
 
 def open_store(path: Path) -> xr.Dataset:
     path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path}: not a Zarr store")
     verify_store(path)
     dataset = xr.open_zarr(path, consolidated=True)
     return dataset.assign_coords({name: dataset[name].load() for name in dataset.coords})

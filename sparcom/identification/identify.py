@@ -42,7 +42,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.core.outputs import building, claimed
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
-from sparcom.extraction.store import StoreError, open_store
+from sparcom.extraction.store import StoreError, open_store, seal_result
 from sparcom.identification.rules import check_rule, select_by
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
 from sparcom.identification.settings import IdentificationSettings
@@ -396,4 +396,5 @@ def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: 
             warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
             zarr.consolidate_metadata(path)
+        seal_result(path)
     return target

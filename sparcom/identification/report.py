@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from sparcom.core.drawing import Drawing, start_drawing
 from sparcom.core.markdown import table
-from sparcom.extraction.store import save_zarr
+from sparcom.extraction.store import open_result, save_zarr
 from sparcom.identification.generality import EXPERT, OTHER, analyze, analyzed_families, family_part, prefix
 from sparcom.identification.rules import rule_parameters
 from sparcom.identification.schema import GROUP, Family
@@ -359,7 +359,7 @@ def write_report(components: xr.Dataset, analysis: xr.Dataset, out_dir: Path) ->
     else:
         # The small figures are read back, not computed again from the lazy sets.
         save_zarr(analysis, out_dir / "generality.zarr")
-        small = xr.open_zarr(out_dir / "generality.zarr").drop_vars(large).load()
+        small = open_result(out_dir / "generality.zarr").drop_vars(large).load()
         drawing = start_plots(small, families)
     summary = summarize(components, small)
     files = {name: str(out_dir / name) for name in ("summary.json", "report.md", "generality.zarr")}
@@ -386,5 +386,5 @@ def start_plots(small: xr.Dataset, families: list[Family]) -> Drawing:
 
 
 def report_generality(components_path: Path, out_dir: Path) -> dict:
-    components = xr.open_zarr(components_path)
+    components = open_result(components_path)
     return write_report(components, analyze(components), out_dir)
