@@ -91,3 +91,31 @@ def test_unusable_output_names_what_is_wrong(tmp_path):
     (store / "act_count" / "c" / "1" / "0" / "0").unlink()
     assert "shard 1 (records t-002, t-003)" in unusable_output(store)
     assert unusable_output({"files": {"report.md": str(tmp_path / "gone.md")}}) == f"{tmp_path / 'gone.md'} is gone"
+
+
+def test_a_damaged_run_output_is_refused_by_its_readers_and_not_answered_from_cache(tmp_path):
+    import pytest
+
+    from sparcom.extraction.store import StoreError
+    from sparcom.identification.identify import identify_store
+    from sparcom.identification.report import report_generality
+    from sparcom.identification.settings import IdentificationSettings
+
+    store = small_store(tmp_path / "s.zarr")
+    components = identify_store(store, IdentificationSettings(epsilon=0.5, split_half_seeds=0), tmp_path / "run")
+    assert unusable_output({"components": components}) is None
+    shutil.rmtree(components / "isn")
+    assert "components.zarr: damaged: {'isn': ['zarr.json']}" in unusable_output({"components": components})
+    with pytest.raises(StoreError, match="components.zarr: damaged.*isn.*rerun the stage"):
+        report_generality(components, tmp_path / "run")
+
+
+def test_a_run_output_without_manifest_is_not_answered_from_cache(tmp_path):
+    import xarray as xr
+
+    from sparcom.extraction.store import save_zarr
+
+    output = save_zarr(xr.Dataset({"delta": ("group", [0.5, 0.25])}), tmp_path / "ablation.zarr")
+    assert unusable_output(output) is None
+    (output / "sparcom_manifest.json").unlink()
+    assert "no chunk manifest" in unusable_output(output)
