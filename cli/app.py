@@ -248,6 +248,9 @@ def ablate_command(
     own group more than others and more than random and frequency-matched controls."""
     from sparcom.ablation.ablate import components_in, find_store, run_ablation
     from sparcom.ablation.report import ablation_markdown, report_ablation
+    from sparcom.ablation.schema import ABLATION
+    from sparcom.core.outputs import check_output, claimed
+    from sparcom.identification.schema import RUN_KIND
 
     settings = _settings(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
@@ -255,10 +258,13 @@ def ablate_command(
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
         extraction__dtype=dtype, extraction__device=device)
+    check_output(out, RUN_KIND)  # before any work: never a user's folder, nor their ablation.zarr
+    check_output(out / ABLATION, ABLATION)
     path = components_in(components)
-    result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
-                          settings.cache_dir, out, model_name=model)
-    summary = report_ablation(result, out)
+    with claimed(out, RUN_KIND):  # one ablation at a time into `out`: none overwrites another's files
+        result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
+                              settings.cache_dir, out, model_name=model)
+        summary = report_ablation(result, out)
     typer.echo(ablation_markdown(summary, plot=None))
     typer.echo(f"results: {out}")
 
@@ -324,8 +330,11 @@ def generate(
     """Write new AI-generated records with a chat model from constrained meta-prompts."""
     from sparcom.core.models import load_model, resolve_model
     from sparcom.curation.generate import generate_records, transformers_chat
+    from sparcom.core.outputs import check_output_file
     from sparcom.curation.hexainst import authored_records
 
+    check_output_file(out)  # before the model loads: never over a user's file
+    check_output_file(out.with_suffix(".rejected.jsonl"))
     settings = _settings(config, model__name=model, model__trust_remote_code=trust_remote_code or None,
                          extraction__dtype=dtype, extraction__device=device)
     source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)

@@ -39,7 +39,7 @@ def test_a_users_folder_is_refused_and_untouched(users_folder):
         with claimed(users_folder, "run"):
             pass
     assert folder_digest(users_folder) == before
-    assert sorted(p.name for p in users_folder.parent.iterdir() if not p.name.endswith(".lock")) == ["mine"]
+    assert sorted(p.name for p in users_folder.parent.iterdir()) == ["mine"]
 
 
 def test_an_earlier_output_is_replaced_whole_and_a_failed_build_changes_nothing(tmp_path):
@@ -55,7 +55,7 @@ def test_an_earlier_output_is_replaced_whole_and_a_failed_build_changes_nothing(
             (partial / "half.txt").write_text("half")
             raise RuntimeError("killed halfway")
     assert folder_digest(target) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock file stays behind
     with pytest.raises(OutputError, match="as a run"):  # another command's output
         check_output(target, "run")
 
@@ -86,7 +86,7 @@ def test_concurrent_writers_into_one_output_never_mix(tmp_path):
     assert [w.wait(timeout=300) for w in writers] == [0, 0, 0]
     contents = {p.read_text() for p in target.glob("part*")}
     assert len(contents) == 1 and len(list(target.glob("part*"))) == 20
-    assert not [p for p in tmp_path.iterdir() if ".building" in p.name or ".replaced" in p.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_curate_refuses_a_users_out_folder_before_any_work(users_folder, tmp_path):
@@ -116,3 +116,124 @@ def test_identify_refuses_a_users_out_folder(users_folder, tmp_path):
     assert result.exit_code == 2, result.output
     assert "mine" in result.output and "Traceback" not in result.output
     assert folder_digest(users_folder) == before
+
+
+def small_store(path: Path) -> Path:
+    import numpy as np
+
+    from sparcom.extraction.store import create_store, finalize_store, write_shard
+
+    records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
+    create_store(path, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,
+                 {"extraction_key": "k"})
+    for shard in (0, 1):
+        write_shard(path, shard, {"token_count": np.full(2, 4, np.uint32),
+                                  "act_count": np.ones((2, 2, 3), np.uint32)})
+    finalize_store(path)
+    return path
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import sparcom.core.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load before the output is checked")
+
+    monkeypatch.setattr(sparcom.core.models, "load_model", refuse)
+
+
+WRITING_COMMANDS = {  # command -> its arguments with OUT where the output goes
+    "extract": ["extract", "--model", "default", "--dataset", "DATA", "--out", "OUT"],
+    "identify": ["identify", "--store", "STORE", "--out", "OUT", "--dask-workers", "1"],
+    "ablate": ["ablate", "--components", "STORE", "--out", "OUT"],
+    "curate": ["curate", "--no-hub", "--out", "OUT", "--work-dir", "WORK"],
+    "generate": ["generate", "--category", "QA", "--out", "OUT"],
+}
+
+
+@pytest.mark.parametrize("command", list(WRITING_COMMANDS))
+def test_every_writing_command_refuses_a_users_folder_before_any_work(command, users_folder, tmp_path,
+                                                                      no_model_loading):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(make_record(i, "QA", f"Question {i}").model_dump_json() + "\n" for i in range(4)))
+    store = small_store(tmp_path / "s.zarr") if command in ("identify", "ablate") else tmp_path / "s.zarr"
+    given = {"DATA": str(data), "STORE": str(store), "OUT": str(users_folder), "WORK": str(tmp_path / "work")}
+    before = folder_digest(users_folder)
+    result = CliRunner().invoke(app, [given.get(arg, arg) for arg in WRITING_COMMANDS[command]])
+    assert result.exit_code == 2, result.output
+    assert "mine" in result.output and len(result.output.strip().splitlines()) == 1
+    assert folder_digest(users_folder) == before
+    assert not [p.name for p in users_folder.parent.iterdir() if p.name.startswith(".")]  # no lock file
+
+
+def test_ablate_refuses_a_users_folder_in_place_of_its_ablation_store(tmp_path, no_model_loading):
+    out = tmp_path / "run"
+    with claimed(out, "run"):  # an earlier run folder, its ablation.zarr a user's folder
+        (out / "ablation.zarr").mkdir()
+        (out / "ablation.zarr" / "mine.txt").write_text("keep me")
+    store = small_store(tmp_path / "s.zarr")
+    result = CliRunner().invoke(app, ["ablate", "--components", str(store), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "ablation.zarr: exists, is not empty and was not written by sparcom" in result.output
+    assert (out / "ablation.zarr" / "mine.txt").read_text() == "keep me"
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from sparcom.core.outputs import claimed
+with claimed(Path(sys.argv[1]), "run"):
+    Path(sys.argv[2]).write_text("holding")
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.05)
+"""
+
+
+def test_two_ablations_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """While another process writes into the folder, ablate waits for it before any of its work."""
+    import threading
+    import time
+
+    import sparcom.ablation.ablate
+    import sparcom.ablation.report
+
+    out, holding, release = tmp_path / "out", tmp_path / "holding", tmp_path / "release"
+    order: list[str] = []
+
+    def ablation(components, store, *args, **kwargs):
+        order.append("ablation ran" if release.exists() else "ablation ran while the other held the folder")
+        return components
+
+    monkeypatch.setattr(sparcom.ablation.ablate, "run_ablation", ablation)
+    monkeypatch.setattr(sparcom.ablation.report, "report_ablation", lambda result, out: {})
+    monkeypatch.setattr(sparcom.ablation.report, "ablation_markdown", lambda summary, plot: "report")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(holding), str(release)])
+    deadline = time.monotonic() + 300
+    while not holding.exists() and holder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert holding.exists()
+    results = []
+    command = threading.Thread(target=lambda: results.append(CliRunner().invoke(
+        app, ["ablate", "--components", str(tmp_path), "--store", str(tmp_path), "--out", str(out)])))
+    command.start()
+    command.join(timeout=1.0)  # it must still be waiting
+    release.write_text("done")
+    assert holder.wait(timeout=300) == 0
+    command.join(timeout=300)
+    assert results and results[0].exit_code == 0, results and results[0].output
+    assert order == ["ablation ran"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("where, message", [
+    ("under a file", "is a file, not a folder"),
+    ("under /proc", "cannot write in /proc"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "out" if where == "under a file" else Path("/proc/sparcom-out")
+    with pytest.raises(OutputError, match=message):
+        check_output(target, "dataset")
+    result = CliRunner().invoke(app, ["curate", "--no-hub", "--out", str(target), "--work-dir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1

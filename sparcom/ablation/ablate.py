@@ -46,6 +46,7 @@ from sparcom.intervention.hooks import Ablation
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.settings import AblationSettings
 from sparcom.ablation.statistics import ablation_figures
+from sparcom.core.outputs import building
 from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
@@ -260,8 +261,8 @@ def run_ablation(
     if texts is not None:
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
     path = Path(out_dir) / ABLATION
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_zarr(dataset, path)
+    with building(path, ABLATION) as partial:  # never over a folder the tool did not write
+        save_zarr(dataset, partial)
     return path
 
 

@@ -10,11 +10,15 @@
   created with the marker, or must already carry it; held under the lock meanwhile.
 - `check_output(target, kind)`: the refusal alone, for checking before any work is done: a
   target that exists, is not empty and is not an earlier output of the same kind (its marker)
-  is an OutputError.
+  is an OutputError; so is one that cannot be written (under a file, on a read-only file
+  system, under /proc).
+- `check_output_file(path)`: the same for a single-file output: an existing path is refused.
 - `write_file_atomically(path, text)`: one file, written beside and renamed over.
 
 Writers of one target are serialised by a lock file beside it (`.NAME.lock`, an flock, so a
-killed process releases it); the lock is reentrant within a process.
+killed process releases it); the lock is reentrant within a process. The holder removes the file
+when done (no empty lock files stay in users' folders); a waiting writer whose file was removed
+meanwhile locks afresh, so removing a lock file never lets two writers in.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +49,7 @@ def _kind_of(folder: Path) -> str | None:
 
 def check_output(target: Path, kind: str) -> None:
     target = Path(target)
+    _check_writable(target)
     if not target.exists():
         return
     if not target.is_dir():
@@ -53,18 +59,55 @@ def check_output(target: Path, kind: str) -> None:
                           "choose another output path (nothing was changed)")
 
 
+def check_output_file(path: Path) -> None:
+    """A single-file output (JSONL) must be new: an existing file or folder there is the user's."""
+    path = Path(path)
+    _check_writable(path)
+    if path.exists():
+        raise OutputError(f"{path}: exists; choose another output file or delete it (nothing was changed)")
+
+
+def _check_writable(target: Path) -> None:
+    """The output's nearest existing ancestor must be a folder one can create entries in: known
+    before any work, not from a traceback at the end of it."""
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{target}: {ancestor} is a file, not a folder; choose another output path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sparcom-probe-", dir=ancestor))
+    except OSError as error:
+        raise OutputError(f"{target}: cannot write in {ancestor} ({error.strerror}); "
+                          "choose another output path") from None
+
+
+def _acquire(lock: Path) -> int:
+    """An flock on `lock`, re-checked after locking: a holder removes the file when it is done,
+    so a lock taken on a file since removed (or replaced) is no lock; then again."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another writer of the same target
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextmanager
 def _locked(target: Path) -> Iterator[None]:
     lock = Path(target).parent / f".{Path(target).name}.lock"
-    key = str(lock.resolve())
-    if key in _held:
-        fd, depth = _held[key]
-        _held[key] = (fd, depth + 1)
-    else:
+    try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another writer of the same target
-        _held[key] = (fd, 1)
+        key = str(lock.resolve())
+        if key not in _held:
+            _held[key] = (_acquire(lock), 0)
+    except OSError as error:
+        raise OutputError(f"{target}: cannot write there ({error.strerror}); choose another output path") from None
+    fd, depth = _held[key]
+    _held[key] = (fd, depth + 1)
     try:
         yield
     finally:
@@ -73,6 +116,7 @@ def _locked(target: Path) -> Iterator[None]:
             _held[key] = (fd, depth - 1)
         else:
             del _held[key]
+            lock.unlink(missing_ok=True)  # while still held: the next writer re-checks the file
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
