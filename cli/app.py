@@ -66,6 +66,15 @@ def _settings(config: Path | None, **overrides) -> PipelineSettings:
     return load_settings(config, {key.replace("__", "."): value for key, value in overrides.items()})
 
 
+def _check_devices(*devices: str | None) -> None:
+    """The devices this process will run models on exist here: known before any work."""
+    from sparcom.core.models import check_device
+
+    for device in devices:
+        if device:
+            check_device(device)
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
@@ -104,6 +113,7 @@ def run(
         identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare,
         ablation__enabled=ablate, ablation__accuracy=ablation_accuracy)
+    _check_devices(settings.extraction.device, settings.finetune.device if settings.comparison.enabled else None)
     from cli.server import temporary_server_early  # Prefect only where a flow runs
 
     server_ready = temporary_server_early()  # boots while the pipeline's modules load
@@ -151,6 +161,8 @@ def extract(
         extraction__dtype=dtype, extraction__device=device, extraction__batch_tokens=batch_tokens,
         model__device_map=json.loads(device_map) if device_map and device_map.startswith("{") else device_map,
         dask__address=dask_address, dask__n_workers=dask_workers)
+    if not settings.dask.address:  # a remote cluster's workers check their own devices
+        _check_devices(settings.extraction.device)
     records = load_records(dataset)  # every input is checked before the model loads
     wanted = parse_shards(shards) if shards else None
     check_extraction(records, settings.extraction, wanted, dataset)
@@ -258,6 +270,7 @@ def ablate_command(
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
         extraction__dtype=dtype, extraction__device=device)
+    _check_devices(settings.extraction.device)
     check_output(out, RUN_KIND)  # before any work: never a user's folder, nor their ablation.zarr
     check_output(out / ABLATION, ABLATION)
     path = components_in(components)
@@ -337,6 +350,7 @@ def generate(
     check_output_file(out.with_suffix(".rejected.jsonl"))
     settings = _settings(config, model__name=model, model__trust_remote_code=trust_remote_code or None,
                          extraction__dtype=dtype, extraction__device=device)
+    _check_devices(settings.extraction.device)
     source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
     loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
                         settings.extraction.device, settings.model.trust_remote_code)
@@ -389,6 +403,7 @@ def finetune(
         finetune__batch_size=batch_size, finetune__learning_rate=learning_rate, finetune__seed=seed,
         finetune__max_tokens=max_tokens if max_tokens or not full_training else 2048,
         finetune__dtype=dtype, finetune__device=device, work_dir=work_dir)
+    _check_devices(settings.finetune.device)
     from flows.finetune import sparcom_finetune  # Prefect only where a flow runs
 
     checkpoint = sparcom_finetune(settings, hold_out)
@@ -437,6 +452,7 @@ def compare(
         extraction__device=device, identification__rule=rule, identification__epsilon=epsilon,
         identification__tau=tau, identification__group_by=group_by, comparison__top_movers=top,
         work_dir=work_dir, dask__address=dask_address)
+    _check_devices(settings.extraction.device)
     as_model = lambda name: name and ModelSettings(name=name, trust_remote_code=trust_remote_code)  # noqa: E731
     from flows.compare import compare_models  # Prefect only where a flow runs
 
@@ -473,7 +489,7 @@ def trigger(
             raise ValueError("--params: expected a JSON object")
         overrides = merge_parameters(merge_parameters(overrides, given), parse_assignments(set_ or []))
         run = trigger_run(deployment, overrides, wait, timeout, poll, report=typer.echo)
-    except (ValueError, LookupError) as error:  # JSON and pydantic errors are ValueErrors too
+    except (ValueError, LookupError, ConnectionError) as error:  # JSON and pydantic errors are ValueErrors too
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     if not wait:

@@ -3,7 +3,7 @@
 - `ErrorStyleGroup`: the command group of the Typer app. It runs the command and turns any
   error into `error: <message>`: exit 2 when the input was bad (a file, record, field, option or
   store the user gave), exit 1 when the work itself failed. With the app's global `--debug`
-  option (or SPARCOM_DEBUG=1) the error propagates with its traceback instead.
+  option (or SPARCOM_DEBUG=1) its traceback is printed first; the exit code is the same.
 - `describe(error)`: the error as one line (pydantic and YAML errors folded).
 - `exit_code(error)`: 2 for the project's bad-input errors, 1 for the rest.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import click
 import typer
@@ -68,6 +69,6 @@ class ErrorStyleGroup(TyperGroup):
             raise  # a command's own exit, and click's usage errors (exit 2 already)
         except Exception as error:  # noqa: BLE001 - every error of a command, mapped once
             if ctx.params.get("debug") or os.environ.get("SPARCOM_DEBUG") == "1":
-                raise
+                traceback.print_exc()  # printed, not raised: the exit code stays the error's own
             click.echo(f"error: {describe(error)}", err=True)
             ctx.exit(exit_code(error))

@@ -7,7 +7,8 @@
 - `trigger(deployment, overrides, wait, timeout)`: creates the flow run, reports its id and UI
   address, and with `wait` polls it until it ends or `timeout` seconds pass (`TriggeredRun`).
 
-The server is the one Prefect's settings name (`PREFECT_API_URL`, `PREFECT_API_KEY`). Every call
+The server is the one Prefect's settings name (`PREFECT_API_URL`, `PREFECT_API_KEY`): with none
+set, or none answering there, a ConnectionError or LookupError names the address. Every call
 goes through Prefect's client, which retries 429, 502 and 503 answers and dropped connections
 with exponential backoff (`PREFECT_CLIENT_MAX_RETRIES`, default 5; `PREFECT_CLIENT_RETRY_EXTRA_CODES`
 adds codes): a busy server delays a submission, it does not fail it.
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_API_URL
 from prefect.utilities.urls import url_for
 
 
@@ -89,6 +92,18 @@ def trigger(
 
 
 async def _trigger(deployment_name, overrides, wait, timeout, poll_seconds, report) -> TriggeredRun:
+    url = PREFECT_API_URL.value()
+    if not url:  # Prefect would start a throw-away server, which holds no deployment
+        raise LookupError("PREFECT_API_URL is not set: trigger asks the server that holds the deployment; "
+                          "set it, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        return await _trigger_on(url, deployment_name, overrides, wait, timeout, poll_seconds, report)
+    except httpx.TransportError as error:
+        raise ConnectionError(f"no Prefect server answers at {url} ({type(error).__name__}: {error}); start it "
+                              "(`prefect server start`) or set PREFECT_API_URL to a server that runs") from None
+
+
+async def _trigger_on(url, deployment_name, overrides, wait, timeout, poll_seconds, report) -> TriggeredRun:
     async with get_client() as client:
         try:
             deployment = await client.read_deployment_by_name(deployment_name)

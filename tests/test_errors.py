@@ -72,7 +72,8 @@ def test_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "settings.yaml"
     bad.write_text("extraction: {shard_size: 0}\n")
     result = runner.invoke(app, ["--debug", "show-config", "--config", str(bad)])
-    assert isinstance(result.exception, SettingsError)
+    assert result.exit_code == 2  # bad input stays exit 2
+    assert "Traceback" in result.output and "SettingsError" in result.output
 
 
 @pytest.mark.parametrize("shards, message", [
@@ -140,3 +141,20 @@ def test_curation_with_every_record_quarantined_is_one_error(tmp_path):
     assert result.exit_code == 2, result.output
     assert "no records left to curate: all 2 were set aside (invalid: 2)" in result.output
     assert not list((tmp_path / "work").rglob("*partial*")) and not list((tmp_path / "work").rglob("*building*"))
+
+
+@pytest.mark.parametrize("command", [
+    ["extract", "--model", "default", "--dataset", "DATA", "--out", "OUT", "--device", "cuda"],
+    ["ablate", "--components", "OUT", "--out", "OUT", "--device", "cuda"],
+    ["generate", "--category", "QA", "--out", "OUT", "--device", "cuda"],
+])
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path, dataset, no_model_loading, command):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    given = {"DATA": str(dataset), "OUT": str(tmp_path / "out")}
+    result = runner.invoke(app, [given.get(arg, arg) for arg in command])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: --device: device 'cuda' does not exist on this machine "
+                                     "(0 CUDA devices); use cpu or auto")

@@ -90,3 +90,28 @@ def test_what_the_stages_ask_of_the_pipeline_settings_together(tmp_path):
     held_out = settings.evaluated_on(tmp_path / "held-out")
     assert held_out.ablation.eval_dataset == tmp_path / "held-out" and settings.ablation.eval_dataset is None
     assert held_out.model_dump(exclude={"ablation"}) == settings.model_dump(exclude={"ablation"})
+
+
+def test_trigger_without_a_server_says_how_to_name_one():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, ["trigger", "sparcom-pipeline/pipeline"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: PREFECT_API_URL is not set: trigger asks the server that holds the "
+                                     "deployment; set it, e.g. PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def test_trigger_to_a_dead_server_names_its_address():
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        result = CliRunner().invoke(app, ["trigger", "sparcom-pipeline/pipeline"])
+    assert result.exit_code == 2, result.output
+    assert f"error: no Prefect server answers at {url} (ConnectError" in result.output
+    assert "prefect server start" in result.output and len(result.output.strip().splitlines()) == 1

@@ -7,6 +7,7 @@
   `device_map` (and `max_memory`) spread a model too large for one device over several
   (accelerate: 'auto', 'balanced', 'sequential' or {module: device}).
 - `check_device_map(device_map, max_memory)`: refuses devices this machine lacks, before loading.
+- `check_device(device, option)`: the same for the one device of `--device`.
 - `load_tokenizer(name)`: only the tokenizer ('default', a .gguf file, a folder or a hub id).
 - `model_slug(name)`: the model's name as a file-name part (stores and checkpoints are named by it).
 """
@@ -172,6 +173,12 @@ def check_device_map(device_map: str | dict | None, max_memory: dict | None = No
         raise ModelLoadError("model.max_memory: needs device_map 'auto', 'balanced' or 'sequential'")
 
 
+def check_device(device: str, option: str = "--device") -> None:
+    """A clear error for a `--device` this machine does not have, before any work ('auto' fits any)."""
+    if device != "auto":
+        _check_device(device, option)
+
+
 def _check_device(value: int | str, option: str) -> None:
     if value == "disk":
         return
@@ -186,7 +193,7 @@ def _check_device(value: int | str, option: str) -> None:
     }.get(device.type, False)
     if not present:
         raise ModelLoadError(f"{option}: device {value!r} does not exist on this machine "
-                             f"({torch.cuda.device_count()} CUDA devices)")
+                             f"({torch.cuda.device_count()} CUDA devices); use cpu or auto")
 
 
 def load_model(
