@@ -133,3 +133,35 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path, identified, tiny_
     narrow = identify_store(store, IdentificationSettings(epsilon=1 / 144), tmp_path / "narrow")
     with pytest.raises(AblationInputError, match="--seeds 100: group .* allow only .* use at most"):
         run(settings.model_copy(update={"seeds": 100}), c=narrow)
+
+
+def test_ablate_finds_the_store_the_components_name(tmp_path, identified, cache_dir, monkeypatch):
+    """`sparcom ablate --components ID_DIR` after `sparcom identify --store S --out ID_DIR`, outside
+    a work dir: the components name their store; a moved or changed one is refused by name."""
+    import zarr
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    work, store, _, held_out = identified
+    mine = tmp_path / "mine.zarr"
+    shutil.copytree(store, mine)
+    runner = CliRunner()
+    found = runner.invoke(app, ["identify", "--store", str(mine), "--out", str(tmp_path / "id"), "--epsilon", "0.05",
+                                "--dask-workers", "1"])
+    assert found.exit_code == 0, found.output
+    ablate = ["ablate", "--components", str(tmp_path / "id"), "--eval-dataset", str(held_out), "--seeds", "1",
+              "--controls", "random", "--eval-per-group", "1", "--max-response-tokens", "4"]
+    result = runner.invoke(app, [*ablate, "--out", str(tmp_path / "ablation")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ablation" / "ablation.zarr").is_dir() and (tmp_path / "ablation" / ".sparcom-output").is_file()
+    zarr.open_group(mine, mode="r+").attrs["extraction_key"] = "another"
+    changed = runner.invoke(app, [*ablate, "--out", str(tmp_path / "changed")])
+    assert changed.exit_code == 2, changed.output
+    assert f"error: {mine}: changed since the components {tmp_path / 'id' / 'components.zarr'} were found in it" \
+        in changed.output
+    mine.rename(tmp_path / "moved.zarr")
+    moved = runner.invoke(app, [*ablate, "--out", str(tmp_path / "moved")])
+    assert moved.exit_code == 2, moved.output
+    assert f"its store {mine} is gone (moved or deleted); pass --store STORE.zarr" in moved.output

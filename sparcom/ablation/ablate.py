@@ -99,17 +99,25 @@ def components_in(path: Path) -> Path:
 
 
 def find_store(components_path: Path) -> Path:
-    """A run folder `<work>/runs/<store>-<key>/` has its store at `<work>/stores/<store>.zarr`;
-    any finished store there with the components' fingerprint, dataset and span is taken."""
+    """The store the components name (`store_path`), refused by name when it changed (another
+    extraction key); else, in a run folder `<work>/runs/<store>-<key>/`, any finished store at
+    `<work>/stores/*.zarr` with the components' fingerprint, dataset and span."""
     components_path = Path(components_path)
     attrs = store_attrs(components_path)
+    named = attrs.get("store_path")
+    if named and Path(named).exists():
+        if store_attrs(named).get("extraction_key") != attrs.get("store_extraction_key"):
+            raise AblationInputError(f"{named}: changed since the components {components_path} were found in it "
+                                     "(another extraction key); pass --store with the store they were found in")
+        return Path(named)
     run_dir = components_path.parent
     for candidate in sorted((run_dir.parent.parent / "stores").glob("*.zarr")) if run_dir.parent.name == "runs" else []:
         if is_complete(candidate) and all(
                 store_attrs(candidate).get(k) == attrs.get(k) for k in ("model_fingerprint", "dataset_hash", "token_span")):
             return candidate
-    raise AblationInputError(f"{components_path}: no count store of its model and dataset found beside it; "
-                             "pass --store STORE.zarr")
+    gone = (f"its store {named} is gone (moved or deleted)" if named
+            else "no count store of its model and dataset found beside it")
+    raise AblationInputError(f"{components_path}: {gone}; pass --store STORE.zarr")
 
 
 def split_held_out(records: Sequence[InstructionRecord], fraction: float, seed: int = 0

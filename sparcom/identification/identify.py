@@ -19,6 +19,7 @@
 - `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` on the
   current Dask scheduler (see `sparcom.core.cluster`); per instruction, frequencies first, then the
   selection from the written frequencies, so no step holds more than one group's components.
+  Its attributes name the store (`store_reference`: `store_path`, `store_extraction_key`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from sparcom.core.outputs import building, claimed
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
-from sparcom.extraction.store import StoreError, open_store, seal_result
+from sparcom.extraction.store import StoreError, open_store, seal_result, store_attrs
 from sparcom.identification.rules import check_rule, select_by
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
 from sparcom.identification.settings import IdentificationSettings
@@ -321,6 +322,13 @@ def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
     }
 
 
+def store_reference(store_path: Path) -> dict:
+    """Which store the components were found in: its absolute path and its extraction key, so a
+    later stage finds it, and refuses it by name when it moved or changed."""
+    return {"store_path": str(Path(store_path).resolve()),
+            "store_extraction_key": store_attrs(store_path).get("extraction_key")}
+
+
 def _check_store(store: xr.Dataset, where: object) -> None:
     if not families_in(store):
         raise ValueError(f"{where}: no count variable ({', '.join(f.count for f in FAMILIES)})")
@@ -392,6 +400,7 @@ def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: 
             _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
         else:
             _write_zarr(identify(store, settings), path, mode="w")
+        zarr.open_group(path, mode="r+").attrs.update(store_reference(store_path))
         with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
             warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
