@@ -180,7 +180,7 @@ def extract(
             loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
                                 settings.extraction.device, settings.model.trust_remote_code,
                                 settings.model.device_map, settings.model.max_memory)
-            store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted)
+            store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted, dataset_path=dataset)
     typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
 
 

@@ -21,7 +21,7 @@ from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.identify import identify_store
 
 
-from builders import HELD_OUT, make_record, write_jsonl
+from builders import HELD_OUT, SAMPLE_TEXTS, make_record, write_jsonl
 from references import reference_tokens
 
 FAST = dict(seeds=2, resamples=50, permutations=200, max_response_tokens=None)
@@ -165,3 +165,47 @@ def test_ablate_finds_the_store_the_components_name(tmp_path, identified, cache_
     moved = runner.invoke(app, [*ablate, "--out", str(tmp_path / "moved")])
     assert moved.exit_code == 2, moved.output
     assert f"its store {mine} is gone (moved or deleted); pass --store STORE.zarr" in moved.output
+
+
+def naive_near_duplicates(evaluated, identified, threshold=0.8) -> int:
+    """Evaluation records whose 3-word shingles have Jaccard >= threshold with an identification
+    record's, the same text excluded (that is an overlap, not a near duplicate)."""
+    import re
+    import unicodedata
+
+    def words(record):
+        text = record.instruction + ("\n\n" + record.input if record.input else "")
+        return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())
+
+    def grams(record):
+        w = words(record)
+        return {tuple(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
+
+    count = 0
+    for e in evaluated:
+        if any(words(e) == words(i) for i in identified):
+            continue
+        count += any(len(grams(e) & grams(i)) / len(grams(e) | grams(i)) >= threshold for i in identified)
+    return count
+
+
+def test_held_out_is_checked_by_the_text_the_model_reads(tmp_path, identified, sample_records):
+    """Identification's records renamed (id only) are not held out; near duplicates are counted."""
+    import zarr
+
+    from sparcom.ablation.ablate import plan_ablation
+    from sparcom.extraction.store import open_result, seal_store
+
+    work, store, components, held_out = identified
+    texts = write_jsonl(sample_records, tmp_path / "identification.jsonl")
+    named = tmp_path / "named.zarr"  # a store naming where its records' texts are
+    shutil.copytree(store, named)
+    zarr.open_group(named, mode="r+").attrs["dataset_path"] = str(texts)
+    seal_store(named)
+    renamed = write_jsonl([make_record(500 + i, *t) for i, t in enumerate(SAMPLE_TEXTS)], tmp_path / "renamed.jsonl")
+    with pytest.raises(AblationInputError, match=r"renamed.jsonl: 12 of its records also selected the components"):
+        plan_ablation(open_result(components), named, AblationSettings(eval_dataset=renamed, **FAST))
+    plan = plan_ablation(open_result(components), named, AblationSettings(eval_dataset=held_out, **FAST))
+    held = [make_record(100 + i, *t) for i, t in enumerate(HELD_OUT)]
+    assert plan.overlap == 0 and plan.attrs["identification_texts"] == str(texts)
+    assert plan.attrs["near_duplicates"] == naive_near_duplicates(held, sample_records) > 0

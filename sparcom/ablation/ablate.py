@@ -3,13 +3,14 @@ groups' records, and more than control components of the same number, place and 
 (docs/method.md section 6)
 
 - `plan_ablation(components, store_path, settings)`: everything that can be checked without the
-  model: the family, the evaluation records (held out from identification by record hash), the
+  model: the family, the evaluation records (held out from identification by content,
+  `sparcom.ablation.held_out`; near duplicates counted), the
   sets and their seeded controls, which records have a checkable answer (with `accuracy`, at
   least one must). Bad input raises an `AblationInputError` naming what is wrong.
 - `evaluation_records(settings, groups, group_by, identified)`: the records that judge the
   components: `settings.eval_dataset`, or the shipped HexaInst records of the same categories
-  that identification did not use; overlap with `identified` (record hashes) is refused unless
-  `allow_overlap`, and then counted.
+  that identification did not read; overlap with `identified` (same record or same text) is
+  refused unless `allow_overlap`, and then counted.
 - `split_held_out(records, fraction, seed)`: records split by record hash into an identification
   part and a held-out evaluation part, per category, disjoint.
 - `split_dataset(dataset_dir, fraction, seed, datasets_dir)`: the same for a saved dataset: both
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.held_out import IdentificationTexts, identification_texts
 from sparcom.intervention.hooks import Ablation
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.settings import AblationSettings
@@ -51,7 +53,7 @@ from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
 from sparcom.extraction.settings import ExtractionSettings
-from sparcom.extraction.store import is_complete, open_result, open_store, save_zarr, store_attrs
+from sparcom.extraction.store import is_complete, open_result, save_zarr, store_attrs
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
 
 if TYPE_CHECKING:  # loading a model needs torch: imported where the stage runs
@@ -152,20 +154,21 @@ def _label(record: InstructionRecord, group_by: str) -> str:
 
 
 def evaluation_records(settings: AblationSettings, groups: Sequence[str], group_by: str,
-                       identified: set[str]) -> tuple[list[InstructionRecord], int, str]:
+                       identified: IdentificationTexts) -> tuple[list[InstructionRecord], int, str]:
     """(records, overlap, where they came from)."""
     if settings.eval_dataset is not None:
         candidates = load_records(settings.eval_dataset)
         source = str(settings.eval_dataset)
-        overlapping = [r for r in candidates if record_hash(r) in identified]
+        overlapping = [r for r in candidates if identified.holds(r)]
         if overlapping and not settings.allow_overlap:
             raise AblationInputError(
-                f"{source}: {len(overlapping)} of its records also selected the components (first: "
-                f"{overlapping[0].id}); evaluate on held-out records, or pass --allow-overlap to "
+                f"{source}: {len(overlapping)} of its records also selected the components (the same record, "
+                f"or the same instruction and input; first: {overlapping[0].id}); evaluate on held-out "
+                "records, or pass --allow-overlap to "
                 "evaluate on them anyway (the result then says so)")
     else:
         wanted = [g for g in groups if g in CATEGORIES] if group_by == "category" else list(CATEGORIES)
-        candidates = [r for r in authored_records(tuple(wanted)) if record_hash(r) not in identified]
+        candidates = [r for r in authored_records(tuple(wanted)) if not identified.holds(r)]
         source = "shipped HexaInst records not used by identification"
     taken, per_group = [], Counter()
     for record in candidates:
@@ -180,7 +183,7 @@ def evaluation_records(settings: AblationSettings, groups: Sequence[str], group_
     if empty:
         raise AblationInputError(f"{source}: no evaluation record of group {empty[0]} "
                                  f"(groups with records: {', '.join(sorted(per_group)) or 'none'})")
-    return taken, sum(record_hash(r) in identified for r in taken), source
+    return taken, sum(identified.holds(r) for r in taken), source
 
 
 def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSettings) -> AblationPlan:
@@ -196,7 +199,7 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
                                  "(category or origin) that held-out records can belong to")
     family = choose_family(components, settings.family)
     groups = [str(g) for g in components[GROUP].values]
-    identified = {str(h) for h in open_store(store_path).record_hash.values}
+    identified = identification_texts(store_path)
     records, overlap, source = evaluation_records(settings, groups, group_by, identified)
     checkable = np.array([reference_answer(r) is not None for r in records], dtype=bool)
     if settings.accuracy and not checkable.any():
@@ -228,7 +231,8 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
         attrs={**{k: attrs[k] for k in ("model", "model_fingerprint", "dataset_hash", "token_span", "rule",
                                          "epsilon", "group_by") if k in attrs},
                "family": family.name, "eval_source": source, "eval_dataset_hash": dataset_hash(records),
-               "overlap": overlap, "allow_overlap": settings.allow_overlap, "seeds": settings.seeds,
+               "overlap": overlap, "near_duplicates": identified.near_duplicates(records),
+               "identification_texts": identified.found_in or "", "allow_overlap": settings.allow_overlap, "seeds": settings.seeds,
                "seed": settings.seed, "controls": list(settings.controls),
                "max_response_tokens": settings.max_response_tokens or 0, "resamples": settings.resamples,
                "permutations": settings.permutations, **(_accuracy_attrs(records, checkable, settings)

@@ -132,10 +132,26 @@ def _sentence(group: str, entry: dict, family: str) -> str:
     return " ".join(parts)
 
 
+def held_out_sentence(summary: dict) -> str:
+    """Both counts of the held-out check: records identification read, and near duplicates."""
+    read = "same record or same instruction and input"
+    if summary.get("overlap"):
+        text = f"**{summary['overlap']} evaluation records were also read by identification ({read})** (asked for)"
+    else:
+        text = f"No evaluation record was read by identification ({read})"
+    if summary.get("identification_texts"):
+        near = summary.get("near_duplicates", 0)
+        text += (f"; {near or 'none'} {'is a near duplicate' if near == 1 else 'are near duplicates'} of an "
+                 f"identification record (curation's rule; texts from {summary['identification_texts']}).")
+    else:
+        text += ("; the identification records' texts were not found, so records were compared by record "
+                 "hash alone and near duplicates not counted.")
+    return text
+
+
 def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = "ablation.png") -> str:
     family = summary.get("family", "components")
-    overlap = (f" **{summary['overlap']} evaluation records also selected the components** (asked for)."
-               if summary.get("overlap") else " No evaluation record selected the components.")
+    overlap = " " + held_out_sentence(summary)
     cap = summary.get("max_response_tokens") or 0
     lines = [
         heading, "",

@@ -58,9 +58,12 @@ SORT_WINDOW_SHARDS = 8
 ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
 
 
-def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
+def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str,
+                     dataset_path: Path | None = None) -> dict:
+    """`dataset_path`: where the records' texts are found (the store keeps only their hashes)."""
     sites = ffn_sites(loaded.model)
     return {
+        **({"dataset_path": str(Path(dataset_path).resolve())} if dataset_path else {}),
         "model": loaded.source.name,
         "model_path": str(loaded.source.path),
         "model_kind": loaded.source.kind,
@@ -103,8 +106,10 @@ def extract_to_store(
     donors: Sequence[Path] = (),
     finalize: bool = True,
     show_progress: bool = True,
+    dataset_path: Path | None = None,
 ) -> Path:
-    """Count every record into `store`. Records already counted in one of the `donors`
+    """Count every record into `store` (`dataset_path`: the file or folder the records came from,
+    recorded in the store so later stages can read their texts). Records already counted in one of the `donors`
     (finished stores of the same model, span and dtype) are copied from there, not recounted.
     `finalize=False` leaves marking the store complete to the caller (the cluster's client)."""
     store = Path(store)
@@ -117,7 +122,7 @@ def extract_to_store(
     if not store.exists():
         variables, layer_coords = store_layout(sites)
         create_store(store, records, variables, layer_coords, settings.shard_size, settings.layer_chunk,
-                     store_attributes(loaded, data_hash, settings, key))
+                     store_attributes(loaded, data_hash, settings, key, dataset_path))
 
     n_shards = shard_count(len(records), settings.shard_size)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))

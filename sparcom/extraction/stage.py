@@ -60,4 +60,5 @@ def extract_dataset(
                                           cache_dir, donors, on_progress)
     loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
                         model.device_map, model.max_memory)
-    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors)
+    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors,
+                            dataset_path=dataset_dir)
