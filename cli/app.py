@@ -20,6 +20,7 @@ run the flows (`flows`, imported in the command so the others start without Pref
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional, get_args
 
@@ -31,6 +32,10 @@ from sparcom.config import PipelineSettings, load_settings
 from sparcom.curation.records import CATEGORIES
 from sparcom.extraction.settings import DType, TokenSpan
 from sparcom.identification.schema import GROUP_BY, RULES
+
+# Prefect's server telemetry off unless asked for: offline its heartbeat prints an ERROR line and
+# a traceback on every run (set before any Prefect import reads its settings).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
                   cls=ErrorStyleGroup)
@@ -318,7 +323,12 @@ def curate(
 
     if settings.curation.out:
         check_output(settings.curation.out, DATASET_KIND)  # before any work, never a user's folder
-    from flows.curate import curate_hexainst  # Prefect only where a flow runs
+    from cli.server import temporary_server_early  # Prefect only where a flow runs
+
+    server_ready = temporary_server_early()  # ends with this command, however it ends
+    from flows.curate import curate_hexainst
+
+    server_ready()
 
     summary = curate_hexainst(settings)
     typer.echo(summary["report"])
@@ -404,7 +414,12 @@ def finetune(
         finetune__max_tokens=max_tokens if max_tokens or not full_training else 2048,
         finetune__dtype=dtype, finetune__device=device, work_dir=work_dir)
     _check_devices(settings.finetune.device)
-    from flows.finetune import sparcom_finetune  # Prefect only where a flow runs
+    from cli.server import temporary_server_early  # Prefect only where a flow runs
+
+    server_ready = temporary_server_early()  # ends with this command, however it ends
+    from flows.finetune import sparcom_finetune
+
+    server_ready()
 
     checkpoint = sparcom_finetune(settings, hold_out)
     provenance = read_provenance(checkpoint)
@@ -454,7 +469,12 @@ def compare(
         work_dir=work_dir, dask__address=dask_address)
     _check_devices(settings.extraction.device)
     as_model = lambda name: name and ModelSettings(name=name, trust_remote_code=trust_remote_code)  # noqa: E731
-    from flows.compare import compare_models  # Prefect only where a flow runs
+    from cli.server import temporary_server_early  # Prefect only where a flow runs
+
+    server_ready = temporary_server_early()  # ends with this command, however it ends
+    from flows.compare import compare_models
+
+    server_ready()
 
     summary = compare_models(settings, as_model(base), as_model(tuned), base_store, tuned_store,
                              _codes(focus) or [])
