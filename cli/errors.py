@@ -6,6 +6,8 @@
   option (or SPARCOM_DEBUG=1) its traceback is printed first; the exit code is the same.
 - `describe(error)`: the error as one line (pydantic and YAML errors folded).
 - `exit_code(error)`: 2 for the project's bad-input errors, 1 for the rest.
+- `hide_bad_input_tracebacks()`: flows log a failed task's error with its traceback; for bad
+  input, which the command reports as one line, those records are dropped.
 
 The bad-input classes are looked up among the modules already imported, so mapping an error
 never imports a model library.
@@ -13,6 +15,7 @@ never imports a model library.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -59,6 +62,23 @@ def describe(error: BaseException) -> str:
         text = str(error) or type(error).__name__
     line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
     return line if exit_code(error) == 2 else f"{type(error).__name__}: {line} (--debug shows the traceback)"
+
+
+class BadInputTracebacks(logging.Filter):
+    """Drops log records carrying a bad-input error (exit 2): the command prints it as one line
+    at the end, so Prefect's task and flow loggers need not print it first with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or exit_code(error) != 2
+
+
+def hide_bad_input_tracebacks(logger_name: str | None = None) -> None:
+    """On every handler of the logger (the root's: Prefect's console handler, where flow and
+    task run records end up): see `BadInputTracebacks`."""
+    for handler in logging.getLogger(logger_name).handlers:
+        if not any(isinstance(f, BadInputTracebacks) for f in handler.filters):
+            handler.addFilter(BadInputTracebacks())
 
 
 class ErrorStyleGroup(TyperGroup):

@@ -3,10 +3,12 @@
 - `temporary_server_early()`: with no server configured (PREFECT_API_URL unset), starts the
   temporary server that Prefect would otherwise start at the first flow run, from a thread, so
   that its process boots while this one imports the pipeline; returns a function that waits
-  until it answers. With a server configured, nothing starts and the function returns at once.
+  until it answers (call it after importing the flows: it also filters Prefect's logging, set
+  up by then). With a server configured, nothing starts and the function returns at once.
   Either way SIGTERM ends this process as Ctrl-C does (`sparcom.core.children.stop_on_signals`):
   the Dask cluster is closed and the server stopped; and the server also ends when this process
-  is killed outright (`end_with_this_process`), never left running re-parented to init.
+  is killed outright (`end_with_this_process`), never left running re-parented to init. Flows'
+  logs of bad input (reported as one line at the end) lose their tracebacks.
 
     ready = temporary_server_early()
     from flows.pipeline import sparcom_pipeline   # heavy imports, the server boots meanwhile
@@ -24,13 +26,14 @@ from collections.abc import Callable
 
 from prefect.settings import PREFECT_API_URL
 
+from cli.errors import hide_bad_input_tracebacks
 from sparcom.core.children import end_with_this_process, stop_on_signals
 
 
 def temporary_server_early() -> Callable[[], None]:
     stop_on_signals()
     if PREFECT_API_URL.value():
-        return lambda: None
+        return hide_bad_input_tracebacks
     # Imported here, not in the thread: two threads importing one package can meet half-initialised modules.
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -47,4 +50,9 @@ def temporary_server_early() -> Callable[[], None]:
     server._run_uvicorn_command = started_and_guarded
     thread = threading.Thread(target=server.start, name="prefect-temporary-server", daemon=True)
     thread.start()
-    return thread.join
+
+    def ready() -> None:
+        thread.join()
+        hide_bad_input_tracebacks()  # Prefect's logging is set up once the flows are imported
+
+    return ready

@@ -158,3 +158,25 @@ def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path,
     assert result.exit_code == 2, result.output
     assert result.output.strip() == ("error: --device: device 'cuda' does not exist on this machine "
                                      "(0 CUDA devices); use cpu or auto")
+
+
+def test_flow_logs_of_bad_input_carry_no_traceback():
+    """A flow's loggers report a failed task's bad input with its traceback; the command's one
+    line says it, so those records are dropped; failures during work keep theirs."""
+    import io
+    import logging
+
+    from cli.errors import hide_bad_input_tracebacks
+
+    logger = logging.getLogger("sparcom-test-flow")
+    stream = io.StringIO()
+    logger.addHandler(logging.StreamHandler(stream))
+    logger.propagate = False
+    hide_bad_input_tracebacks("sparcom-test-flow")
+    for error in (RecordError("d.jsonl: the dataset holds no records"), RuntimeError("the disk is on fire")):
+        try:
+            raise error
+        except Exception:  # noqa: BLE001
+            logger.exception("Task run failed with exception: %r", error)
+    assert "RecordError" not in stream.getvalue()
+    assert stream.getvalue().count("Traceback") == 1 and "RuntimeError: the disk is on fire" in stream.getvalue()
