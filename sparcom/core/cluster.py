@@ -4,7 +4,7 @@
   scheduler while it is open. With `settings.address` it connects to that scheduler (and on
   exit closes only the client); without, it starts a `LocalCluster` of one single-threaded
   worker process per usable core, each with an equal share of the memory, and on exit closes
-  the client and the cluster, also on error.
+  the client and the cluster, also on error, quietly (`CLOSING_LOGGERS` silenced meanwhile).
 - `dask_cluster_on_demand(settings, on_start)`: the same, started by the first Dask computation
   inside it, so work that turns out to be cached (a rerun) starts no cluster; `on_start(client)`
   is called once it is up.
@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -50,9 +51,31 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Closing a cluster can log connections closing under pending heartbeats (CommClosedError, with
+# a traceback) although nothing failed: these loggers of this process are silenced while it closes.
+CLOSING_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+@contextmanager
+def _levels_restored(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _silence(names: tuple[str, ...]) -> None:
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
 @contextmanager
 def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str | None = None) -> Iterator[Client]:
     with ExitStack() as stack:
+        stack.enter_context(_levels_restored(CLOSING_LOGGERS))  # entered first: left last
         if settings.address:
             try:
                 client = Client(settings.address, timeout=connect_timeout or settings.connect_timeout)
@@ -70,6 +93,7 @@ def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str |
             ))
             client = Client(cluster)
         stack.enter_context(client)
+        stack.callback(_silence, CLOSING_LOGGERS)  # registered last: runs first, before the closing
         yield client
 
 
