@@ -1,4 +1,5 @@
-"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> ablate -> compare with a fine-tune."""
+"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> ablate -> compare with a fine-tune
+-> findings (first in each report and the run's first artifact)."""
 
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tasks.ablation import add_ablation_to_report, hold_out, measure_ablation
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
+from tasks.findings import add_findings, publish_findings
 
 
 @flow(name="sparcom-pipeline", flow_run_name=run_name)
@@ -35,5 +37,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
         add_ablation_to_report(run_dir / REPORT, summary["ablation"])
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)
+    summary["findings"] = refreshed(add_findings, "findings", refresh)([run_dir])  # every rule's run folder
+    publish_findings(summary["findings"])
     get_run_logger().info("Results are in %s", run_dir)
     return summary
