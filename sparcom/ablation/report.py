@@ -4,7 +4,6 @@ off hurts its own records more than other groups' records and more than each con
 - `summarize_ablation(ablation)`: the figures of `ablation.zarr` as plain data, per group, with
   a decision for each difference (own - others, own - each control; `sparcom.ablation.verdicts`),
   and each own record's NLL change by record hash.
-- `CAUSAL_CONTROL`: the control the causal verdict is against (frequency-matched).
 - `decision_words(test, yes, no)`: a decision in words, "undecided (why)" where the data cannot decide.
 - `ablation_markdown(summary)`: the section: one sentence per group and the table; where the
   accuracy ran, its tables too (`accuracy_markdown`).
@@ -30,13 +29,11 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from sparcom.ablation.schema import CAUSAL_CONTROL
 from sparcom.ablation.statistics import paired_difference
 from sparcom.ablation.verdicts import ALPHA, add_decisions, can_reach
 from sparcom.core.markdown import put_section, table
 
-# The control the causal verdict is against: it separates "often-active components matter" from
-# "this category's components matter" (docs/method.md section 6).
-CAUSAL_CONTROL = "frequency_matched"
 SECTION = "## Do the components matter? (ablation)"
 CONTROL_WORDS = {"random": "random components", "frequency_matched": "components of matched frequency"}
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from sparcom.ablation.report import CAUSAL_CONTROL
-from sparcom.ablation.schema import ABLATION_SUMMARY
+from sparcom.ablation.schema import ABLATION_SUMMARY, CAUSAL_CONTROL
 from sparcom.identification.schema import GENERALITY, GROUP, SUMMARY
 
 TESTS = ("reproducible", "causal", "specific")
