@@ -30,7 +30,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from sparcom.ablation.schema import CAUSAL_CONTROL
-from sparcom.ablation.statistics import paired_difference
+from sparcom.ablation.statistics import holm, paired_difference
 from sparcom.ablation.verdicts import ALPHA, add_decisions, can_reach
 from sparcom.core.markdown import put_section, table
 
@@ -66,7 +66,7 @@ def summarize_ablation(ablation: xr.Dataset) -> dict:
     comparison of two models on the same records)."""
     groups = [str(g) for g in ablation.ablated.values]
     controls = [str(c) for c in ablation.control.values]
-    labels = _labels(ablation).values.astype(str)
+    labels = np.array([str(label) for label in _labels(ablation).values])
     change = ablation.nll - ablation.nll_base
     per_group = {}
     for group in groups:
@@ -158,7 +158,7 @@ def _sentence(group: str, entry: dict, family: str) -> str:
     if entry["size"] == 0:
         return f"- **{group}**: its set is empty, nothing to switch off."
     specific = entry["specific"]
-    parts = [f"- **{group}**: switching off its {entry['size']} {family.replace('_', ' ')} raises its own "
+    parts = [f"- **{group}**: switching off its {entry['size']} {family.replace('_', ' ')} changes its own "
              f"{entry['records']} records' response NLL by {_fmt(entry['own_delta'])} nats per token, the other "
              f"groups' {specific['other_records']} records' by {_fmt(entry['other_delta'])}: own - others = "
              f"{_fmt(specific['difference'])}, p = {_p(specific['p_value'])} (adjusted "

@@ -194,7 +194,7 @@ def ablation_figures(
 ) -> xr.Dataset:
     """nll_base[instruction], nll[ablated, instruction], nll_control[control, seed, ablated,
     instruction]; labels: each instruction's evaluated group."""
-    labels = np.asarray(labels).astype(str)
+    labels = np.array([str(label) for label in labels])
     groups = [str(g) for g in nll[ABLATED].values]
     evaluated = groups + sorted(set(labels) - set(groups))
     mean = group_weights(labels, evaluated)
