@@ -164,6 +164,9 @@ def test_each_verdict_branch_is_chosen_by_the_numbers(tmp_path):
     assert "not above its null: MATH" in verdict and "not causal: MATH" in verdict
     report = (run / "report.md").read_text()
     assert report.index(SECTION) < report.index("## Neurons") and report.count(SECTION) == 1
+    # 8 records: 2^-8; own against 16 others: C(24, 8) splits, 2000 drawn: 1/2001
+    assert ("- `global_percentile`: smallest p the tests could reach: causal 0.0039 (3 x 0.0039 = 0.012 after "
+            "Holm), specific 0.0005 (3 x 0.0005 = 0.0015 after Holm).") in report
     write_findings([run])  # a rerun replaces the section
     assert (run / "report.md").read_text().count(SECTION) == 1
     saved = json.loads((run / "summary.json").read_text())["findings"]

@@ -22,7 +22,9 @@ class AblationSettings(StrictModel):
     - 8 held-out records per group: a sign-flip test over n records cannot go below p = 2^-n, so
       3 records (the old default) could never give p < 1/8; 8 records reach 2^-8 = 0.0039, and
       after Holm over 6 groups 6 x 2^-8 = 0.023 < 0.05 (the two-sample test of own against the
-      others' 40 records reaches 1 / C(48, 8), far below).
+      others' 40 records reaches 1 / C(48, 8), far below). With `held_out_fraction`, choose it
+      so that every category keeps at least 8 held-out records; with fewer the findings say
+      "undecided: too few records" and the smallest p the test could reach.
     - 1 seed per control (was 3): passes = 1 + groups x (1 + controls x seeds) = 1 + 6 x 3 = 19
       over 48 records, 912 record passes per rule and model (was 43 x 18 = 774; 3 seeds at 8
       records would be 43 x 48 = 2,064). The frequency-matched control, the one the causal

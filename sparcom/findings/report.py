@@ -4,7 +4,8 @@
 - `findings(run_dirs)`: the rows of every rule of a run (`sparcom.findings.rows.rule_rows` of
   each rule's run folder), each rule's verdict and the evaluated categories reported apart:
   `{"verdicts": {rule: sentence}, "rows": [...], "apart": {rule: [...]}, "level": ALPHA}`.
-- `findings_markdown(findings)`: the section: the rules' verdicts, then the table (set size;
+- `reachable(rows)`: the smallest p each ablation test of a rule could reach, alone and after Holm.
+- `findings_markdown(findings)`: the section: the rules' verdicts and reachable p, then the table (set size;
   reproducible: gap, null q95, p; causal and specific: difference [interval], adjusted p,
   decision) and how to read it.
 - `write_findings(run_dirs)`: the findings put first into each rule's report.md (an earlier copy
@@ -58,9 +59,24 @@ def _decided(test: str, row: dict) -> str:
     return {"yes": test, "no": NOT[test]}.get(row[test]["decision"], "undecided")
 
 
+def reachable(rows: list[dict]) -> str:
+    """The smallest p each ablation test of one rule could reach, alone and after Holm."""
+    parts = []
+    for test in ("causal", "specific"):
+        tested = [r[test] for r in rows if r["ablated"] and r[test]["min_p"] is not None]
+        if tested:
+            worst = max(t["min_p"] for t in tested)
+            parts.append(f"{test} {worst:.2g} ({len(tested)} x {worst:.2g} = {len(tested) * worst:.2g} after Holm)")
+    return f"smallest p the tests could reach: {', '.join(parts)}" if parts else "not ablated"
+
+
 def findings_markdown(result: dict) -> str:
+    rules = {}
+    for row in result["rows"]:
+        rules.setdefault(row["rule"], []).append(row)
     lines = [SECTION, "",
              *[f"- {sentence}" for sentence in result["verdicts"].values()], "",
+             *[f"- `{rule}`: {reachable(rows)}." for rule, rows in rules.items()], "",
              f"Reproducible: the split-half gap (within- minus cross-group Jaccard) above the 95th "
              f"percentile of its null, the same gap with the group labels shuffled across instructions. "
              f"Causal: own delta minus the frequency-matched control's (NLL change of the group's own "
