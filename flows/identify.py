@@ -17,10 +17,8 @@ from tasks.identification import select_components
 
 
 def artifact_prefixes(prefix: str, rules: list[str]) -> dict[str, str]:
-    """Each rule's artifact keys: `prefix` for one rule, `prefix-<rule>` beside others."""
-    if len(rules) == 1:
-        return {rules[0]: prefix}
-    return {rule: f"{prefix}-{rule.replace('_', '-')}" for rule in rules}
+    """Each rule's artifact keys: `prefix` for the first rule, `prefix-<rule>` for the others."""
+    return {rule: prefix if k == 0 else f"{prefix}-{rule.replace('_', '-')}" for k, rule in enumerate(rules)}
 
 
 @flow(name="sparcom-identify")
