@@ -120,17 +120,20 @@ def constructed_ablation(own_effect: dict, other_effect: dict, control_effect: d
     return xr.merge([dataset, figures])
 
 
-def write_run(run_dir: Path, ablation: xr.Dataset, gap: list[float], null_q95: list[float] | None) -> Path:
-    """A rule's run folder with what the findings read: summary.json, generality.zarr, ablation.json."""
+def write_run(run_dir: Path, ablation: xr.Dataset, gap: list[float], null_q95: list[float] | None,
+              rule: str = "global_percentile") -> Path:
+    """A rule's run folder with what the findings read: summary.json (with the split-half rows as
+    identification's report writes them) and ablation.json."""
     run_dir.mkdir(parents=True)
     sizes = {g: int(s) for g, s in zip(GROUPS, ablation.ablated_size.values)}
+    split_half = {g: {"gap": gap[i], "null_q95": None if null_q95 is None else null_q95[i],
+                      "p": None if null_q95 is None else 0.005, "permutations": 0 if null_q95 is None else 200,
+                      "reproducible": None if null_q95 is None else gap[i] > null_q95[i],
+                      "undecided": "no null in these components" if null_q95 is None else None}
+                  for i, g in enumerate(GROUPS)}
     (run_dir / "summary.json").write_text(json.dumps({
-        "rule": "global_percentile", "groups": GROUPS, "families": {"neurons": {"set_size": sizes}}}))
-    generality = {"neurons_specificity_gap": ("group", gap), "neurons_set_size": ("group", list(sizes.values()))}
-    if null_q95 is not None:
-        generality |= {"neurons_split_null_q95": ("group", null_q95), "neurons_split_p": ("group", [0.005] * 3)}
-    xr.Dataset(generality, coords={"group": np.array(GROUPS, dtype=object)}).to_zarr(run_dir / "generality.zarr")
-    (run_dir / "ablation.json").write_text(json.dumps(summarize_ablation(ablation)))
+        "rule": rule, "groups": GROUPS, "families": {"neurons": {"set_size": sizes, "split_half": split_half}}}))
+    (run_dir / "ablation.json").write_text(json.dumps({**summarize_ablation(ablation), "rule": rule}))
     (run_dir / "report.md").write_text("# SPARCOM: instruction-specific components\n\nIntro.\n\n## Neurons\n\nTable.\n")
     return run_dir
 
@@ -171,6 +174,13 @@ def test_each_verdict_branch_is_chosen_by_the_numbers(tmp_path):
     assert (run / "report.md").read_text().count(SECTION) == 1
     saved = json.loads((run / "summary.json").read_text())["findings"]
     assert saved == json.loads(json.dumps(result))
+    # rules side by side: each rule's report holds every rule's rows and verdicts
+    other = write_run(tmp_path / "lape", ablation, gap=[0.01, 0.01, 0.01], null_q95=[0.05] * 3, rule="lape")
+    both = write_findings([run, other])
+    assert list(both["verdicts"]) == ["global_percentile", "lape"]
+    assert both["verdicts"]["lape"].startswith("`lape` (neurons): reproducible for 0 of 3;")
+    assert "| `lape` | neurons | CLS |" in (run / "report.md").read_text()
+    assert json.loads((other / "summary.json").read_text())["findings"] == json.loads(json.dumps(both))
     assert saved["rows"][0]["reproducible"] == {"gap": 0.2, "null_q95": 0.05, "p_value": 0.005, "decision": "yes",
                                                 "reason": "gap above the null's 95th percentile"}
 
@@ -187,7 +197,7 @@ def test_too_few_records_is_undecided_whatever_the_effect(tmp_path):
     run = write_run(tmp_path / "run", ablation, gap=[0.2, 0.15, 0.01], null_q95=None)
     verdict = write_findings([run])["verdicts"]["global_percentile"]
     assert "causal for 0 of 3" in verdict and "not causal" not in verdict
-    assert "undecided, reproducible: no null computed: CLS, CODE, MATH" in verdict
+    assert "undecided, reproducible: no null in these components: CLS, CODE, MATH" in verdict
     assert "undecided, causal: too few records" in verdict
 
 

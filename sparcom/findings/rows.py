@@ -1,12 +1,12 @@
 """The findings of one rule's run folder as rows, and each rule's verdict in plain words.
 
-- `rule_rows(run_dir)`: one row per (family, group) of the rule whose components, generality.zarr,
-  summary.json and (where the ablation ran) ablation.json are in `run_dir`:
+- `rule_rows(run_dir)`: one row per (family, group) of the rule whose summary.json and (where the
+  ablation ran) ablation.json are in `run_dir`:
   `{"rule", "family", "group", "set_size", "ablated", "reproducible", "causal", "specific"}`. Each of the
   last three is a test: its numbers, `decision` ("yes" | "no" | "undecided") and `reason`.
-  reproducible: the split-half gap, the null's 95th percentile and p (identification's
-  `<family>_specificity_gap`, `<family>_split_null_q95`, `<family>_split_p`): yes when gap > q95,
-  no when gap <= q95, undecided without a null or a gap. causal (against the frequency-matched
+  reproducible: the split-half gap, the null's 95th percentile and p, as identification's report
+  decided them (summary.json `families.<family>.split_half`): yes when gap > q95, no when gap <=
+  q95, undecided with identification's reason (no null, too few permutations, not split). causal (against the frequency-matched
   control) and specific: the ablation's differences with their Holm-adjusted p and decisions
   (`sparcom.ablation.verdicts`); undecided where the family was not ablated.
 - `apart(run_dir)`: evaluated categories without components, reported apart.
@@ -20,36 +20,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import xarray as xr
-
 from sparcom.ablation.schema import ABLATION_SUMMARY, CAUSAL_CONTROL
-from sparcom.identification.schema import GENERALITY, GROUP, SUMMARY
+from sparcom.identification.schema import SUMMARY
 
 TESTS = ("reproducible", "causal", "specific")
 NOT = {"reproducible": "not above its null", "causal": "not causal", "specific": "not specific"}
 
 
-def _number(values: xr.DataArray) -> float | None:
-    value = float(values)
-    return None if np.isnan(value) else round(value, 5)
-
-
-def reproducibility(generality: xr.Dataset, family: str, group: str) -> dict:
-    """The split-half gap against the label-permutation null of identification (docs/method.md 4b)."""
-    at = {GROUP: group}
-    test = {name: _number(generality[f"{family}_{variable}"].sel(at)) if f"{family}_{variable}" in generality
-            else None for name, variable in (("gap", "specificity_gap"), ("null_q95", "split_null_q95"),
-                                             ("p_value", "split_p"))}
-    if test["gap"] is None:
-        test["decision"], test["reason"] = "undecided", "no split-half gap (groups not split)"
-    elif test["null_q95"] is None:
-        test["decision"], test["reason"] = "undecided", "no null computed"
-    elif test["gap"] > test["null_q95"]:
-        test["decision"], test["reason"] = "yes", "gap above the null's 95th percentile"
-    else:
-        test["decision"], test["reason"] = "no", "gap at or below the null's 95th percentile"
-    return test
+def reproducibility(summary: dict, family: str, group: str) -> dict:
+    """The split-half gap against its label-permutation null, as identification's report decided
+    it (`sparcom.identification.report.reproducible`, docs/method.md 4b), from its summary.json."""
+    row = summary["families"][family].get("split_half", {}).get(group)
+    if row is None:
+        return {"gap": None, "null_q95": None, "p_value": None, "decision": "undecided",
+                "reason": f"split-half left out: {summary.get('split_half_left_out', 'no split-half gap')}"}
+    decision = {True: "yes", False: "no"}.get(row.get("reproducible"), "undecided")
+    reason = {"yes": "gap above the null's 95th percentile",
+              "no": "gap at or below the null's 95th percentile"}.get(decision, row.get("undecided") or "no null")
+    return {"gap": row["gap"], "null_q95": row.get("null_q95"), "p_value": row.get("p"), "decision": decision,
+            "reason": reason}
 
 
 def _not_ablated(reason: str) -> dict:
@@ -83,15 +72,14 @@ def rule_rows(run_dir: Path) -> list[dict]:
     summary = json.loads((run_dir / SUMMARY).read_text())
     ablation = _read_ablation(run_dir)
     rows = []
-    with xr.open_zarr(run_dir / GENERALITY) as generality:
-        for family, figures in summary["families"].items():
-            for group in summary["groups"]:
-                causal, specific = _ablation_tests(ablation, family, group)
-                rows.append({"rule": summary["rule"], "family": family, "group": group,
-                             "set_size": figures["set_size"][group],
-                             "ablated": ablation is not None and ablation.get("family") == family,
-                             "reproducible": reproducibility(generality, family, group),
-                             "causal": causal, "specific": specific})
+    for family, figures in summary["families"].items():
+        for group in summary["groups"]:
+            causal, specific = _ablation_tests(ablation, family, group)
+            rows.append({"rule": summary["rule"], "family": family, "group": group,
+                         "set_size": figures["set_size"][group],
+                         "ablated": ablation is not None and ablation.get("family") == family,
+                         "reproducible": reproducibility(summary, family, group),
+                         "causal": causal, "specific": specific})
     return rows
 
 
