@@ -163,7 +163,10 @@ def headline(summary: dict) -> str:
                              f"(JS {value:.4f} bits).")
     verdict = summary["focus_verdict"]
     if verdict:
-        parts = [f"{m.replace('_', ' ')} {v['focus_mean']:.4f} vs {v['others_mean']:.4f}"
+        def mean(value: float | None) -> str:  # None: the sets compared were empty (lape on a small model)
+            return "undefined" if value is None else f"{value:.4f}"
+
+        parts = [f"{m.replace('_', ' ')} {mean(v['focus_mean'])} vs {mean(v['others_mean'])}"
                  for m, v in verdict["measures"].items()]
         answer = ("Yes" if verdict["moved_more"] else
                   "Partly" if any(v["focus_moved_more"] for v in verdict["measures"].values()) else "No")
