@@ -185,6 +185,9 @@ def identify(
     bar_ratio: BarRatioOption = None,
     split_half_seeds: SplitSeedsOption = None,
     group_by: GroupOption = None,
+    attribution: Annotated[Optional[Path], typer.Option(
+        help="the attribution store of the count store's records (sparcom attribute), for the rules "
+             "attribution and attribution_contrastive")] = None,
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,
 ) -> None:
@@ -192,8 +195,8 @@ def identify(
     uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
     from sparcom.core.cluster import dask_cluster
     from sparcom.core.outputs import check_output, claimed
-    from sparcom.extraction.store import verify_store
-    from sparcom.identification.identify import identify_store
+    from sparcom.extraction.store import open_store
+    from sparcom.identification.identify import identify_store, open_attribution
     from sparcom.identification.report import report_generality
     from sparcom.identification.schema import RUN_KIND
 
@@ -202,8 +205,10 @@ def identify(
                          identification__top_rate=top_rate, identification__filter_rate=filter_rate,
                          identification__bar_ratio=bar_ratio,
                          identification__split_half_seeds=split_half_seeds,
+                         identification__attribution=attribution,
                          dask__address=dask_address, dask__n_workers=dask_workers)
-    verify_store(store)
+    # the store verified, an attribution rule's store checked against it, before the cluster starts
+    open_attribution(settings.identification, open_store(store), store)
     check_output(out, RUN_KIND)
     with dask_cluster(settings.dask), claimed(out, RUN_KIND):  # one run at a time into `out`
         components = identify_store(store, settings.identification, out)

@@ -220,6 +220,8 @@ def naive_rule(p: np.ndarray, rule: str, epsilon=0.01, tau=0.5, top_rate=0.01, f
                bar_ratio=0.95) -> np.ndarray:
     """p[group, layer, neuron] -> selected[group, layer, neuron]."""
     groups = p.shape[0]
+    if rule in ("attribution", "attribution_contrastive"):  # section 6a: estimates' means, ranked alike
+        return naive_rule(p, rule.replace("attribution_", "").replace("attribution", "global_percentile"), epsilon)
     if rule == "threshold":
         return (p >= tau) & (p > 0)
     if rule == "global_percentile":

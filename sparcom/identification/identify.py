@@ -10,8 +10,13 @@
   is a damaged or inconsistent store: a StoreError).
 - `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
   the counts: per group, and per split-half seed each group's half A (half B is the rest).
+- `open_attribution(settings, store, store_path)`: the attribution store (ATTR.zarr) an attribution
+  rule selects from, checked against the count store (same instructions, same model, every family);
+  None for the other rules. `estimate_sums(attribution, families, labels, in_half_a)`: its float64
+  sums per group (and halves), with `record_total`, the means' denominator.
 - The selection rules live in `sparcom.identification.rules` (`select`, `top_fraction_threshold`).
-- `identify(store, settings)`: every family's frequencies, sets and thresholds, the split-half
+- `identify(store, settings, attribution)`: every family's frequencies (and, for the attribution
+  rules, `<family>.attribution_mean`, the group means of the estimates), sets and thresholds, the split-half
   Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`), the template's share of the counted
   tokens where it is known, with the rule, its parameters and the store's provenance in the
   attributes. Grouped by category or origin everything after the one pass is small and in
@@ -44,7 +49,17 @@ from sparcom.core.outputs import building, claimed
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 from sparcom.extraction.store import StoreError, open_store
 from sparcom.identification.rules import check_rule, select_by
-from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
+from sparcom.identification.schema import (
+    ATTRIBUTION_RULES,
+    COMPONENTS,
+    FAMILIES,
+    GROUP,
+    RANK_RULES,
+    RECORD_TOTAL,
+    RUN_KIND,
+    Family,
+    families_in,
+)
 from sparcom.identification.settings import IdentificationSettings
 from sparcom.identification.split_half import SPLIT_JACCARD, SPLIT_SEED, cross_jaccard, half_assignment
 from sparcom.identification.template import template_share
@@ -270,10 +285,64 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 
+def open_attribution(settings: IdentificationSettings, store: xr.Dataset, store_path: object) -> xr.Dataset | None:
+    """The verified attribution store of an attribution rule (None for the other rules), refused
+    when missing, or when its records, model or families are not the count store's."""
+    if settings.rule not in ATTRIBUTION_RULES:
+        return None
+    if settings.attribution is None:
+        raise ValueError(f"rule {settings.rule!r} selects by attribution estimates: pass --attribution "
+                         "ATTR.zarr (made by `sparcom attribute` from the count store's dataset)")
+    attribution = open_store(settings.attribution)
+    where = f"{settings.attribution} and the count store {store_path}"
+    ours, theirs = (np.array([str(i) for i in s.instruction_id.values.tolist()]) for s in (attribution, store))
+    if len(ours) != len(theirs) or (ours != theirs).any():
+        differ = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise ValueError(f"{where}: the instructions differ ({len(ours)} and {len(theirs)} records, first "
+                         f"difference at position {differ}); make the attribution store from the same dataset")
+    fingerprints = [s.attrs.get("model_fingerprint") for s in (attribution, store)]
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        raise ValueError(f"{where}: of different models (fingerprints {fingerprints[0][:12]} and "
+                         f"{fingerprints[1][:12]}); make the attribution store with the count store's model")
+    missing = [f"{f.attribution} (for {f.name})" for f in families_in(store) if f.attribution not in attribution]
+    if missing:
+        raise ValueError(f"{where}: the attribution store lacks {', '.join(missing)}")
+    return attribution
+
+
+def estimate_sums(attribution: xr.Dataset, families: list[Family], labels: np.ndarray,
+                  in_half_a: np.ndarray | None) -> xr.Dataset:
+    """In memory, float64, from one read of the estimates: `record_total[group]` and per family
+    `<attribution>[group, ...]`, the summed estimates; with halves also
+    `half_records[split_seed, group]` and `<attribution>_half_a[split_seed, group, ...]`."""
+    groups, group = _group_index(labels)
+    seeds = 0 if in_half_a is None else len(in_half_a)
+    weights = np.column_stack([np.ones(len(labels), dtype=bool), *(in_half_a if seeds else [])]).astype(np.float64)
+    records = np.stack([np.bincount(group, weights=column, minlength=len(groups)) for column in weights.T], axis=1)
+    contracted = [_contract(attribution[f.attribution], group, len(groups), weights, np.float64) for f in families]
+    computed = _gathered([sums.data for sums in contracted])
+    result = xr.Dataset({RECORD_TOTAL: (GROUP, records[:, 0])}, coords={GROUP: groups.astype(object)})
+    if seeds:
+        result["half_records"] = ((SPLIT_SEED, GROUP), records[:, 1:].T)
+    for family, sums, values in zip(families, contracted, computed):
+        dims = sums.dims[2:]
+        result[family.attribution] = ((GROUP, *dims), values[:, 0])
+        if seeds:
+            result[f"{family.attribution}_half_a"] = ((SPLIT_SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
+    return result.assign_coords({d: attribution[d] for d in result.dims if d in attribution.coords})
+
+
+def _estimate_means(attribution: xr.Dataset, families: list[Family], labels: np.ndarray) -> xr.Dataset:
+    """Per instruction: `record_total` (ones) and each family's estimates as its 'means'."""
+    means = {f.attribution_mean: _per_instruction(attribution[f.attribution], labels) for f in families}
+    return xr.Dataset({RECORD_TOTAL: (GROUP, np.ones(len(labels), dtype=np.int64)), **means},
+                      coords={GROUP: labels.astype(object)})
+
+
 def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
     result = xr.Dataset()
     for family in families_in(frequencies, by="frequency"):
-        chosen = select_by(frequencies[family.frequency], settings, family.layer_dim)
+        chosen = select_by(frequencies[family.ranked_by(settings.rule)], settings, family.layer_dim)
         result[family.selected] = chosen.selected
         result[family.threshold] = chosen.threshold
     return result.reset_coords(drop=True)  # leave the non-index coordinates where they are
@@ -281,14 +350,17 @@ def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.
 
 def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSettings) -> xr.DataArray:
     """J(g_A, h_B)[split_seed, group, other_group]: each half selected with the same rule, all
-    groups' A halves together (the rules that compare groups compare halves with halves)."""
-    whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
+    groups' A halves together (the rules that compare groups compare halves with halves). The
+    attribution rules select from their halves' summed estimates over their halves' records."""
+    summed, total, half_total = ((family.attribution, RECORD_TOTAL, "half_records") if settings.rule in ATTRIBUTION_RULES
+                                 else (family.count, "token_total", "half_tokens"))
+    whole, half_a = sums[summed], sums[f"{summed}_half_a"]
     dims = [d for d in whole.dims if d != GROUP]
     per_seed = []
     for seed in range(sums.sizes[SPLIT_SEED]):
-        a_sums, a_tokens = half_a.isel({SPLIT_SEED: seed}, drop=True), sums.half_tokens.isel({SPLIT_SEED: seed}, drop=True)
+        a_sums, a_tokens = half_a.isel({SPLIT_SEED: seed}, drop=True), sums[half_total].isel({SPLIT_SEED: seed}, drop=True)
         a = _half_sets(a_sums, a_tokens, family, settings)
-        b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
+        b = _half_sets(whole - a_sums, sums[total] - a_tokens, family, settings)
         per_seed.append(cross_jaccard(a, b, dims))
     return xr.concat(per_seed, SPLIT_SEED)
 
@@ -297,7 +369,9 @@ def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, setting
                ) -> xr.DataArray:
     """One half's sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
     from the summed counts as from the frequencies, so only their extremes are divided, to check
-    them as frequencies are checked."""
+    them as frequencies are checked. The attribution rules' means (sums over records) have any sign."""
+    if settings.rule in ATTRIBUTION_RULES:
+        return select_by(sums / tokens, settings, family.layer_dim).selected
     if settings.rule not in RANK_RULES:
         return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
     dims = [d for d in sums.dims if d != GROUP]
@@ -307,8 +381,12 @@ def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, setting
     return select_by(sums, settings, family.layer_dim).selected
 
 
-def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
+def _attrs(store: xr.Dataset, settings: IdentificationSettings, attribution: xr.Dataset | None = None) -> dict:
+    estimates = {} if attribution is None else {
+        "attribution_store": str(settings.attribution),
+        "attribution_max_response_tokens": attribution.attrs.get("max_response_tokens", 0)}
     return {
+        **estimates,
         **{k: store.attrs[k] for k in PROVENANCE if k in store.attrs},
         "group_by": settings.group_by,
         "rule": settings.rule,
@@ -336,21 +414,31 @@ def _checked_labels(store: xr.Dataset, settings: IdentificationSettings, where: 
     return labels
 
 
-def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+def identify(store: xr.Dataset, settings: IdentificationSettings, attribution: xr.Dataset | None = None
+             ) -> xr.Dataset:
     """Frequencies, sets and thresholds of every family, and their split-half Jaccard values
-    (lazy only when grouped by instruction)."""
+    (lazy only when grouped by instruction). The attribution rules need `attribution`, the
+    attribution store of the same records (`open_attribution`)."""
     labels = _checked_labels(store, settings, "store")
-    attrs = _attrs(store, settings)
+    if settings.rule in ATTRIBUTION_RULES and attribution is None:
+        raise ValueError(f"rule {settings.rule!r} selects by attribution estimates: it needs an attribution store")
+    attrs = _attrs(store, settings, attribution)
+    families = families_in(store)
     if settings.group_by == INSTRUCTION:
         frequencies = group_frequencies(store, INSTRUCTION)
+        if attribution is not None:
+            frequencies = frequencies.merge(_estimate_means(attribution, families, labels))
         attrs["split_half_left_out"] = ONE_PER_GROUP
         return xr.merge([frequencies, _selection(frequencies, settings)]).assign_attrs(attrs)
     origins = _group_labels(store, "origin") if "origin" in store.coords else None
     in_half_a, left_out = half_assignment(labels, origins, settings.split_half_seeds)
     sums = one_pass_sums(store, labels, in_half_a)
-    families = families_in(store)
     frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
         f.frequency: _frequency(sums[f.count], sums.token_total, f.frequency) for f in families}})
+    if attribution is not None:  # the estimates' sums beside the counts', the frequencies kept
+        sums = sums.merge(estimate_sums(attribution, families, labels, in_half_a))
+        frequencies = frequencies.assign({RECORD_TOTAL: sums[RECORD_TOTAL].astype(np.int64), **{
+            f.attribution_mean: sums[f.attribution] / sums[RECORD_TOTAL] for f in families}})
     result = xr.merge([frequencies, _selection(frequencies, settings)])
     if left_out:
         attrs["split_half_left_out"] = left_out
@@ -381,17 +469,20 @@ def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: 
     """Write `out_dir/components.zarr`; computes on the current Dask scheduler. The store is
     verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.core.outputs`)."""
     store = open_store(store_path)
-    _checked_labels(store, settings, store_path)
+    labels = _checked_labels(store, settings, store_path)
+    attribution = open_attribution(settings, store, store_path)
     target = Path(out_dir) / COMPONENTS
     with claimed(out_dir, RUN_KIND), building(target, "components") as path:
         if settings.group_by == INSTRUCTION:
             frequencies = group_frequencies(store, settings.group_by)
-            frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
+            if attribution is not None:
+                frequencies = frequencies.merge(_estimate_means(attribution, families_in(store), labels))
+            frequencies.attrs = {**_attrs(store, settings, attribution), "split_half_left_out": ONE_PER_GROUP}
             _write_zarr(frequencies, path, mode="w")
             written = xr.open_zarr(path, consolidated=False)
             _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
         else:
-            _write_zarr(identify(store, settings), path, mode="w")
+            _write_zarr(identify(store, settings, attribution), path, mode="w")
         with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
             warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)

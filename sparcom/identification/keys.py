@@ -2,7 +2,8 @@
 
 - `IDENTIFY`: the selection's code (`sparcom.identification.identify` and all it imports);
   `ANALYSE`: generality, uniqueness and the report (`sparcom.identification.report`).
-- `identification_key(store, settings)`: the store's extraction key, the settings, the code.
+- `identification_key(store, settings)`: the store's extraction key, the settings, the code; for
+  the attribution rules the attribution store's attributes (its content key), not its path.
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings:
   same counts and identification settings, same folder, so a cached rerun points at real files.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from sparcom.core.code_version import StageCode
 from sparcom.core.hashing import content_hash
 from sparcom.extraction.store import store_attrs
+from sparcom.identification.schema import ATTRIBUTION_RULES
 from sparcom.identification.settings import IdentificationSettings
 
 IDENTIFY = StageCode(("sparcom.identification.identify",))
@@ -21,7 +23,10 @@ ANALYSE = StageCode(("sparcom.identification.report",))
 
 
 def identification_key(store: Path, settings: IdentificationSettings) -> str:
-    return content_hash("identify", store_attrs(store)["extraction_key"], settings, IDENTIFY.version())
+    estimates = (store_attrs(settings.attribution) if settings.rule in ATTRIBUTION_RULES and settings.attribution
+                 else None)
+    return content_hash("identify", store_attrs(store)["extraction_key"], settings.model_copy(update={"attribution": None}),
+                        estimates, IDENTIFY.version())
 
 
 def results_dir(work_dir: Path, store: Path, settings: IdentificationSettings) -> Path:

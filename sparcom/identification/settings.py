@@ -1,11 +1,13 @@
 """The identification stage's settings (docs/method.md sections 2, 4a and 4b).
 
-- `IdentificationSettings`: the selection rule and its parameters, the grouping, the split-half seeds.
+- `IdentificationSettings`: the selection rule and its parameters, the grouping, the split-half seeds,
+  and the attribution store the attribution rules select from.
 - `SelectionRule`: the rule names of `sparcom.identification.schema.RULES`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -26,3 +28,6 @@ class IdentificationSettings(StrictModel):
     bar_ratio: float = Field(0.95, gt=0, lt=1, description="lape: quantile a member's frequency exceeds")
     group_by: Literal[GROUP_BY] = "category"
     split_half_seeds: int = Field(5, ge=0, description="split-half reliability: seeds (0: off)")
+    attribution: Path | None = Field(
+        None, description="the attribution rules: ATTR.zarr of the count store's records (sparcom attribute); "
+                          "the other rules do not read it")
