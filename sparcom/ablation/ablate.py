@@ -20,7 +20,8 @@ groups' records, and more than control components of the same number, place and 
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
   With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
-  answer (`sparcom.ablation.accuracy`), add the accuracy variables. Its steps:
+  answer (`sparcom.ablation.accuracy`), add the accuracy variables; where `measures_fidelity`, the
+  fidelity of the attribution estimates (`sparcom.ablation.fidelity`) too. Its steps:
   `fingerprinted_model` (the model, refused unless the components were found in its weights),
   `measured_passes` (response NLLs and greedy answers, each `under_each` set and control
   switched off), `control_frequencies`, `ablation_dataset` (the variables and figures).
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.fidelity import measure_fidelity, measures_fidelity
 from sparcom.intervention.hooks import Ablation
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
 from sparcom.ablation.settings import AblationSettings
@@ -259,6 +261,8 @@ def run_ablation(
     dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
     if texts is not None:
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
+    if measures_fidelity(plan.attrs.get("rule"), settings):
+        dataset = dataset.merge(measure_fidelity(plan, loaded, settings, extraction, base, dataset[EVALUATED].values))
     path = Path(out_dir) / ABLATION
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_zarr(dataset, path)
