@@ -246,6 +246,9 @@ def ablate_command(
                                          "final number) and score accuracy, intact and ablated; default off")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         help="with --accuracy: tokens greedy-decoded per record at most (default 128)")] = None,
+    fidelity: Annotated[Optional[bool], typer.Option(
+        "--fidelity/--no-fidelity", help="also check the attribution estimates against single switch-offs; "
+                                         "default: when the components' rule is an attribution rule")] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
 ) -> None:
@@ -258,7 +261,7 @@ def ablate_command(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
         ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
-        ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
+        ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens, ablation__fidelity=fidelity,
         extraction__dtype=dtype, extraction__device=device)
     path = components_in(components)
     result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,

@@ -2,12 +2,14 @@
 whose estimates and switch-offs are known in closed form: one linear in every component's scale
 (the estimate is exact: sets' summed estimates equal their deltas, rho and sign agreement are 1)
 and one quadratic (it is not), each with the figures the report shows; the probes' choice, the
-rank correlation and the sign agreement against naive computations."""
+rank correlation and the sign agreement against naive computations; and through the ablation
+stage on a tiny LLaMA, against the alpha definition computed in the test in float64."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from sparcom.ablation.fidelity import (
@@ -20,6 +22,9 @@ from sparcom.ablation.fidelity import (
 from sparcom.ablation.report import ablation_markdown, fidelity_markdown, fidelity_summary
 from sparcom.ablation.settings import AblationSettings
 from sparcom.identification.schema import FAMILIES
+
+from builders import HELD_OUT, make_record
+from references import reference_tokens
 
 NEURONS = FAMILIES[0]
 LAYERS, WIDTH = (3, 7), 6  # true layer indices of the family's two layers
@@ -183,3 +188,69 @@ def test_the_ablation_report_carries_the_section_only_when_measured():
     assert "### Fidelity of the attribution estimates" in ablation_markdown(summary, plot=None)
     del summary["fidelity"]
     assert "Fidelity" not in ablation_markdown(summary, plot=None)
+
+
+# --- on a tiny model, through the ablation stage ---------------------------------------------------------
+
+def alpha_reference(model, tokenizer, record, k: int, off: tuple[int, int] | None = None):
+    """The alpha definition in float64, one record: every neuron's input of down_proj scaled by
+    alpha (1 intact); L the mean NLL of the first k response tokens. Returns (-dL/dalpha for every
+    neuron [layer, neuron], L with the neuron `off` at alpha 0 minus L intact)."""
+    ids, first = reference_tokens(record, tokenizer, "response")
+    ids = ids[:first + k]
+    mlps = [layer.mlp for layer in model.model.layers]
+    alpha = torch.ones(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64, requires_grad=True)
+
+    def loss(scale: torch.Tensor) -> torch.Tensor:
+        handles = [mlp.down_proj.register_forward_pre_hook(lambda _, args, j=j: (args[0] * scale[j],))
+                   for j, mlp in enumerate(mlps)]
+        try:
+            logits = model(torch.tensor([ids])).logits[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return -torch.log_softmax(logits[first - 1:-1], -1).gather(1, torch.tensor(ids[first:])[:, None]).mean()
+
+    intact = loss(alpha)
+    (gradient,) = torch.autograd.grad(intact, alpha)
+    changed = None
+    if off is not None:
+        with torch.no_grad():
+            switched = torch.ones_like(alpha)
+            switched[off] = 0
+            changed = float(loss(switched) - intact)
+    return -gradient.numpy(), changed
+
+
+def test_the_ablation_measures_fidelity_on_the_model(tmp_path, identified, tiny_llama_dir, cache_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparcom.ablation.ablate import run_ablation
+    from sparcom.extraction.settings import ExtractionSettings
+
+    work, store, components, held_out = identified
+    settings = AblationSettings(eval_dataset=held_out, seeds=1, resamples=50, permutations=50, controls=["random"],
+                                max_response_tokens=3, fidelity=True, fidelity_probes=4)
+    result = xr.open_zarr(run_ablation(components, store, settings, ExtractionSettings(max_batch_size=4),
+                                       cache_dir, tmp_path)).load()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    by_id = {r.id: r for r in (make_record(100 + i, *texts) for i, texts in enumerate(HELD_OUT))}
+    records = [by_id[i] for i in result.instruction_id.values]
+    estimates = np.stack([alpha_reference(model, tokenizer, r, 3)[0] for r in records])
+    scale = np.abs(estimates).max()
+    assert result.sizes["probe"] == 4
+    for k in range(4):
+        place = (int(result.probe_layer[k]), int(result.probe_neuron[k]))  # tiny LLaMA: layers 0, 1, 2
+        measured = [alpha_reference(model, tokenizer, r, 3, off=place)[1] for r in records]
+        assert abs(float(result.probe_delta[k]) - np.mean(measured)) < 1e-4
+        assert abs(float(result.probe_estimate[k]) - estimates[:, place[0], place[1]].mean()) < 1e-4 * scale
+    chosen = xr.open_zarr(components).isn.load()
+    categories = result.category.values
+    for group in result.ablated.values:
+        summed = (estimates * chosen.sel(group=group).values).sum(axis=(1, 2))
+        for evaluated in result.evaluated.values:
+            expected = summed[categories == evaluated].mean()
+            got = float(result.set_estimate.sel(ablated=group, evaluated=evaluated))
+            assert abs(got - expected) < 1e-4 * scale * max(1, int(chosen.sel(group=group).sum()))
+    assert result.set_estimate.attrs["meaning"].startswith("mean over the evaluated group's records")
