@@ -4,6 +4,7 @@
 - `controls`: random and frequency-matched control sets of the same size per layer.
 - `statistics`: deltas, specificity, control ratios, bootstrap intervals, permutation tests.
 - `answers`, `accuracy`: checkable answers, and greedy-decoded accuracy under each ablation.
+- `fidelity`: do the attribution estimates predict the switch-offs? Sets and single components.
 - `ablate`: the stage: plan, passes, `ablation.zarr`.
 - `report`: the ablation's markdown, JSON and plot.
 - `schema`: control names, dimensions, output files.

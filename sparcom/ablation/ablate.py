@@ -262,7 +262,8 @@ def run_ablation(
     if texts is not None:
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
     if measures_fidelity(plan.attrs.get("rule"), settings):
-        dataset = dataset.merge(measure_fidelity(plan, loaded, settings, extraction, base, dataset[EVALUATED].values))
+        dataset = dataset.merge(measure_fidelity(loaded, plan.records, plan.family, plan.sets, plan.labels,
+                                                 dataset[EVALUATED].values, base, settings, extraction))
     path = Path(out_dir) / ABLATION
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_zarr(dataset, path)

@@ -14,8 +14,9 @@ estimates computed there with the same scored response tokens K.
   the share of pairs with the same sign (zero is a sign of its own).
 - `fidelity_dataset(family, sets, groups, labels, evaluated, estimates, base, nll_without, settings)`:
   the named variables (below) from per-record estimates and a function measuring the response
-  NLLs with a mask switched off; `measure_fidelity(plan, loaded, settings, extraction, base,
-  evaluated)`: the same on the model, its estimates from `sparcom.attribution.estimate`.
+  NLLs with a mask switched off; `measure_fidelity(loaded, records, family, sets, labels,
+  evaluated, base, settings, extraction)`: the same on the model, its estimates from
+  `sparcom.attribution.estimate.attribute_records`.
 
 Variables added to ablation.zarr (nats per token, as delta):
   set_estimate[ablated, evaluated]            estimate of delta[ablated, evaluated]
@@ -43,8 +44,8 @@ from sparcom.ablation.statistics import LEVEL, group_weights
 from sparcom.identification.schema import ATTRIBUTION_RULES, Family
 
 if TYPE_CHECKING:  # the model stage's types: imported where it runs
-    from sparcom.ablation.ablate import AblationPlan
     from sparcom.core.models import LoadedModel
+    from sparcom.curation.records import InstructionRecord
     from sparcom.extraction.settings import ExtractionSettings
 
 # The probes' seed stream, apart from the controls' (seed, group, control, draw) streams.
@@ -167,20 +168,22 @@ def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], groups: Sequ
     return dataset
 
 
-def measure_fidelity(plan: AblationPlan, loaded: LoadedModel, settings: AblationSettings,
-                     extraction: ExtractionSettings, base: np.ndarray, evaluated: Sequence[str]) -> xr.Dataset:
-    """`fidelity_dataset` on the model: the records' estimates with the ablation's scored tokens,
-    each probe switched off with the ablation's own hooks and scored as the ablation scores."""
+def measure_fidelity(loaded: LoadedModel, records: Sequence[InstructionRecord], family: Family,
+                     sets: dict[str, xr.DataArray], labels: np.ndarray, evaluated: Sequence[str], base: np.ndarray,
+                     settings: AblationSettings, extraction: ExtractionSettings) -> xr.Dataset:
+    """`fidelity_dataset` on the model, for the ablation's records (their `labels`), sets (in
+    group order) and intact NLLs: the records' estimates with the ablation's scored tokens, each
+    probe switched off with the ablation's own hooks and scored as the ablation scores."""
     from sparcom.attribution.estimate import attribute_records
     from sparcom.intervention.hooks import Ablation
     from sparcom.intervention.response_nll import response_nll, tokenize_responses
 
-    estimates = attribute_records(loaded, plan.records, settings.max_response_tokens, extraction)
-    tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
+    estimates = attribute_records(loaded, records, settings.max_response_tokens, extraction)
+    tokenized = tokenize_responses(records, loaded.tokenizer, settings.max_response_tokens)
 
     def nll_without(mask: np.ndarray) -> np.ndarray:
-        with Ablation(loaded.model, {plan.family.name: mask}):
+        with Ablation(loaded.model, {family.name: mask}):
             return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device)
 
-    return fidelity_dataset(plan.family, plan.sets, plan.groups, plan.labels, evaluated,
-                            estimates[plan.family.attribution], base, nll_without, settings)
+    return fidelity_dataset(family, sets, list(sets), labels, evaluated, estimates[family.attribution], base,
+                            nll_without, settings)
