@@ -4,6 +4,8 @@
   group, so select the same sets from summed counts as from frequencies), `ATTRIBUTION_RULES`
   (they select by the attribution store's estimates, not by frequency).
 - `GROUP`, `GROUP_BY`: the group dimension of every result, and the groupings offered.
+- `REPEAT_DIMS`: dims along which a selection is repeated independently (`HALF`, `SPLIT_SEED`,
+  `PERMUTATION`: split-half reliability and its null), never component dims.
 - `Family`, `FAMILIES`, `families_in(dataset, by)`: each count family of the store with the
   names of its outputs (frequency, selected set, threshold), of its estimates in the attribution
   store (`attribution`, e.g. `act_attribution`) and of their group means (`attribution_mean`).
@@ -31,6 +33,10 @@ RANK_RULES = ("global_percentile", "layer_percentile")
 
 GROUP = "group"
 GROUP_BY = ("category", "origin", "instruction")
+HALF = "half"
+SPLIT_SEED = "split_seed"
+PERMUTATION = "permutation"
+REPEAT_DIMS = (HALF, SPLIT_SEED, PERMUTATION)
 
 COMPONENTS = "components.zarr"
 GENERALITY = "generality.zarr"
