@@ -14,11 +14,11 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.identification.identify import identify, identify_store, open_attribution
+from sparcom.identification.identify import identify, identify_rules, identify_store, open_attribution
 from sparcom.identification.keys import identification_key
 from sparcom.identification.schema import FAMILIES
 from sparcom.identification.settings import IdentificationSettings
-from sparcom.identification.split_half import half_assignment
+from sparcom.identification.split_half import half_assignment, label_permutations
 
 from builders import attribution_store, make_store, moe_store, write_store
 
@@ -124,6 +124,48 @@ def test_every_family_against_numpy_with_split_halves(rule, seed):
     assert checked == 4 and result.attrs["attribution_max_response_tokens"] == 16
 
 
+def naive_gap(estimates: np.ndarray, labels: np.ndarray, origins: np.ndarray, rule: str, seeds: int) -> np.ndarray:
+    """Section 4b from the definitions: per seed each half's means and sets, the mean within-group
+    Jaccard over seeds minus the mean over other groups of the mean cross-group Jaccard."""
+    in_half_a, _ = half_assignment(labels, origins, seeds)
+    groups = len(set(labels.tolist()))
+    jaccard = np.zeros((seeds, groups, groups))
+    for split in range(seeds):
+        a = naive_attribution_sets(naive_means(estimates, labels, in_half_a[split]), rule, 0.1)
+        b = naive_attribution_sets(naive_means(estimates, labels, ~in_half_a[split]), rule, 0.1)
+        jaccard[split] = [[naive_jaccard(a[g], b[h]) for h in range(groups)] for g in range(groups)]
+    mean = np.nanmean(jaccard, axis=0)
+    return np.array([mean[g, g] - np.nanmean(np.delete(mean[g], g)) for g in range(groups)])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_the_split_half_null_of_the_attribution_rules(rule):
+    """The null's gaps come from the estimates' halves under shuffled labels, not from the counts'."""
+    store = moe_store(9, CATEGORIES)
+    attribution = attribution_store(store, 9)
+    settings = IdentificationSettings(rule=rule, epsilon=0.1, split_half_seeds=2, split_half_permutations=3)
+    result = identify(store, settings, attribution)
+    labels, origins = np.array(CATEGORIES), np.array(store.origin.values.tolist())
+    for k, shuffled in enumerate(label_permutations(labels, 3)):
+        for family in FAMILIES:
+            expected = naive_gap(attribution[family.attribution].values, shuffled, origins, rule, 2)
+            np.testing.assert_allclose(result[f"{family.name}_split_null_gap"].isel(permutation=k).values, expected,
+                                       equal_nan=True, err_msg=f"{family.name} permutation {k}")
+
+
+def test_attribution_rules_beside_frequency_rules():
+    """Several rules in one pass: each rule's result is the one it gives alone, and only the
+    attribution rules' results carry the estimates' means."""
+    store = moe_store(10, CATEGORIES)
+    attribution = attribution_store(store, 10)
+    together = identify_rules(store, IdentificationSettings(rules=["contrastive", "attribution"], epsilon=0.1,
+                                                            split_half_permutations=2), attribution)
+    for rule in ("contrastive", "attribution"):
+        alone = identify(store, IdentificationSettings(rule=rule, epsilon=0.1, split_half_permutations=2), attribution)
+        xr.testing.assert_identical(together[rule], alone)
+    assert "attribution_mean" in together["attribution"] and "attribution_mean" not in together["contrastive"]
+
+
 def test_grouped_by_instruction_the_means_are_the_estimates():
     store = moe_store(3, CATEGORIES)
     attribution = attribution_store(store, 3)
@@ -170,7 +212,7 @@ def test_an_attribution_rule_without_or_with_a_mismatched_store_is_refused(tmp_p
     settings = IdentificationSettings(rule="attribution_contrastive")
     with pytest.raises(ValueError, match="pass --attribution ATTR.zarr"):
         open_attribution(settings, store, counts)
-    with pytest.raises(ValueError, match="needs an attribution store"):
+    with pytest.raises(ValueError, match="need an attribution store"):
         identify(store, settings)
     shuffled = attribution_store(store, 7).isel(instruction=[1, 0, *range(2, 16)])
     wrong = write_store(shuffled, tmp_path / "shuffled.zarr")
