@@ -2,7 +2,8 @@
 
 - `RULES`, `COMPARING_RULES` (they need two groups or more), `RANK_RULES` (they rank within each
   group, so select the same sets from summed counts as from frequencies), `ATTRIBUTION_RULES`
-  (they select by the attribution store's estimates, not by frequency).
+  (they select by the attribution store's estimates, not by frequency; named in
+  `sparcom.attribution.schema`, whose stage the pipeline runs for them).
 - `GROUP`, `GROUP_BY`: the group dimension of every result, and the groupings offered.
 - `REPEAT_DIMS`: dims along which a selection is repeated independently (`HALF`, `SPLIT_SEED`,
   `PERMUTATION`: split-half reliability and its null), never component dims.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sparcom.attribution.schema import ATTRIBUTION_FAMILIES, ATTRIBUTION_RULES
 from sparcom.extraction.schema import COUNT_FAMILIES, INSTRUCTION, CountFamily
 
 if TYPE_CHECKING:  # the names alone, without xarray: the command line reads them at start
@@ -27,7 +29,6 @@ if TYPE_CHECKING:  # the names alone, without xarray: the command line reads the
 RULES = ("global_percentile", "layer_percentile", "threshold", "lape", "contrastive", "attribution",
          "attribution_contrastive")
 COMPARING_RULES = ("lape", "contrastive", "attribution_contrastive")
-ATTRIBUTION_RULES = ("attribution", "attribution_contrastive")
 # Exact for integer sums below 2**52: distinct sums stay distinct, in order, after the division.
 RANK_RULES = ("global_percentile", "layer_percentile")
 
@@ -65,14 +66,15 @@ class Family(CountFamily):
 
 
 _OUTPUTS = {
-    "neurons": ("frequency", "isn", "threshold", "act_attribution", "attribution_mean"),
-    "experts": ("expert_frequency", "ise", "expert_threshold", "expert_attribution", "expert_attribution_mean"),
+    "neurons": ("frequency", "isn", "threshold", "attribution_mean"),
+    "experts": ("expert_frequency", "ise", "expert_threshold", "expert_attribution_mean"),
     "expert_neurons": ("expert_neuron_frequency", "expert_isn", "expert_neuron_threshold",
-                       "expert_act_attribution", "expert_neuron_attribution_mean"),
-    "shared_neurons": ("shared_frequency", "shared_isn", "shared_threshold", "shared_act_attribution",
-                       "shared_attribution_mean"),
+                       "expert_neuron_attribution_mean"),
+    "shared_neurons": ("shared_frequency", "shared_isn", "shared_threshold", "shared_attribution_mean"),
 }
-FAMILIES = tuple(Family(f.name, f.count, f.dims, *_OUTPUTS[f.name]) for f in COUNT_FAMILIES)
+_ESTIMATES = {f.name: f.attribution for f in ATTRIBUTION_FAMILIES}
+FAMILIES = tuple(Family(f.name, f.count, f.dims, *_OUTPUTS[f.name][:3], attribution=_ESTIMATES[f.name],
+                        attribution_mean=_OUTPUTS[f.name][3]) for f in COUNT_FAMILIES)
 
 
 def families_in(dataset: xr.Dataset, by: str = "count") -> list[Family]:
