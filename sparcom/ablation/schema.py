@@ -4,7 +4,8 @@
 - `FAMILY_CHOICES`: the families that can be switched off, and `auto`.
 - Dimension names of `ablation.zarr`: `INSTRUCTION`, `ABLATED`, `EVALUATED`, `CONTROL`, `SEED`
   (a control's draw), `RESAMPLE`, `BOUND`.
-- Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`.
+- Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`;
+  `PASSES`, the folder of finished passes (`sparcom.ablation.passes`) a rerun reuses.
 """
 
 from __future__ import annotations
@@ -21,3 +22,4 @@ ABLATION = "ablation.zarr"
 ABLATION_REPORT = "ablation.md"
 ABLATION_SUMMARY = "ablation.json"
 ABLATION_PLOT = "ablation.png"
+PASSES = "passes"
