@@ -41,6 +41,9 @@ def main(debug: Annotated[bool, typer.Option(
         "--debug", help="show the traceback of an error (default: one line, see cli/errors.py)")] = False,
 ) -> None:
     """Errors are one line on stderr: exit 2 for bad input, 1 for failures during work."""
+    from sparcom.core.threads import wait_passively
+
+    wait_passively()  # before any command imports torch (sparcom/core/threads.py says why)
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file")]
 ModelOption = Annotated[Optional[str], typer.Option(help="'default', hub id, directory or .gguf")]
@@ -251,9 +254,17 @@ def ablate_command(
                                          "default: when the components' rule is an attribution rule")] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
+    device_map: Annotated[Optional[str], typer.Option(
+        help="spread a model larger than one GPU: auto, balanced, sequential or a JSON {module: device}")] = None,
+    dask_address: DaskAddressOption = None,
+    dask_workers: Annotated[Optional[int], typer.Option(
+        "--dask-workers", help="local Dask workers the passes spread over (one per GPU at most on GPUs); "
+                               "default: one per GPU where there are several, else this process alone")] = None,
 ) -> None:
     """Switch each group's components off on held-out records and report whether they hurt their
-    own group more than others and more than random and frequency-matched controls."""
+    own group more than others and more than random and frequency-matched controls. The passes
+    run on a Dask cluster when one is given (or several GPUs are visible), else here; finished
+    passes are kept in OUT/passes and a rerun reuses them."""
     from sparcom.ablation.ablate import components_in, find_store, run_ablation
     from sparcom.ablation.report import ablation_markdown, report_ablation
 
@@ -262,10 +273,11 @@ def ablate_command(
         ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens, ablation__fidelity=fidelity,
-        extraction__dtype=dtype, extraction__device=device)
+        extraction__dtype=dtype, extraction__device=device, dask__address=dask_address, dask__n_workers=dask_workers,
+        model__device_map=json.loads(device_map) if device_map and device_map.startswith("{") else device_map)
     path = components_in(components)
     result = run_ablation(path, store or find_store(path), settings.ablation, settings.extraction,
-                          settings.cache_dir, out, model_name=model)
+                          settings.cache_dir, out, model_name=model, model=settings.model, dask=settings.dask)
     summary = report_ablation(result, out)
     typer.echo(ablation_markdown(summary, plot=None))
     typer.echo(f"results: {out}")

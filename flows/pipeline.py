@@ -31,7 +31,8 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     summary = identify_components(store, run_dir, settings.identification, settings.dask, refresh)
     if settings.ablation.enabled:
         summary["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
-            run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir)
+            run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
+            model=settings.model, dask=settings.dask)
         add_ablation_to_report(run_dir / REPORT, summary["ablation"])
     if settings.comparison.enabled:
         summary["comparison"] = compare_with_tuned(settings, dataset, store, run_dir, refresh)

@@ -16,6 +16,7 @@ from sparcom.ablation.fidelity import (
     choose_probes,
     fidelity_dataset,
     measures_fidelity,
+    probe_sets,
     rank_correlation,
     sign_agreement,
 )
@@ -87,8 +88,9 @@ def sets() -> dict[str, xr.DataArray]:
 def measured(case: Constructed, settings: AblationSettings) -> xr.Dataset:
     """The fidelity variables beside delta and ablated_size as the ablation writes them (computed here)."""
     base = case.loss(np.ones((len(LAYERS), WIDTH)))
-    fidelity = fidelity_dataset(NEURONS, sets(), GROUPS, LABELS, EVALUATED, case.estimates(), base,
-                                case.nll_without, settings)
+    probes = probe_sets(case.estimates(), settings)
+    fidelity = fidelity_dataset(NEURONS, sets(), LABELS, EVALUATED, case.estimates(), base, probes,
+                                [case.nll_without(mask) for mask in probes], settings)
     delta = [[float((case.nll_without(sets()[a].values) - base)[LABELS == e].mean()) for e in EVALUATED]
              for a in GROUPS]
     return fidelity.merge(xr.Dataset(

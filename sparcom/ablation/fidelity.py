@@ -12,11 +12,12 @@ estimates computed there with the same scored response tokens K.
   half from the strongest negative ones (a sign with too few gives its place to the other).
 - `rank_correlation(x, y)`: Spearman's rho (Pearson's r of average ranks); `sign_agreement(x, y)`:
   the share of pairs with the same sign (zero is a sign of its own).
-- `fidelity_dataset(family, sets, groups, labels, evaluated, estimates, base, nll_without, settings)`:
-  the named variables (below) from per-record estimates and a function measuring the response
-  NLLs with a mask switched off; `measure_fidelity(loaded, records, family, sets, labels,
-  evaluated, base, settings, extraction)`: the same on the model, its estimates from
-  `sparcom.attribution.estimate.attribute_records`.
+- `record_estimates(model, records, family, max_response_tokens, extraction, cache_dir)`: the
+  records' estimates (`sparcom.attribution.estimate.attribute_records`) on the model loaded here.
+- `probe_sets(estimates, settings)`: the probes as masks, each one more pass of the ablation
+  (`sparcom.ablation.passes`), run with the stage's own passes.
+- `fidelity_dataset(family, sets, labels, evaluated, estimates, base, probes, probe_nll, settings)`:
+  the named variables (below) from the estimates and the probes' measured NLLs.
 
 Variables added to ablation.zarr (nats per token, as delta):
   set_estimate[ablated, evaluated]            estimate of delta[ablated, evaluated]
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,9 +46,8 @@ from sparcom.ablation.statistics import LEVEL, group_weights
 from sparcom.identification.schema import ATTRIBUTION_RULES, Family
 
 if TYPE_CHECKING:  # the model stage's types: imported where it runs
-    from sparcom.core.models import LoadedModel
     from sparcom.curation.records import InstructionRecord
-    from sparcom.extraction.settings import ExtractionSettings
+    from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 
 # The probes' seed stream, apart from the controls' (seed, group, control, draw) streams.
 PROBE_STREAM = 24
@@ -127,32 +128,41 @@ def _bootstrap_interval(x: np.ndarray, y: np.ndarray, figure: Callable[[np.ndarr
         return np.nanquantile(samples, [tail, 1 - tail])
 
 
-def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], groups: Sequence[str], labels: np.ndarray,
-                     evaluated: Sequence[str], estimates: xr.DataArray, base: np.ndarray,
-                     nll_without: Callable[[np.ndarray], np.ndarray], settings: AblationSettings) -> xr.Dataset:
+def probe_sets(estimates: xr.DataArray, settings: AblationSettings) -> list[np.ndarray]:
+    """The probes (`choose_probes` on the records' mean estimates, seeded by `settings.seed`), each
+    a boolean mask over the component dims with its one component switched off."""
+    dims = [d for d in estimates.dims if d != INSTRUCTION]
+    mean_estimate = estimates.transpose(INSTRUCTION, *dims).values.astype(np.float64).mean(axis=0)
+    masks = []
+    for flat in choose_probes(mean_estimate, settings.fidelity_probes, np.random.default_rng([settings.seed, PROBE_STREAM])):
+        mask = np.zeros(mean_estimate.shape, dtype=bool)
+        mask.flat[flat] = True
+        masks.append(mask)
+    return masks
+
+
+def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], labels: np.ndarray, evaluated: Sequence[str],
+                     estimates: xr.DataArray, base: np.ndarray, probes: list[np.ndarray],
+                     probe_nll: Sequence[np.ndarray], settings: AblationSettings) -> xr.Dataset:
     """The variables of the module docstring. `estimates[instruction, *component dims]` are the
-    records' estimates, `base` their intact NLLs, `nll_without(mask)` their NLLs with the
-    components of a boolean mask over the component dims switched off."""
+    records' estimates, `base` their intact NLLs, `sets` the groups' sets (in group order),
+    `probes` the masks of `probe_sets` and `probe_nll[probe, instruction]` the NLLs measured with
+    each switched off."""
     dims = [d for d in estimates.dims if d != INSTRUCTION]
     estimates = estimates.transpose(INSTRUCTION, *dims)
-    shape = tuple(estimates.sizes[d] for d in dims)
     mean_estimate = estimates.values.astype(np.float64).mean(axis=0)
-    rng = np.random.default_rng([settings.seed, PROBE_STREAM])
-    probes = choose_probes(mean_estimate, settings.fidelity_probes, rng)
-    nll = np.empty((len(probes), len(base)))
-    for k, flat in enumerate(probes):
-        mask = np.zeros(shape, dtype=bool)
-        mask.flat[flat] = True
-        nll[k] = nll_without(mask)
-    estimate = mean_estimate.ravel()[probes]
+    flat = np.array([int(np.flatnonzero(mask)[0]) for mask in probes], dtype=np.int64)
+    estimate = mean_estimate.ravel()[flat]
+    nll = np.asarray(probe_nll, dtype=np.float64).reshape(len(probes), len(base))
     delta = (nll - np.asarray(base)[None, :]).mean(axis=1)
-    places = np.unravel_index(probes, shape)
+    places = np.unravel_index(flat, mean_estimate.shape)
     coords = {f"{PROBE}_{dim}": (PROBE, (estimates[dim].values[place] if dim in estimates.coords else place)
                                  .astype(np.int64)) for dim, place in zip(dims, places)}
+    rng = np.random.default_rng([settings.seed, PROBE_STREAM, 1])
     interval = {name: _bootstrap_interval(estimate, delta, figure, settings.resamples, rng)
                 for name, figure in (("rank_correlation", rank_correlation), ("sign_agreement", sign_agreement))}
     variables = {
-        "set_estimate": (set_estimates(estimates, sets, groups, labels, evaluated), MEANINGS["set_estimate"]),
+        "set_estimate": (set_estimates(estimates, sets, list(sets), labels, evaluated), MEANINGS["set_estimate"]),
         "probe_estimate": ((PROBE, estimate), MEANINGS["probe_estimate"]),
         "probe_delta": ((PROBE, delta), MEANINGS["probe_delta"]),
         "probe_nll": (((PROBE, INSTRUCTION), nll), MEANINGS["probe_nll"]),
@@ -168,22 +178,14 @@ def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], groups: Sequ
     return dataset
 
 
-def measure_fidelity(loaded: LoadedModel, records: Sequence[InstructionRecord], family: Family,
-                     sets: dict[str, xr.DataArray], labels: np.ndarray, evaluated: Sequence[str], base: np.ndarray,
-                     settings: AblationSettings, extraction: ExtractionSettings) -> xr.Dataset:
-    """`fidelity_dataset` on the model, for the ablation's records (their `labels`), sets (in
-    group order) and intact NLLs: the records' estimates with the ablation's scored tokens, each
-    probe switched off with the ablation's own hooks and scored as the ablation scores."""
+def record_estimates(model: ModelSettings, records: Sequence[InstructionRecord], family: Family,
+                     max_response_tokens: int | None, extraction: ExtractionSettings, cache_dir: Path) -> xr.DataArray:
+    """The family's estimates[instruction, ...] of the records, scored on their first
+    `max_response_tokens` response tokens as the ablation scores them, on the model loaded here."""
     from sparcom.attribution.estimate import attribute_records
-    from sparcom.intervention.hooks import Ablation
-    from sparcom.intervention.response_nll import response_nll, tokenize_responses
+    from sparcom.core.models import load_model, resolve_model
 
-    estimates = attribute_records(loaded, records, settings.max_response_tokens, extraction)
-    tokenized = tokenize_responses(records, loaded.tokenizer, settings.max_response_tokens)
-
-    def nll_without(mask: np.ndarray) -> np.ndarray:
-        with Ablation(loaded.model, {family.name: mask}):
-            return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device)
-
-    return fidelity_dataset(family, sets, list(sets), labels, evaluated, estimates[family.attribution], base,
-                            nll_without, settings)
+    loaded = load_model(resolve_model(model.name, model.revision, model.trust_remote_code), cache_dir,
+                        extraction.dtype, extraction.device, model.trust_remote_code, model.device_map,
+                        model.max_memory)
+    return attribute_records(loaded, records, max_response_tokens, extraction)[family.attribution]

@@ -5,7 +5,8 @@
 - Dimension names of `ablation.zarr`: `INSTRUCTION`, `ABLATED`, `EVALUATED`, `CONTROL`, `SEED`
   (a control's draw), `RESAMPLE`, `BOUND`, `PROBE` (a single component of the fidelity check,
   `sparcom.ablation.fidelity`).
-- Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`.
+- Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`;
+  `PASSES`, the folder of finished passes (`sparcom.ablation.passes`) a rerun reuses.
 """
 
 from __future__ import annotations
@@ -23,3 +24,4 @@ ABLATION = "ablation.zarr"
 ABLATION_REPORT = "ablation.md"
 ABLATION_SUMMARY = "ablation.json"
 ABLATION_PLOT = "ablation.png"
+PASSES = "passes"

@@ -22,6 +22,9 @@
 - `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
 - `worker_model(model, settings, cache_dir)`: this worker process's model for these settings,
   loaded on first use and kept (one model per process: a second settings key replaces it).
+- `held_model(model, settings, cache_dir)`: that model, held by one task at a time (hooks and
+  in-place edits act on the whole model); the ablation's passes run on it too.
+- `worker_place(model, settings, cache_dir, loaded)`: which worker, host and devices ran a task.
 - `task_shards(key)`: the shards of a task, from its Dask key (`sparcom-shards-...`).
 
     with extraction_cluster(DaskSettings(address="tcp://10.0.0.5:8786")) as client:
@@ -34,7 +37,8 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,27 +102,32 @@ def worker_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: 
     return _loaded[key]
 
 
-def _where(loaded: LoadedModel, key: str) -> dict:
+@contextmanager
+def held_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> Iterator[LoadedModel]:
+    with _model_lock:
+        yield worker_model(model, settings, cache_dir)
+
+
+def worker_place(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path, loaded: LoadedModel) -> dict:
     """Which worker, host and devices: the record of a filled shard."""
+    key = _model_key(model, settings, cache_dir)
     return {"worker": get_worker().address, "host": socket.gethostname(), "pid": os.getpid(),
             "devices": loaded.devices, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "model_loads": _loads[key]}
 
 
 def _load(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> dict:
-    with _model_lock:
-        loaded = worker_model(model, settings, cache_dir)
+    with held_model(model, settings, cache_dir) as loaded:
         return {"fingerprint": loaded.fingerprint, "dtype": loaded.dtype,
-                **_where(loaded, _model_key(model, settings, cache_dir))}
+                **worker_place(model, settings, cache_dir, loaded)}
 
 
 def _fill_shards(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
                  records: Sequence[InstructionRecord], store: Path, shards: list[int], donors: Sequence[Path]) -> dict:
-    with _model_lock:
-        loaded = worker_model(model, settings, cache_dir)
+    with held_model(model, settings, cache_dir) as loaded:
         extract_to_store(loaded, records, store, settings, shards=shards, donors=donors, finalize=False,
                          show_progress=False)
-        return {"shards": shards, **_where(loaded, _model_key(model, settings, cache_dir))}
+        return {"shards": shards, **worker_place(model, settings, cache_dir, loaded)}
 
 
 def offering_workers(client: Client, resources: dict[str, float]) -> list[str]:
