@@ -288,7 +288,7 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
     report.write_text("")
     monkeypatch.setattr(cli.server, "temporary_server_early", lambda: lambda: None)
     monkeypatch.setattr(flows.pipeline, "sparcom_pipeline", lambda settings, refresh: seen.append(
-        settings.ablation) or {"files": {"report.md": str(report)}})
+        settings.ablation) or {"files": {"report.md": str(report)}, "rules": {"lape": {"files": {"report.md": str(report)}}}})
     assert runner.invoke(app, ["run", "--ablation-accuracy"]).exit_code == 0
     assert seen[-1].accuracy is True
 

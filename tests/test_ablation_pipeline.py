@@ -15,6 +15,7 @@ from sparcom.comparison.settings import FinetuneSettings
 from sparcom.config import PipelineSettings
 from sparcom.curation.settings import DatasetSettings
 from sparcom.extraction.settings import ModelSettings
+from sparcom.identification.settings import IdentificationSettings
 
 from builders import write_jsonl
 
@@ -31,7 +32,7 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
         model=ModelSettings(name=str(tiny_llama_dir)),
         dataset=DatasetSettings(path=write_jsonl(sample_records, tmp_path / "d.jsonl")),
         finetune=FinetuneSettings(steps=2, batch_size=2), ablation=TINY,
-        work_dir=tmp_path / "work", cache_dir=cache_dir)
+        identification=IdentificationSettings(), work_dir=tmp_path / "work", cache_dir=cache_dir)
     state = sparcom_pipeline(settings, return_state=True)
     summary = state.result()
     run_dir = Path(summary["files"]["report.md"]).parent

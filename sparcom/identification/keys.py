@@ -2,10 +2,12 @@
 
 - `IDENTIFY`: the selection's code (`sparcom.identification.identify` and all it imports);
   `ANALYSE`: generality, uniqueness and the report (`sparcom.identification.report`).
-- `identification_key(store, settings)`: the store's extraction key, the settings, the code; for
-  the attribution rules the attribution store's attributes (its content key), not its path.
+- `identification_key(store, settings)`: the store's extraction key, the one-rule settings, the
+  code: a rule's key is the same whether it runs alone or beside other rules (`rules`); for the
+  attribution rules the attribution store's attributes (its content key), not its path.
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings:
   same counts and identification settings, same folder, so a cached rerun points at real files.
+  One folder per rule: `results_dir(work_dir, store, settings.for_rule(rule))`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ ANALYSE = StageCode(("sparcom.identification.report",))
 
 
 def identification_key(store: Path, settings: IdentificationSettings) -> str:
-    estimates = (store_attrs(settings.attribution) if settings.rule in ATTRIBUTION_RULES and settings.attribution
-                 else None)
-    return content_hash("identify", store_attrs(store)["extraction_key"], settings.model_copy(update={"attribution": None}),
+    rules = settings.selected_rules()
+    if len(rules) > 1:
+        raise ValueError(f"a key per rule: settings.for_rule(rule) for each of {rules}")
+    one = settings.for_rule(rules[0])
+    estimates = store_attrs(one.attribution) if one.rule in ATTRIBUTION_RULES and one.attribution else None
+    return content_hash("identify", store_attrs(store)["extraction_key"], one.model_copy(update={"attribution": None}),
                         estimates, IDENTIFY.version())
 
 
