@@ -18,7 +18,7 @@ from sparcom.core.models import LoadedModel
 from sparcom.extraction.settings import ExtractionSettings
 
 from builders import SAMPLE_TEXTS, SMALL, make_record, tiny
-from references import reference_tokens
+from references import attribution_reference, reference_tokens
 
 FAMILIES = ["llama", "gpt2", "mixtral", "qwen2_moe", "olmoe"]
 K = 5  # response tokens scored
@@ -52,99 +52,6 @@ def loaded(model, tokenizer) -> LoadedModel:
                        dtype=next(model.parameters()).dtype, device=torch.device("cpu"))
 
 
-def layers_of(model):
-    return model.transformer.h if model.config.model_type == "gpt2" else model.model.layers
-
-
-def down_projection(mlp):
-    return mlp.c_proj if hasattr(mlp, "c_proj") else mlp.down_proj
-
-
-def own_router(mlp, family: str, x: torch.Tensor, removed: int | None):
-    """Softmax over the experts allowed, top-k, then the model's normalisation."""
-    logits = x @ mlp.gate.weight.T
-    allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
-    if removed is not None:
-        allowed[removed] = False
-    probs = torch.zeros_like(logits)
-    probs[:, allowed] = torch.softmax(logits[:, allowed], dim=-1)
-    weights, index = torch.topk(probs, mlp.gate.top_k, dim=-1)
-    if family == "mixtral" or mlp.gate.norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights, index
-
-
-def own_experts(experts, x: torch.Tensor, weights, index, scale: torch.Tensor | None) -> torch.Tensor:
-    """Token by token: sum over the chosen experts of w * W_down[e] (act(x W_gate[e]) * (x W_up[e]) * scale[e])."""
-    width = experts.down_proj.shape[-1]
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros_like(x[t])
-        for j in range(index.shape[1]):
-            e = int(index[t, j])
-            gate_up = experts.gate_up_proj[e] @ x[t]
-            h = experts.act_fn(gate_up[:width]) * gate_up[width:]
-            if scale is not None:
-                h = h * scale[e]
-            y = y + weights[t, j] * (experts.down_proj[e] @ h)
-        rows.append(y)
-    return torch.stack(rows)
-
-
-def reference(model, family: str, record, tokenizer, k: int | None) -> dict[str, np.ndarray]:
-    """-dL/dalpha at alpha = 1 for every component of one record, unpadded, by autograd on alpha."""
-    ids, first = reference_tokens(record, tokenizer, "response")
-    if k is not None:
-        ids = ids[:first + k]
-    alphas: dict[str, list[torch.Tensor]] = {}
-    handles = []
-
-    def alpha(name: str, shape) -> torch.Tensor:
-        value = torch.ones(shape, dtype=torch.float64, requires_grad=True)
-        alphas.setdefault(name, []).append(value)
-        return value
-
-    def scale_input(scale):
-        return lambda module, args: (args[0] * scale,)
-
-    for layer in layers_of(model):
-        mlp = layer.mlp
-        if not hasattr(mlp, "experts"):
-            down = down_projection(mlp)
-            width = down.weight.shape[0] if family == "gpt2" else down.in_features  # GPT-2's Conv1D is [in, out]
-            handles.append(down.register_forward_pre_hook(scale_input(alpha("act_attribution", width))))
-            continue
-        if hasattr(mlp, "shared_expert"):
-            handles.append(mlp.shared_expert.down_proj.register_forward_pre_hook(
-                scale_input(alpha("shared_act_attribution", mlp.shared_expert.down_proj.in_features))))
-        experts = mlp.experts
-        neuron_scale = alpha("expert_act_attribution", (experts.num_experts, experts.down_proj.shape[-1]))
-        expert_scale = alpha("expert_attribution", experts.num_experts)
-
-        def replace(module, args, output, mlp=mlp, neuron_scale=neuron_scale, expert_scale=expert_scale):
-            x = args[0]
-            weights, index = own_router(mlp, family, x, None)
-            assert torch.equal(index, args[1])
-            intact = own_experts(module, x, weights, index, None)
-            torch.testing.assert_close(intact, output, rtol=1e-5, atol=1e-6)  # routers softmax in float32
-            y = own_experts(module, x, weights, index, neuron_scale)
-            for e in range(module.num_experts):  # alpha = 0: e removed, each token to its next-best experts
-                routed = (index == e).any(dim=1, keepdim=True)
-                without = own_experts(module, x, *own_router(mlp, family, x, e), None)
-                y = y + routed * (1 - expert_scale[e]) * (without - intact)
-            return y
-
-        handles.append(experts.register_forward_hook(replace))
-    try:
-        logits = model(torch.tensor([ids])).logits[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    nll = -torch.log_softmax(logits[first - 1:-1].double(), -1).gather(1, torch.tensor(ids[first:])[:, None]).mean()
-    nll.backward()
-    return {name: -torch.stack([a.grad for a in values]).numpy() for name, values in alphas.items()}
-
-
 def per_layer_error(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """max |got - expected| over each layer, over that layer's largest |expected|."""
     axes = tuple(range(1, expected.ndim))
@@ -163,7 +70,7 @@ def test_every_family_equals_the_alpha_definition(family, tokenizer, records):
     for k in (K, None):
         got = attribute_records(loaded(model, tokenizer), records[:3], k, ExtractionSettings(max_batch_size=1))
         for row, record in enumerate(records[:3]):
-            expected = reference(model, family, record, tokenizer, k)
+            expected = attribution_reference(model, record, tokenizer, k)
             assert set(expected) == set(got.data_vars) - {RESPONSE_TOKENS}
             for name, values in expected.items():
                 assert np.abs(values).max() > 1e-3, f"{name}: the reference is all but zero, the test decides nothing"
@@ -182,7 +89,7 @@ def test_batched_and_padded_float32_equals_one_at_a_time(family, side, tokenizer
     tokens = [min(K, len(tokenizer(r.response, add_special_tokens=False)["input_ids"])) for r in records]
     assert got[RESPONSE_TOKENS].values.tolist() == tokens
     for row, record in enumerate(records):
-        for name, values in reference(exact, family, record, tokenizer, K).items():
+        for name, values in attribution_reference(exact, record, tokenizer, K).items():
             error = per_layer_error(got[name].values[row], values)
             assert (error <= 1e-4).all(), f"{family} {side} {name} {record.id}: per layer {error}"
 
