@@ -121,7 +121,9 @@ def test_a_linear_loss_is_estimated_exactly():
     assert "Spearman's rho = 1.00 [1.00, 1.00], sign agreement = 1.00 [1.00, 1.00]" in text
     assert "the estimates rank these components' effects (the interval lies above 0)" in text
     own = f"{float(dataset.set_estimate.sel(ablated='CLS', evaluated='CLS')):.3f}"
-    assert f"| CLS | 4 | {own} | {own} |" in text  # the set's estimate and delta, both exact
+    other = f"{float(dataset.set_estimate.sel(ablated='CLS', evaluated='MATH')):.3f}"
+    # the set's estimate and delta, both exact; others: MATH alone (QA has no components)
+    assert f"| CLS | 4 | {own} | {own} | {other} | {other} |" in text
 
 
 def test_a_quadratic_loss_is_not_and_the_figures_say_how_far():

@@ -209,13 +209,16 @@ def accuracy_markdown(accuracy: dict) -> str:
 
 def fidelity_summary(ablation: xr.Dataset) -> dict:
     """The fidelity figures as plain data: per group own and others' estimate and delta, the probes."""
+    groups = [str(g) for g in ablation.ablated.values]
+
     def own_and_others(values: xr.DataArray, group: str) -> tuple[float | None, float | None]:
-        others = [e for e in values.evaluated.values if e != group]
+        # the other groups that have components: evaluated categories without any stay apart
+        others = [e for e in values.evaluated.values if e != group and e in groups]
         return (_value(values.sel(ablated=group, evaluated=group)) if group in values.evaluated else None,
                 _value(values.sel(ablated=group, evaluated=others).mean()) if others else None)
 
     per_group = {}
-    for group in (str(g) for g in ablation.ablated.values):
+    for group in groups:
         own_estimate, other_estimate = own_and_others(ablation.set_estimate, group)
         own_delta, other_delta = own_and_others(ablation.delta, group)
         per_group[group] = {"size": int(ablation.ablated_size.sel(ablated=group)), "own_estimate": own_estimate,
@@ -250,7 +253,7 @@ def fidelity_markdown(fidelity: dict) -> str:
         "### Fidelity of the attribution estimates", "",
         "The first-order estimates of switching components off (docs/method.md section 6a), computed on these "
         "evaluation records with the same scored tokens, against what switching them off measured (nats per "
-        f"token).{rerouting}", "",
+        f"token); others: the mean over the other groups that have components.{rerouting}", "",
         table(["group", "size", "own estimate", "own delta", "others' estimate", "others' delta"],
               [[g, e["size"], _nats(e["own_estimate"]), _nats(e["own_delta"]), _nats(e["other_estimate"]),
                 _nats(e["other_delta"])] for g, e in fidelity["per_group"].items()]), "",
