@@ -160,10 +160,11 @@ def kth_smallest(values: xr.DataArray, k: int) -> float | xr.DataArray:
 
 def entropy(frequency: xr.DataArray) -> xr.DataArray:
     """H(c) = -sum_g q_g ln q_g, q_g = p_g / sum_h p_h (0 where the sum is 0; 0 ln 0 = 0), float64."""
-    p = frequency.astype(np.float64)
-    total = p.sum(GROUP)
+    p = frequency.astype(np.float64, copy=False)
+    # Nothing is NaN here: plain sums (xarray's default skips NaN, at the cost of a masked copy).
+    total = p.sum(GROUP, skipna=False)
     q = (p / total.where(total > 0)).fillna(0.0)
-    return -(q * np.log(q.where(q > 0, 1.0))).sum(GROUP)
+    return -(q * np.log(q.where(q > 0, 1.0))).sum(GROUP, skipna=False)
 
 
 def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio: float) -> xr.Dataset:
