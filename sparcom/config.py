@@ -4,8 +4,8 @@ so that a stage's code version covers its settings and not the others'.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
   attribution, the fine-tune and the before/after comparison, the ablation, folders);
-  `evaluated_on(held_out)`, `needs_attribution()` and `fine_tuned_groups()` answer what the
-  pipeline's stages ask of them together.
+  `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)` and
+  `fine_tuned_groups()` answer what the pipeline's stages ask of them together.
 - `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
   such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
@@ -52,6 +52,11 @@ class PipelineSettings(StrictModel):
     def needs_attribution(self) -> bool:
         """Whether a chosen selection rule reads an attribution store, so the pipeline makes one."""
         return self.identification.rule in ATTRIBUTION_RULES
+
+    def identified_with(self, attribution: Path) -> PipelineSettings:
+        """These settings with identification reading the attribution store `attribution` (a copy)."""
+        return self.model_copy(deep=True, update={"identification": self.identification.model_copy(
+            update={"attribution": attribution})})
 
     def fine_tuned_groups(self) -> list[str]:
         """The groups the tuned model was trained on, where the pipeline fine-tunes it by category."""
