@@ -4,9 +4,10 @@ so that a stage's code version covers its settings and not the others'.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
   attribution, the fine-tune and the before/after comparison, the ablation, folders);
-  `evaluated_on(held_out)`, `needs_attribution()` and `fine_tuned_groups()` answer what the
-  pipeline's stages ask of them together. Settings that name no selection rule (neither
-  `identification.rule` nor `identification.rules`) select with `DEFAULT_RULES` side by side.
+  `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)` and
+  `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings that
+  name no selection rule (neither `identification.rule` nor `identification.rules`) select with
+  `DEFAULT_RULES` side by side.
 - `load_settings(yaml_path, overrides, default_rules)`: defaults, then the YAML file, then dotted
   overrides such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
@@ -71,6 +72,11 @@ class PipelineSettings(StrictModel):
     def needs_attribution(self) -> bool:
         """Whether a chosen selection rule reads an attribution store, so the pipeline makes one."""
         return any(rule in ATTRIBUTION_RULES for rule in self.identification.selected_rules())
+
+    def identified_with(self, attribution: Path) -> PipelineSettings:
+        """These settings with identification reading the attribution store `attribution` (a copy)."""
+        return self.model_copy(deep=True, update={"identification": self.identification.model_copy(
+            update={"attribution": attribution})})
 
     def fine_tuned_groups(self) -> list[str]:
         """The groups the tuned model was trained on, where the pipeline fine-tunes it by category."""

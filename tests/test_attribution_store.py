@@ -136,3 +136,21 @@ def test_the_command_writes_the_store(tmp_path, tiny_models, records, moe, expec
     assert result.exit_code == 0, result.output
     assert_store_holds(out, expected)
     assert torch.is_grad_enabled()
+
+
+def test_dask_workers_fill_the_same_store(tmp_path, tiny_models, cache_dir, records, expected):
+    """Two in-process workers, each with the model loaded once, fill the shards between them."""
+    from distributed import Client, LocalCluster
+
+    from sparcom.attribution.store import attribute_on_cluster
+    from sparcom.extraction.distributed import FILLERS
+    from sparcom.extraction.settings import ModelSettings
+
+    model = ModelSettings(name=str(tiny_models("qwen2_moe")))
+    extraction = EXTRACTION.model_copy(update={"device": "cpu", "dtype": "float32"})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        path = attribute_on_cluster(client, model, records, tmp_path / "ATTR.zarr", SETTINGS, extraction, {},
+                                    cache_dir)
+    assert_store_holds(path, expected)
+    assert sorted(store_attrs(path)[FILLERS]) == ["0", "1", "2"]

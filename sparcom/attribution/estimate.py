@@ -10,6 +10,7 @@ loss would rise without the component.
 - `attribute_records(loaded, records, max_response_tokens, settings)`: the estimates of every
   record, an xarray Dataset with the count store's dims (`sparcom.attribution.schema` names),
   float32, and `response_tokens[instruction]`. Batched and padded as extraction batches.
+  `attribution_dataset(records, values, tokens, sites, max_response_tokens)` builds that Dataset.
 - `check_responses(records)`: a record without a response is refused by name (nothing to score).
 - `AttributionHooks(model, sites)`: a context manager holding the hooks; `estimate(ids,
   attention, counted)` gives one padded batch's estimates per store variable, [batch, ...].
@@ -165,7 +166,7 @@ class AttributionHooks:
         self._masks = {attention.device: attention.bool()}
         self._routed = {}
         try:
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():  # also when called under no_grad
                 nll = batch_response_nll(self.model, ids, attention, counted)
                 if torch.isnan(nll).any():
                     raise FloatingPointError(

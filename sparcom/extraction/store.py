@@ -139,7 +139,7 @@ def repair_store(path: Path) -> bool:
     if other:
         verify_store(path)  # raises: damage outside the shards cannot be recounted
     if shards:
-        log.warning("%s: %s have missing or changed chunks; recomputing them", path, describe_shards(path, shards))
+        log.warning("%s: %s have missing or changed chunks; recounting them", path, describe_shards(path, shards))
         reopen_shards(path, shards)
     return bool(shards)
 
