@@ -88,16 +88,20 @@ EDITS = [
     ("sparcom/curation/packaged_sources.py", "the packaged human sets", {"curate"}),
     # the pipeline's curate stage saves records as they are; identification tokenizes the template
     ("sparcom/curation/prompts.py", "the prompt template", {"extract", "attribute", "identify", "finetune", "ablate"}),
-    # the attribution store is written by extraction's shard writer and cluster code, which import counting
-    ("sparcom/extraction/counting.py", "the counting hooks", {"extract", "attribute"}),
+    # the attribution store is written by extraction's shard writer and cluster code, which import counting;
+    # the ablation's passes run on extraction's cluster code too (sparcom.ablation.distributed)
+    ("sparcom/extraction/counting.py", "the counting hooks", {"extract", "attribute", "ablate"}),
     ("sparcom/extraction/architectures.py", "the architecture table", {"extract", "attribute", "ablate"}),
     ("sparcom/extraction/store.py", "the store writer and reader",
      {"extract", "attribute", "identify", "analyse", "compare", "ablate"}),
     ("sparcom/extraction/batching.py", "the batching", {"extract", "attribute", "ablate"}),
-    ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract", "attribute"}),
+    ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract", "attribute", "ablate"}),
     ("sparcom/intervention/response_nll.py", "the scored response loss", {"attribute", "ablate"}),
-    ("sparcom/attribution/estimate.py", "the attribution estimate", {"attribute"}),
-    ("sparcom/attribution/schema.py", "the attribution store's names", {"attribute"}),
+    # the ablation's fidelity check computes estimates on its records; the attribution rules' names
+    # are the attribution store's, read by identification
+    ("sparcom/attribution/estimate.py", "the attribution estimate", {"attribute", "ablate"}),
+    ("sparcom/attribution/schema.py", "the attribution store's names", {"attribute", "identify", "analyse", "compare",
+                                                                        "ablate"}),
     ("sparcom/identification/rules.py", "a selection rule", {"identify", "analyse", "compare"}),
     ("sparcom/identification/schema.py", "a new selection rule's name", {"identify", "analyse", "compare", "ablate"}),
     ("sparcom/identification/identify.py", "the one pass on Dask", {"identify"}),
