@@ -258,3 +258,46 @@ def test_the_ablation_measures_fidelity_on_the_model(tmp_path, identified, tiny_
             got = float(result.set_estimate.sel(ablated=group, evaluated=evaluated))
             assert abs(got - expected) < 1e-4 * scale * max(1, int(chosen.sel(group=group).sum()))
     assert result.set_estimate.attrs["meaning"].startswith("mean over the evaluated group's records")
+
+
+def test_an_attribution_rule_from_its_store_to_the_fidelity_report(tmp_path, identified, tiny_llama_dir, cache_dir,
+                                                                   sample_records):
+    """The chain on a tiny LLaMA: the attribution store of the count store's records, the sets of
+    attribution_contrastive from it (against NumPy on the stored estimates), the ablation with the
+    fidelity check on by the rule, and its section in the report."""
+    from sparcom.ablation.ablate import run_ablation
+    from sparcom.ablation.report import report_ablation
+    from sparcom.attribution.settings import AttributionSettings
+    from sparcom.attribution.store import attribute_to_store
+    from sparcom.core.models import load_model, resolve_model
+    from sparcom.extraction.settings import ExtractionSettings
+    from sparcom.identification.identify import identify_store
+    from sparcom.identification.settings import IdentificationSettings
+
+    work, store, _, held_out = identified
+    loaded = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, dtype="float32", device="cpu")
+    attribution = attribute_to_store(loaded, sample_records, tmp_path / "attr.zarr", AttributionSettings(),
+                                     ExtractionSettings())
+    settings = IdentificationSettings(rule="attribution_contrastive", epsilon=0.05, attribution=attribution)
+    components = identify_store(store, settings, work / "runs" / "tiny-attribution")
+    estimates = xr.open_zarr(attribution).load()
+    chosen = xr.open_zarr(components).load()
+    categories = np.array(estimates.category.values.tolist())
+    means = np.stack([estimates.act_attribution.values[categories == g].astype(np.float64).mean(axis=0)
+                      for g in chosen.group.values])
+    for g in range(len(means)):
+        margin = means[g] - np.delete(means, g, axis=0).max(axis=0)
+        ordered = np.sort(margin.ravel())[::-1]
+        m = int(np.ceil(0.05 * margin.size - 1e-9))
+        np.testing.assert_array_equal(chosen.isn.values[g], (margin >= ordered[m - 1]) & (margin > 0))
+    np.testing.assert_allclose(chosen.attribution_mean.values, means, rtol=1e-12, atol=1e-15)
+    out = tmp_path / "ablation"
+    path = run_ablation(components, store, AblationSettings(eval_dataset=held_out, seeds=1, resamples=50,
+                                                            permutations=50, controls=["random"],
+                                                            max_response_tokens=3, fidelity_probes=4),
+                        ExtractionSettings(max_batch_size=4), cache_dir, out)
+    summary = report_ablation(path, out)
+    assert len(summary["fidelity"]["probes"]) == 4
+    text = (out / "ablation.md").read_text()
+    assert "### Fidelity of the attribution estimates" in text
+    assert f"Spearman's rho = {summary['fidelity']['rank_correlation']['value']:.2f}" in text
