@@ -327,9 +327,9 @@ def ablate_command(
     model: Annotated[Optional[str], typer.Option(help="the model; default: the store's own")] = None,
     config: ConfigOption = None,
     family: Annotated[Optional[str], typer.Option(help=", ".join(FAMILY_CHOICES))] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 3)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 1)")] = None,
     controls: Annotated[Optional[str], typer.Option(help="comma-separated: " + ",".join(CONTROLS))] = None,
-    eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group")] = None,
+    eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group (default 8)")] = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
     accuracy: Annotated[Optional[bool], typer.Option(

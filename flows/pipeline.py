@@ -1,6 +1,7 @@
 """The SPARCOM pipeline: curate -> extract (-> attribute, for the rules that read effect estimates)
 -> identify -> analyse -> ablate -> compare with a fine-tune, the last three for each selection rule of
-the run (`identification.rules`), each in its own run folder."""
+the run (`identification.rules`), each in its own run folder -> findings of every rule (first in
+each rule's report and the run's first artifact)."""
 
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tasks.attribution import attribute_responses
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
+from tasks.findings import add_findings, publish_findings
 
 
 @flow(name="sparcom-pipeline", flow_run_name=run_name)
@@ -49,5 +51,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
     if settings.comparison.enabled:
         for rule, comparison in compare_with_tuned(settings, dataset, store, run_dirs, refresh).items():
             summaries[rule]["comparison"] = comparison
+    findings = refreshed(add_findings, "findings", refresh)(list(run_dirs.values()))
+    publish_findings(findings)
     get_run_logger().info("Results are in %s", ", ".join(map(str, run_dirs.values())))
-    return {**summaries[rules[0]], "rules": summaries}
+    return {**summaries[rules[0]], "rules": summaries, "findings": findings}
