@@ -19,6 +19,7 @@
   those (all negative: nothing).
 - `select_by(frequency, settings, layer_dim)`: the same, with the rule and parameters of settings.
 - `check_rule(settings, groups)`: refuse a rule that compares groups when there is only one.
+- `component_dims(values)`: the dims a rule selects over (neither the group nor a repeated dim).
 - `parameter_names(rule)`, `rule_parameters(settings or attrs)`: the parameters a rule uses.
 
 Dims in `sparcom.identification.schema.REPEAT_DIMS` (split halves, seeds, permutations) repeat
