@@ -180,13 +180,13 @@ def test_experts_offloaded_by_a_device_map_are_refused_by_name(tokenizer_dir):
 
 
 def test_torch_threads_never_exceed_the_usable_cores(monkeypatch):
-    import sparcom.core.cluster
+    import sparcom.core.threads
 
     threads = torch.get_num_threads()
     try:
-        monkeypatch.setattr(sparcom.core.cluster, "usable_cores", lambda: 1)
+        monkeypatch.setattr(sparcom.core.threads, "usable_cores", lambda: 1)
         assert fit_torch_threads(4) == 1 and torch.get_num_threads() == 1
-        monkeypatch.setattr(sparcom.core.cluster, "usable_cores", lambda: 3)
+        monkeypatch.setattr(sparcom.core.threads, "usable_cores", lambda: 3)
         assert fit_torch_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

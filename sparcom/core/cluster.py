@@ -8,7 +8,7 @@
 - `dask_cluster_on_demand(settings, on_start)`: the same, started by the first Dask computation
   inside it, so work that turns out to be cached (a rerun) starts no cluster; `on_start(client)`
   is called once it is up.
-- `usable_cores()`: the cores this process may run on.
+- `usable_cores()`: the cores this process may run on (`sparcom.core.threads`).
 - `extraction_cluster(settings, device, spread)`: where extraction shards run, as a context
   manager yielding a Client, or None for the single-process path: the scheduler at
   `settings.address`; else, with more than one visible GPU (or `n_workers` asked for), a local
@@ -35,7 +35,7 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
 from sparcom.core.settings import DaskSettings
-from sparcom.core.threads import WAIT_POLICY
+from sparcom.core.threads import WAIT_POLICY, usable_cores
 
 GPU_RESOURCE = "GPU"
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which fixes glibc's mmap
@@ -46,10 +46,6 @@ TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
 # Read before any nanny starts here: nannies also write their value into this process's
 # environment, from which every later worker would inherit it.
 USER_TRIM_THRESHOLD = os.environ.get(TRIM_VARIABLE)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager

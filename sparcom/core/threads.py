@@ -10,6 +10,7 @@ to 46. Waiting passively (threads sleep at the barrier) brought the 2-thread pas
 - `wait_passively()`: sets OMP_WAIT_POLICY=PASSIVE unless the user chose a policy; effective for
   this process only before torch is imported (the command line calls it first), and for every
   process started from here afterwards (local Dask workers).
+- `usable_cores()`: the cores this process may run on (its CPU affinity).
 - `fit_torch_threads(wanted)`: torch's intra-op threads: `wanted` (default: torch's own choice)
   but never more than the cores this process may run on (CPU affinity, e.g. `taskset`, a
   container's cpuset): more threads than cores spin against each other.
@@ -26,11 +27,13 @@ def wait_passively() -> None:
     os.environ.setdefault(WAIT_POLICY, "PASSIVE")
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def fit_torch_threads(wanted: int | None = None) -> int:
     """The threads torch uses from now on in this process."""
     import torch
-
-    from sparcom.core.cluster import usable_cores
 
     threads = max(1, min(wanted or torch.get_num_threads(), usable_cores()))
     if threads != torch.get_num_threads():
