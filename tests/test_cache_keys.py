@@ -101,7 +101,7 @@ EDITS = [
     # are the attribution store's, read by identification
     ("sparcom/attribution/estimate.py", "the attribution estimate", {"attribute", "ablate"}),
     ("sparcom/attribution/schema.py", "the attribution store's names", {"attribute", "identify", "analyse", "compare",
-                                                                        "ablate"}),
+                                                                        "ablate", "findings"}),
     ("sparcom/identification/rules.py", "a selection rule", {"identify", "analyse", "compare"}),
     ("sparcom/identification/schema.py", "a new selection rule's name",
      {"identify", "analyse", "compare", "ablate", "findings"}),
