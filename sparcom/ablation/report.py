@@ -289,6 +289,14 @@ def _nats(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _side_of_zero(figure: dict) -> str:
+    """'yes' when the whole interval is above 0, 'no' when below, else 'unclear'."""
+    low, high = figure["low"], figure["high"]
+    if low is None or high is None:
+        return "unclear"
+    return "yes" if low > 0 else "no" if high < 0 else "unclear"
+
+
 def fidelity_markdown(fidelity: dict) -> str:
     """Sets' summed estimates beside their deltas; the probes' agreement with a verdict on its interval."""
     family = (fidelity["family"] or "components").replace("_", " ")
@@ -296,7 +304,7 @@ def fidelity_markdown(fidelity: dict) -> str:
     verdict = {"yes": "the estimates rank these components' effects (the interval lies above 0)",
                "no": "the estimates rank these components' effects the wrong way round (the interval lies below 0)",
                "unclear": "undecided whether the estimates rank these components' effects (the interval spans 0 "
-                          "or is missing)"}[_above(rho, 0.0)]
+                          "or is missing)"}[_side_of_zero(rho)]
     rerouting = (" An expert's estimate does not see the re-routing its removal causes (first order only)."
                  if fidelity["family"] == "experts" else "")
     lines = [
