@@ -193,12 +193,19 @@ def test_the_stage_on_dask_from_written_stores(tmp_path, rule):
 def test_the_key_follows_the_estimates_not_their_path(tmp_path):
     store = moe_store(6, CATEGORIES)
     counts = write_store(store.assign_attrs(extraction_key="e" * 64), tmp_path / "counts.zarr")
-    first = write_store(attribution_store(store, 6).assign_attrs(max_response_tokens=16), tmp_path / "a.zarr")
-    moved = write_store(attribution_store(store, 6).assign_attrs(max_response_tokens=16), tmp_path / "b.zarr")
-    other = write_store(attribution_store(store, 6).assign_attrs(max_response_tokens=8), tmp_path / "c.zarr")
+    first = write_store(attribution_store(store, 6).assign_attrs(attribution_key="k1", shard_fillers=["w1"]),
+                        tmp_path / "a.zarr")
+    moved = write_store(attribution_store(store, 6).assign_attrs(attribution_key="k1", shard_fillers=["w2"]),
+                        tmp_path / "b.zarr")
+    other = write_store(attribution_store(store, 6).assign_attrs(attribution_key="k2", shard_fillers=["w1"]),
+                        tmp_path / "c.zarr")
     key = {path: identification_key(counts, IdentificationSettings(rule="attribution", attribution=path))
            for path in (first, moved, other)}
-    assert key[first] == key[moved] != key[other]
+    assert key[first] == key[moved] != key[other]  # the content key decides, not who filled the shards
+    unkeyed = {k: write_store(attribution_store(store, 6).assign_attrs(max_response_tokens=k), tmp_path / f"{k}.zarr")
+               for k in (8, 16)}  # written otherwise: every attribute counts
+    assert len({identification_key(counts, IdentificationSettings(rule="attribution", attribution=path))
+                for path in unkeyed.values()}) == 2
     # a frequency rule does not read the store: the path is inert
     assert (identification_key(counts, IdentificationSettings(attribution=first))
             == identification_key(counts, IdentificationSettings()))
