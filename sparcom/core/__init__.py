@@ -6,6 +6,7 @@
 - `outputs`: every output built beside its target and moved into place, with a marker and a lock.
 - `models`: a model by name (default, hub id, folder, .gguf): resolved, fingerprinted, loaded.
 - `cluster`: the Dask cluster a stage runs on (an existing one, or a local one).
+- `threads`: torch's CPU threads on a shared machine (passive OpenMP waits, no more threads than cores).
 - `markdown`: markdown tables and report sections.
 - `drawing`: plots drawn on the cluster's workers while the client writes data.
 """
