@@ -1,6 +1,7 @@
 """The `sparcom` command line: the pipeline (`run`) and single stages over the same library.
 
     sparcom run                                   # the embedded default, end to end
+    sparcom run --rules global_percentile,contrastive   # rules side by side, a run folder each
     sparcom extract --model default --dataset d.jsonl --out counts.zarr
     sparcom attribute --model default --dataset d.jsonl --out attr.zarr   # effect estimates
     sparcom identify --store counts.zarr --epsilon 0.01 --out findings/
@@ -28,7 +29,7 @@ import typer
 
 from cli.errors import ErrorStyleGroup
 from sparcom.ablation.schema import CONTROLS, FAMILY_CHOICES
-from sparcom.config import PipelineSettings, load_settings
+from sparcom.config import DEFAULT_RULES, PipelineSettings, load_settings
 from sparcom.curation.records import CATEGORIES
 from sparcom.extraction.settings import DType, TokenSpan
 from sparcom.identification.schema import GROUP_BY, RULES
@@ -49,6 +50,8 @@ SpanOption = Annotated[Optional[str], typer.Option(help=", ".join(get_args(Token
 DtypeOption = Annotated[Optional[str], typer.Option(help=", ".join(get_args(DType)))]
 DeviceOption = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps")]
 RuleOption = Annotated[Optional[str], typer.Option(help=", ".join(RULES))]
+RulesOption = Annotated[Optional[str], typer.Option(
+    help="several rules side by side, comma-separated (one pass, a run folder each): " + ",".join(RULES))]
 EpsilonOption = Annotated[Optional[float], typer.Option(
     help="fraction kept by the percentile rules and contrastive, in (0, 1]")]
 TauOption = Annotated[Optional[float], typer.Option(help="frequency threshold of the threshold rule")]
@@ -56,6 +59,8 @@ TopRateOption = Annotated[Optional[float], typer.Option(help="lape: fraction kep
 FilterRateOption = Annotated[Optional[float], typer.Option(help="lape: candidate quantile, in (0, 1)")]
 BarRatioOption = Annotated[Optional[float], typer.Option(help="lape: membership quantile, in (0, 1)")]
 SplitSeedsOption = Annotated[Optional[int], typer.Option(help="split-half reliability seeds (0: off)")]
+PermutationsOption = Annotated[Optional[int], typer.Option(
+    help="label permutations of the split-half null (default 200; 0: off)")]
 GroupOption = Annotated[Optional[str], typer.Option("--group-by", help=", ".join(GROUP_BY))]
 DaskAddressOption = Annotated[Optional[str], typer.Option(
     "--dask-address", help="an existing Dask scheduler (tcp://host:port); default: a local cluster")]
@@ -63,8 +68,22 @@ DaskWorkersOption = Annotated[Optional[int], typer.Option(
     "--dask-workers", help="workers of the local Dask cluster; default: one per core")]
 
 
-def _settings(config: Path | None, **overrides) -> PipelineSettings:
-    return load_settings(config, {key.replace("__", "."): value for key, value in overrides.items()})
+def _settings(config: Path | None, default_rules: list[str] | None = DEFAULT_RULES, **overrides) -> PipelineSettings:
+    return load_settings(config, {key.replace("__", "."): value for key, value in overrides.items()}, default_rules)
+
+
+def _rules(rule: str | None, rules: str | None) -> list[str] | None:
+    """--rules 'global_percentile,lape' -> the list, each name checked; none -> the settings' own."""
+    if rules is None:
+        return None
+    if rule is not None:
+        raise ValueError("give --rule (one rule) or --rules (several), not both")
+    names = [name.strip() for name in rules.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RULES]
+    if unknown or not names:
+        raise ValueError(f"--rules: unknown rule {', '.join(map(repr, unknown)) or 'none given'}; "
+                         f"choose from {', '.join(RULES)}")
+    return names
 
 
 @app.command()
@@ -76,12 +95,14 @@ def run(
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     rule: RuleOption = None,
+    rules: RulesOption = None,
     epsilon: EpsilonOption = None,
     tau: TauOption = None,
     top_rate: TopRateOption = None,
     filter_rate: FilterRateOption = None,
     bar_ratio: BarRatioOption = None,
     split_half_seeds: SplitSeedsOption = None,
+    split_half_permutations: PermutationsOption = None,
     group_by: GroupOption = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="datasets, stores and run reports")] = None,
     dask_address: DaskAddressOption = None,
@@ -100,7 +121,8 @@ def run(
     settings = _settings(
         config, model__name=model, dataset__path=dataset, extraction__span=span,
         extraction__dtype=dtype, extraction__device=device, identification__rule=rule,
-        identification__epsilon=epsilon, identification__tau=tau, identification__group_by=group_by,
+        identification__rules=_rules(rule, rules),
+        identification__split_half_permutations=split_half_permutations, identification__epsilon=epsilon, identification__tau=tau, identification__group_by=group_by,
         identification__top_rate=top_rate, identification__filter_rate=filter_rate,
         identification__bar_ratio=bar_ratio, identification__split_half_seeds=split_half_seeds,
         work_dir=work_dir, dask__address=dask_address, comparison__enabled=compare,
@@ -113,7 +135,8 @@ def run(
     server_ready()
     summary = sparcom_pipeline(settings, refresh=refresh or [])
     typer.echo(Path(summary["files"]["report.md"]).read_text())
-    typer.echo(f"Results are in {Path(summary['files']['report.md']).parent}")
+    for rule, each in summary["rules"].items():
+        typer.echo(f"Results of {rule} are in {Path(each['files']['report.md']).parent}")
 
 
 @app.command()
@@ -234,38 +257,47 @@ def identify(
     out: Annotated[Path, typer.Option(help="folder for components, analysis and report")],
     config: ConfigOption = None,
     rule: RuleOption = None,
+    rules: RulesOption = None,
     epsilon: EpsilonOption = None,
     tau: TauOption = None,
     top_rate: TopRateOption = None,
     filter_rate: FilterRateOption = None,
     bar_ratio: BarRatioOption = None,
     split_half_seeds: SplitSeedsOption = None,
+    split_half_permutations: PermutationsOption = None,
     group_by: GroupOption = None,
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,
 ) -> None:
     """Select instruction-specific neurons and experts and report their generality and
-    uniqueness, computed with Dask (a local cluster, or an existing scheduler)."""
+    uniqueness, computed with Dask (a local cluster, or an existing scheduler). With several
+    rules, one pass selects with each, and each rule's run goes to OUT/<rule>."""
     from sparcom.core.cluster import dask_cluster
     from sparcom.core.outputs import check_output, claimed
     from sparcom.extraction.store import verify_store
-    from sparcom.identification.identify import identify_store
+    from sparcom.identification.identify import identify_store_rules, rule_dirs
     from sparcom.identification.report import report_generality
     from sparcom.identification.schema import RUN_KIND
 
-    settings = _settings(config, identification__rule=rule, identification__epsilon=epsilon,
+    # One rule unless --rules or the file names several: `sparcom run` compares DEFAULT_RULES.
+    settings = _settings(config, None, identification__rule=rule, identification__rules=_rules(rule, rules),
+                         identification__split_half_permutations=split_half_permutations,
+                         identification__epsilon=epsilon,
                          identification__tau=tau, identification__group_by=group_by,
                          identification__top_rate=top_rate, identification__filter_rate=filter_rate,
                          identification__bar_ratio=bar_ratio,
                          identification__split_half_seeds=split_half_seeds,
                          dask__address=dask_address, dask__n_workers=dask_workers)
     verify_store(store)
-    check_output(out, RUN_KIND)
+    out_dirs = rule_dirs(out, settings.identification)
+    for folder in {out, *out_dirs.values()}:
+        check_output(folder, RUN_KIND)
     with dask_cluster(settings.dask), claimed(out, RUN_KIND):  # one run at a time into `out`
-        components = identify_store(store, settings.identification, out)
-        summary = report_generality(components, out)
-    typer.echo(Path(summary["files"]["report.md"]).read_text())
-    typer.echo(f"results: {out}")
+        components = identify_store_rules(store, settings.identification, out_dirs)
+        summaries = {rule: report_generality(components[rule], out_dirs[rule]) for rule in out_dirs}
+    for rule, summary in summaries.items():
+        typer.echo(Path(summary["files"]["report.md"]).read_text())
+        typer.echo(f"results of {rule}: {out_dirs[rule]}")
 
 
 @app.command()
@@ -287,9 +319,9 @@ def ablate_command(
     model: Annotated[Optional[str], typer.Option(help="the model; default: the store's own")] = None,
     config: ConfigOption = None,
     family: Annotated[Optional[str], typer.Option(help=", ".join(FAMILY_CHOICES))] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 3)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 1)")] = None,
     controls: Annotated[Optional[str], typer.Option(help="comma-separated: " + ",".join(CONTROLS))] = None,
-    eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group")] = None,
+    eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group (default 8)")] = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
     accuracy: Annotated[Optional[bool], typer.Option(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.identify import identify_components
+from flows.identify import artifact_prefixes, identify_components
 from sparcom.comparison.compare import check_sides, comparison_run_dir
 from sparcom.config import PipelineSettings
 from sparcom.extraction.settings import ModelSettings
@@ -33,7 +33,8 @@ def compare_models(
     tuned_store: Path | None = None,
     focus_groups: list[str] | None = None,
 ) -> dict:
-    """Each side is a model (extracted over `settings.dataset`) or a finished count store."""
+    """Each side is a model (extracted over `settings.dataset`) or a finished count store; the
+    first rule of `settings.identification` selects (`sparcom compare` takes one rule)."""
     check_sides(base, tuned, base_store, tuned_store)
     run_dir = comparison_run_dir(settings.work_dir, base.name if base else str(base_store))
     if base_store is None or tuned_store is None:
@@ -43,10 +44,9 @@ def compare_models(
         tuned_store = tuned_store or extract_activations(
             tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     check_comparable(base_store, tuned_store)
-    identify_components(base_store, run_dir / "base", settings.identification, settings.dask,
-                        artifact_prefix="sparcom-base")
-    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask,
-                        artifact_prefix="sparcom-tuned")
+    one_rule = settings.identification.for_rule(settings.identification.selected_rules()[0])
+    identify_components(base_store, run_dir / "base", one_rule, settings.dask, artifact_prefix="sparcom-base")
+    identify_components(tuned_store, run_dir / "tuned", one_rule, settings.dask, artifact_prefix="sparcom-tuned")
     summary = compare_checkpoints(run_dir / "base" / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir,
                                   focus_groups or [], settings.comparison.top_movers)
     get_run_logger().info("Comparison is in %s", run_dir)
@@ -54,9 +54,10 @@ def compare_models(
 
 
 @flow(name="sparcom-compare-with-tuned")
-def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Path, run_dir: Path,
-                       refresh: list[Stage] = []) -> dict:  # noqa: B006
-    """`run_dir` holds the base model's components and report; the comparison goes beside them."""
+def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Path, run_dirs: dict[str, Path],
+                       refresh: list[Stage] = []) -> dict[str, dict]:  # noqa: B006
+    """rule -> its comparison. `run_dirs[rule]` holds the base model's components and report of
+    each rule; the tuned model's (one identification pass) and the comparison go beside them."""
     tuned = settings.comparison.tuned or refreshed(finetune_model, "finetune", refresh)(
         settings.model, settings.finetune, settings.work_dir, settings.cache_dir, held_out_dataset=dataset)
     tuned_store = refreshed(extract_activations, "extract", refresh)(
@@ -66,17 +67,20 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
         settings = settings.identified_with(refreshed(attribute_responses, "attribute", refresh)(
             tuned, dataset, settings.attribution, settings.extraction, settings.work_dir, settings.cache_dir,
             settings.dask))
-    identify_components(tuned_store, run_dir / "tuned", settings.identification, settings.dask, refresh,
-                        artifact_prefix="sparcom-tuned")
-    base_ablation = run_dir / "ablation.json"
-    if settings.ablation.enabled and base_ablation.exists():
-        # The tuned model's own components, switched off on the tuned model, on the same records.
-        tuned_ablation = refreshed(measure_ablation, "ablate", refresh)(
-            run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
-            settings.cache_dir, run_dir / "tuned", prefix="sparcom-tuned")
-        add_ablation_to_report(run_dir / REPORT, tuned_ablation, baseline=base_ablation)
-    comparison = refreshed(compare_checkpoints, "compare", refresh)(
-        run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
-        settings.fine_tuned_groups(), settings.comparison.top_movers)
-    add_comparison_to_report(run_dir / REPORT, comparison)
-    return comparison
+    identify_components(tuned_store, {rule: run_dir / "tuned" for rule, run_dir in run_dirs.items()},
+                        settings.identification, settings.dask, refresh, artifact_prefix="sparcom-tuned")
+    prefixes = artifact_prefixes("sparcom-tuned", list(run_dirs))
+    comparisons = {}
+    for rule, run_dir in run_dirs.items():
+        base_ablation = run_dir / "ablation.json"
+        if settings.ablation.enabled and base_ablation.exists():
+            # The tuned model's own components, switched off on the tuned model, on the same records.
+            tuned_ablation = refreshed(measure_ablation, "ablate", refresh)(
+                run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
+                settings.cache_dir, run_dir / "tuned", prefix=prefixes[rule])
+            add_ablation_to_report(run_dir / REPORT, tuned_ablation, baseline=base_ablation)
+        comparisons[rule] = refreshed(compare_checkpoints, "compare", refresh)(
+            run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
+            settings.fine_tuned_groups(), settings.comparison.top_movers)
+        add_comparison_to_report(run_dir / REPORT, comparisons[rule])
+    return comparisons

@@ -5,9 +5,11 @@ so that a stage's code version covers its settings and not the others'.
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
   attribution, the fine-tune and the before/after comparison, the ablation, folders);
   `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)` and
-  `fine_tuned_groups()` answer what the pipeline's stages ask of them together.
-- `load_settings(yaml_path, overrides)`: defaults, then the YAML file, then dotted overrides
-  such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
+  `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings
+  that name no selection rule (neither `identification.rule` nor `identification.rules`) select
+  with `DEFAULT_RULES` side by side.
+- `load_settings(yaml_path, overrides, default_rules)`: defaults, then the YAML file, then dotted
+  overrides such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from sparcom.ablation.settings import AblationSettings
 from sparcom.attribution.schema import ATTRIBUTION_RULES
@@ -28,6 +30,11 @@ from sparcom.curation.records import CATEGORIES
 from sparcom.curation.settings import CurationSettings, DatasetSettings
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.identification.settings import IdentificationSettings
+
+
+# The default run compares the paper's rule with one that selects by specificity (lape, until
+# the effect-based rule of the attribution stage exists).
+DEFAULT_RULES = ["global_percentile", "lape"]
 
 
 class PipelineSettings(StrictModel):
@@ -44,6 +51,19 @@ class PipelineSettings(StrictModel):
     work_dir: Path = Field(Path("sparcom-work"), description="datasets, stores and run reports")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_rules(cls, data, info: ValidationInfo):
+        """No rule named in the identification settings: the default run's rules (or, validated
+        with the context {"default_rules": None}, `rule`'s default alone)."""
+        default = (info.context or {}).get("default_rules", DEFAULT_RULES)
+        if not isinstance(data, dict) or default is None:
+            return data
+        identification = data.get("identification", {})
+        if isinstance(identification, dict) and not {"rule", "rules"} & set(identification):
+            return {**data, "identification": {**identification, "rules": default}}
+        return data
+
     def evaluated_on(self, held_out: Path) -> PipelineSettings:
         """These settings with the ablation evaluated on the `held_out` dataset (a copy)."""
         return self.model_copy(deep=True, update={"ablation": self.ablation.model_copy(
@@ -51,7 +71,7 @@ class PipelineSettings(StrictModel):
 
     def needs_attribution(self) -> bool:
         """Whether a chosen selection rule reads an attribution store, so the pipeline makes one."""
-        return self.identification.rule in ATTRIBUTION_RULES
+        return bool(set(self.identification.selected_rules()) & set(ATTRIBUTION_RULES))
 
     def identified_with(self, attribution: Path) -> PipelineSettings:
         """These settings with identification reading the attribution store `attribution` (a copy)."""
@@ -94,7 +114,10 @@ def _read_yaml(path: Path) -> Any:
         raise SettingsError(f"{path}: {error}") from None
 
 
-def load_settings(yaml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineSettings:
+def load_settings(yaml_path: Path | None = None, overrides: dict[str, Any] | None = None,
+                  default_rules: list[str] | None = DEFAULT_RULES) -> PipelineSettings:
+    """`default_rules`: the rules where neither the file nor the overrides name one (none: the
+    one rule of `identification.rule`'s default)."""
     data: dict[str, Any] = {}
     if yaml_path is not None:
         loaded = _read_yaml(yaml_path)
@@ -110,7 +133,7 @@ def load_settings(yaml_path: Path | None = None, overrides: dict[str, Any] | Non
             node = node.setdefault(key, {})
         node[leaf] = value
     try:
-        return PipelineSettings.model_validate(data)
+        return PipelineSettings.model_validate(data, context={"default_rules": default_rules})
     except ValidationError as error:
         where = f"{yaml_path} or the options" if yaml_path else "options"
         raise SettingsError(f"settings ({where}): {validation_message(error)}") from None

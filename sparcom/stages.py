@@ -6,7 +6,7 @@ and whether a cached result can still be used (docs/method.md section 8).
 - `unusable_output(result)`: why a cached result can no longer be used (a file or folder it
   names is gone, a count store it names does not verify), or None.
 - `run_report_written(report)`: which write of a run's report.md by the analyse stage the later
-  stages' sections go into, as a `result_key` input.
+  stages' sections go into, as a `result_key` input (the findings too: report.md and summary.json).
 
 The keys of stages whose inputs are not results on disk live beside their stages:
 `sparcom.curation.keys`, `sparcom.extraction.keys`, `sparcom.attribution.keys`, `sparcom.identification.keys`,
@@ -26,11 +26,12 @@ from sparcom.core.hashing import content_hash
 from sparcom.curation.keys import CURATE
 from sparcom.extraction.keys import EXTRACT
 from sparcom.extraction.store import StoreError, verify_store
+from sparcom.findings.keys import FINDINGS
 from sparcom.identification.keys import ANALYSE, IDENTIFY
 from sparcom.identification.schema import GENERALITY
 
 STAGES = {"curate": CURATE, "extract": EXTRACT, "attribute": ATTRIBUTE, "identify": IDENTIFY, "analyse": ANALYSE,
-          "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE}
+          "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE, "findings": FINDINGS}
 
 
 def result_key(stage: str, *inputs: object) -> str:

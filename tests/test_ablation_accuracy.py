@@ -38,7 +38,9 @@ NEW_TOKENS = 6
 PADDED = ExtractionSettings(max_batch_size=4, max_padding=0.9)
 NLL_VARIABLES = {"nll_base", "nll", "nll_control", "ablated_size", "mean_frequency", "control_mean_frequency",
                  "delta", "delta_ci", "delta_other", "delta_other_ci", "delta_control", "delta_control_ci",
-                 "specificity", "specificity_ci", "control_ratio", "control_ratio_ci", "control_p_value"}
+                 "specificity", "specificity_ci", "control_ratio", "control_ratio_ci", "control_p_value",
+                 "records", "control_difference", "control_difference_ci", "control_min_p", "specific_difference",
+                 "specific_difference_ci", "specific_p_value", "specific_min_p"}
 ACCURACY_VARIABLES = {"answer_checkable", "reference_answer", "generation_base", "generation", "correct_base",
                       "correct", "correct_control", "accuracy_records", "accuracy_base", "accuracy",
                       "accuracy_control"}
@@ -288,7 +290,7 @@ def test_settings_flags_and_cache_key(tmp_path, monkeypatch):
     report.write_text("")
     monkeypatch.setattr(cli.server, "temporary_server_early", lambda: lambda: None)
     monkeypatch.setattr(flows.pipeline, "sparcom_pipeline", lambda settings, refresh: seen.append(
-        settings.ablation) or {"files": {"report.md": str(report)}})
+        settings.ablation) or {"files": {"report.md": str(report)}, "rules": {"lape": {"files": {"report.md": str(report)}}}})
     assert runner.invoke(app, ["run", "--ablation-accuracy"]).exit_code == 0
     assert seen[-1].accuracy is True
 

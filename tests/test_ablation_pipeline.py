@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -9,12 +11,14 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from sparcom.ablation.report import SECTION
+from sparcom.findings.report import SECTION as FINDINGS
 from cli.app import app
 from sparcom.ablation.settings import AblationSettings
 from sparcom.comparison.settings import FinetuneSettings
 from sparcom.config import PipelineSettings
 from sparcom.curation.settings import DatasetSettings
 from sparcom.extraction.settings import ModelSettings
+from sparcom.identification.settings import IdentificationSettings
 
 from builders import write_jsonl
 
@@ -31,7 +35,7 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
         model=ModelSettings(name=str(tiny_llama_dir)),
         dataset=DatasetSettings(path=write_jsonl(sample_records, tmp_path / "d.jsonl")),
         finetune=FinetuneSettings(steps=2, batch_size=2), ablation=TINY,
-        work_dir=tmp_path / "work", cache_dir=cache_dir)
+        identification=IdentificationSettings(), work_dir=tmp_path / "work", cache_dir=cache_dir)
     state = sparcom_pipeline(settings, return_state=True)
     summary = state.result()
     run_dir = Path(summary["files"]["report.md"]).parent
@@ -48,6 +52,12 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
     assert summary["ablation"]["per_group"]["CODE"]["size"] == int(base.ablated_size.sel(ablated="CODE"))
     states = task_run_states(state.state_details.flow_run_id)
     assert [s for name, s in states.items() if name.startswith("measure the ablation")]
+    # The findings open the report, and the run's own artifact (no task's) carries them.
+    assert report.split("\n## ")[1].startswith(FINDINGS.removeprefix("## ")) and report.count(FINDINGS) == 1
+    assert summary["findings"]["verdicts"][summary["rule"]].startswith(f"`{summary['rule']}` (neurons): reproducible")
+    assert json.loads((run_dir / "summary.json").read_text())["findings"] == summary["findings"]
+    [artifact] = run_artifacts(state.state_details.flow_run_id, "sparcom-verdicts")
+    assert artifact.task_run_id is None and artifact.data.startswith(FINDINGS)
 
     def task_states(refresh: list[str]) -> dict[str, list[str]]:
         """Each task's states in a rerun, its name without Prefect's run suffix."""
@@ -73,6 +83,21 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
     assert rewritten.count(SECTION) == 1 and "![ablation](ablation.png)" in rewritten
     assert rewritten.count("## Before and after fine-tuning: are the components more critical?") == 1
     assert rewritten.count("## Before and after fine-tuning\n") == 1
+    assert again_states["write the findings first in each report"] == ["Completed"]
+    assert rewritten.split("\n## ")[1].startswith(FINDINGS.removeprefix("## ")) and rewritten.count(FINDINGS) == 1
+
+
+def run_artifacts(flow_run_id, key: str) -> list:
+    """The artifacts of that key that a flow run (not its subflows) made."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
 
 
 def test_cli_ablate(tmp_path, identified, cache_dir, monkeypatch):

@@ -370,7 +370,9 @@ def test_report_files_and_focus_verdict(tmp_path, moe):
         others = (values["GEN"] + values["QA"]) / 2
         assert verdict["measures"][measure]["focus_mean"] == pytest.approx(focus, abs=1e-6)
         assert verdict["measures"][measure]["others_mean"] == pytest.approx(others, abs=1e-6)
-        assert verdict["measures"][measure]["focus_moved_more"] == (focus > others)
+        assert verdict["measures"][measure]["difference"] == pytest.approx(focus - others, abs=1e-6)
+    # 2 of 4 groups fine-tuned: 6 labelings, p cannot go below 1/6, so the data cannot say yes
+    assert verdict["answer"] == "undecided" and "only 6 labelings, so p cannot go below 0.167" in verdict["reason"]
     most = max(turnover, key=turnover.get)
     assert f"Most changed group: {most}" in summary["note"]
     assert "Did the fine-tuned categories (CODE, MATH) move more than the others?" in summary["note"]

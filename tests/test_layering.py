@@ -17,11 +17,11 @@ import pytest
 
 LIBRARY = Path(__file__).resolve().parents[1] / "sparcom"
 FORBIDDEN = {"prefect", "flows", "tasks", "cli"}
-# Lower first; ablation and comparison stand side by side and import neither each other. The
-# top-level modules (`sparcom.config`, `sparcom.stages`) gather every stage and are imported by none.
-PACKAGE_ORDER = {"core": 0, "curation": 1, "extraction": 2, "intervention": 3, "attribution": 4,
-                 "identification": 5, "ablation": 6, "comparison": 6}
-TOP_LEVEL = 7
+# Lower first; ablation and comparison stand side by side and import neither each other; the
+# findings read the outputs of identification and ablation. The top-level modules (`sparcom.config`, `sparcom.stages`) gather every stage and are imported by none.
+PACKAGE_ORDER = {"core": 0, "curation": 1, "extraction": 2, "intervention": 3, "attribution": 4, "identification": 5,
+                 "ablation": 6, "comparison": 6, "findings": 7}
+TOP_LEVEL = 8
 PACKAGES = sorted(p.parent for p in LIBRARY.glob("*/__init__.py"))
 
 

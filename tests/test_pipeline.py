@@ -11,7 +11,8 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from cli.app import app
-from sparcom.config import PipelineSettings
+from sparcom.config import DEFAULT_RULES, PipelineSettings
+from sparcom.identification.settings import IdentificationSettings
 from sparcom.curation.settings import DatasetSettings
 from sparcom.extraction.settings import ModelSettings
 from sparcom.extraction.store import is_complete, open_store
@@ -32,6 +33,15 @@ def test_pipeline_flow_runs_every_stage(tmp_path, prefect_harness, tiny_llama_di
                                 work_dir=tmp_path / "work", cache_dir=cache_dir)
     summary = sparcom_pipeline(settings)
 
+    # No rule named: the default rules side by side, each in the folder it has when run alone.
+    assert list(summary["rules"]) == DEFAULT_RULES and summary["rule"] == DEFAULT_RULES[0]
+    for rule, each in summary["rules"].items():
+        run_dir = Path(each["files"]["report.md"]).parent
+        assert each["rule"] == rule and (run_dir / "components.zarr").is_dir()
+        assert xr.open_zarr(run_dir / "components.zarr").attrs["rule"] == rule
+        assert (run_dir / "comparison" / "comparison.md").is_file()
+        assert "null q95" in (run_dir / "report.md").read_text()
+    assert len({Path(each["files"]["report.md"]).parent for each in summary["rules"].values()}) == 2
     assert summary["groups"] == ["CLS", "CODE", "GEN", "MATH", "QA", "SUM"]
     assert summary["layers"] == 3 and summary["neurons_per_layer"] == 48
     for file in ("report.md", "summary.json", "jaccard.png", "layers.png"):
@@ -90,7 +100,7 @@ def test_reruns_recompute_only_what_changed(tmp_path, prefect_harness, tiny_llam
 
     dataset = write_jsonl(sample_records, tmp_path / "d.jsonl")
     settings = PipelineSettings(model=ModelSettings(name=str(tiny_llama_dir)), dataset=DatasetSettings(path=dataset),
-                                work_dir=tmp_path / "work", cache_dir=cache_dir)
+                                identification=IdentificationSettings(), work_dir=tmp_path / "work", cache_dir=cache_dir)
     settings.comparison.enabled = False
 
     def states(run_settings, refresh=()):

@@ -120,7 +120,8 @@ def test_split_jaccard_and_gap_equal_numpy(tmp_path, rule):
         assert summary["families"]["neurons"]["split_half"][group]["gap"] == pytest.approx(within - cross, abs=1e-4)
         assert math.isnan(float(generality.neurons_split_cross.sel(group=group, other_group=group)))
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Is this set specific to its group?" in report and "| group | within | cross | gap | specific |" in report
+    assert "Is this set reproducible from other instructions of its group?" in report
+    assert "| group | within | cross | gap | null q95 | p | reproducible |" in report
     assert (tmp_path / "out" / "split_half.png").is_file()
 
 

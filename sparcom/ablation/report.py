@@ -2,15 +2,19 @@
 off hurts its own records more than other groups' records and more than each control.
 
 - `summarize_ablation(ablation)`: the figures of `ablation.zarr` as plain data, per group, with
-  a verdict for each comparison (an interval above 1, or p < ALPHA).
+  a decision for each difference (own - others, own - each control; `sparcom.ablation.verdicts`),
+  and each own record's NLL change by record hash.
+- `decision_words(test, yes, no)`: a decision in words, "undecided (why)" where the data cannot decide.
 - `ablation_markdown(summary)`: the section: one sentence per group and the table; where the
   accuracy ran, its tables too (`accuracy_markdown`).
 - `plot_ablation(ablation, path)`: heatmap of delta[ablated, evaluated] beside each group's own
   delta against its controls' (95% intervals).
 - `report_ablation(ablation_path, out_dir)`: `ablation.md`, `ablation.json`, `ablation.png`.
-- `criticality_change(base, tuned)`: did fine-tuning make each group's components more or less
-  critical to their own category (own delta of the tuned model's components on the tuned model
-  against the base model's on the base model)?
+- `criticality_tests(base, tuned)`, `criticality_change(base, tuned)`: did fine-tuning make each
+  group's components more or less critical to their own category (the tuned model's components on
+  the tuned model against the base model's on the base model): a paired bootstrap and sign-flip
+  test over the shared records, "undecided" unless the adjusted p < ALPHA and the interval
+  excludes 0.
 - `link_into_report(report, summary, baseline)`: the ablation's section in a run's report.md
   (replaced on a rerun): with `baseline` (the ablation.json of the model before fine-tuning)
   whether fine-tuning made the components more or less critical, else the section and its plot.
@@ -25,9 +29,11 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from sparcom.ablation.schema import CAUSAL_CONTROL
+from sparcom.ablation.statistics import holm, paired_difference
+from sparcom.ablation.verdicts import ALPHA, add_decisions, can_reach
 from sparcom.core.markdown import put_section, table
 
-ALPHA = 0.05
 SECTION = "## Do the components matter? (ablation)"
 CONTROL_WORDS = {"random": "random components", "frequency_matched": "components of matched frequency"}
 
@@ -42,48 +48,73 @@ def _with_interval(point: xr.DataArray, interval: xr.DataArray) -> dict:
             "high": _value(interval.sel(bound="high"))}
 
 
-def _above(figure: dict, threshold: float) -> str:
-    """'yes' when the whole interval is above the threshold, 'no' when below, else 'unclear'."""
-    low, high = figure["low"], figure["high"]
-    if low is None or high is None:
-        return "unclear"
-    return "yes" if low > threshold else "no" if high < threshold else "unclear"
+def _test(difference: dict, p_value: xr.DataArray, min_p: xr.DataArray) -> dict:
+    """A difference that decides, its one-sided p and the smallest p its test can reach."""
+    p, smallest = float(p_value), float(min_p)
+    return {"difference": difference, "p_value": None if np.isnan(p) else p,
+            "min_p": None if np.isnan(smallest) else smallest}
+
+
+def _labels(ablation: xr.Dataset) -> xr.DataArray:
+    return ablation.category if ablation.attrs.get("group_by") == "category" else ablation.origin
 
 
 def summarize_ablation(ablation: xr.Dataset) -> dict:
+    """Per group: the deltas, the two differences that decide (against each control, against
+    the other groups) with Holm-adjusted p-values and decisions (`sparcom.ablation.verdicts`), the
+    ratios as description, and each own record's NLL change by record hash (for a paired
+    comparison of two models on the same records)."""
     groups = [str(g) for g in ablation.ablated.values]
     controls = [str(c) for c in ablation.control.values]
+    labels = np.array([str(label) for label in _labels(ablation).values])
+    change = ablation.nll - ablation.nll_base
     per_group = {}
     for group in groups:
         at = {"ablated": group}
         own = {"ablated": group, "evaluated": group}
         entry = {
             "size": int(ablation.ablated_size.sel(at)),
-            "records": int((ablation.category == group).sum()) if ablation.attrs.get("group_by") == "category"
-            else int((ablation.origin == group).sum()),
+            "records": int((labels == group).sum()),
             "own_delta": _with_interval(ablation.delta.sel(own), ablation.delta_ci.sel(own)),
             "other_delta": _with_interval(ablation.delta_other.sel(at), ablation.delta_other_ci.sel(at)),
             "specificity": _with_interval(ablation.specificity.sel(at), ablation.specificity_ci.sel(at)),
+            "specific": {**_test(_with_interval(ablation.specific_difference.sel(at),
+                                                ablation.specific_difference_ci.sel(at)),
+                                 ablation.specific_p_value.sel(at), ablation.specific_min_p.sel(at)),
+                         "others": [h for h in groups if h != group],
+                         "other_records": int(np.isin(labels, [h for h in groups if h != group]).sum())},
+            "own_changes": {str(h): round(float(v), 6) for h, v in zip(
+                ablation.record_hash.values[labels == group], change.sel(at).values[labels == group])},
             "controls": {},
         }
-        entry["hurts_own_more"] = _above(entry["specificity"], 1.0)
         for control in controls:
             c_own = {"control": control, **own}
             c_at = {"control": control, **at}
-            p = _value(ablation.control_p_value.sel(c_at))
             entry["controls"][control] = {
                 "delta": _with_interval(ablation.delta_control.sel(c_own), ablation.delta_control_ci.sel(c_own)),
                 "ratio": _with_interval(ablation.control_ratio.sel(c_at), ablation.control_ratio_ci.sel(c_at)),
-                "p_value": p,
+                **_test(_with_interval(ablation.control_difference.sel(c_at), ablation.control_difference_ci.sel(c_at)),
+                        ablation.control_p_value.sel(c_at), ablation.control_min_p.sel(c_at)),
                 "mean_frequency": _value(ablation.control_mean_frequency.sel(c_at).mean("seed")),
-                "hurts_more": p is not None and p < ALPHA,
             }
         entry["mean_frequency"] = _value(ablation.mean_frequency.sel(at))
+        if entry["size"] == 0:  # nothing switched off: no test
+            for test in [entry["specific"], *entry["controls"].values()]:
+                test["p_value"] = None
         per_group[group] = entry
+    for tests in [[per_group[g]["specific"] for g in groups]] + [[per_group[g]["controls"][c] for g in groups]
+                                                                 for c in controls]:
+        add_decisions(tests)
+    for group in groups:
+        if per_group[group]["size"] == 0:
+            for test in [per_group[group]["specific"], *per_group[group]["controls"].values()]:
+                test["reason"] = "its set is empty: nothing to switch off"
     delta = {str(a): {str(e): _value(ablation.delta.sel(ablated=a, evaluated=e)) for e in ablation.evaluated.values}
              for a in ablation.ablated.values}
     summary = {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ablation.attrs.items()},
-               "groups": groups, "controls_run": controls, "per_group": per_group, "delta": delta}
+               "groups": groups, "controls_run": controls, "causal_control": CAUSAL_CONTROL,
+               "apart": [str(e) for e in ablation.evaluated.values if str(e) not in groups],
+               "per_group": per_group, "delta": delta}
     if "accuracy" in ablation:
         summary["accuracy"] = _accuracy_summary(ablation)
     return summary
@@ -91,7 +122,7 @@ def summarize_ablation(ablation: xr.Dataset) -> dict:
 
 def _accuracy_summary(ablation: xr.Dataset) -> dict:
     """Accuracies over the records with a checkable answer, for the evaluated groups that have some."""
-    labels = ablation.category if ablation.attrs.get("group_by") == "category" else ablation.origin
+    labels = _labels(ablation)
     evaluated = [str(e) for e in ablation.evaluated.values if int(ablation.accuracy_records.sel(evaluated=e))]
     return {
         "max_new_tokens": ablation.attrs.get("max_new_tokens"),
@@ -114,20 +145,30 @@ def _fmt(figure: dict, digits: int = 3) -> str:
     return f"{figure['value']:.{digits}f}{bounds}"
 
 
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
+def decision_words(test: dict, yes: str, no: str) -> str:
+    """The decision of a test in words: `yes`, `no`, or "undecided (the reason)"."""
+    return {"yes": yes, "no": no}.get(test["decision"], f"undecided ({test['reason']})")
+
+
 def _sentence(group: str, entry: dict, family: str) -> str:
     if entry["size"] == 0:
         return f"- **{group}**: its set is empty, nothing to switch off."
-    own = {"yes": "hurts its own category more than the others",
-           "no": "hurts the other categories more than its own",
-           "unclear": "does not clearly hurt its own category more than the others"}[entry["hurts_own_more"]]
-    parts = [f"- **{group}**: switching off its {entry['size']} {family.replace('_', ' ')} {own}: its own "
-             f"response NLL rises by {_fmt(entry['own_delta'])} nats per token, the others' by "
-             f"{_fmt(entry['other_delta'])} (specificity {_fmt(entry['specificity'], 2)})."]
-    for control, figures in entry["controls"].items():
-        verdict = "more" if figures["hurts_more"] else f"not significantly more (p >= {ALPHA})"
-        parts.append(f"It hurts its own category {verdict} than {CONTROL_WORDS.get(control, control)} of the "
-                     f"same size per layer ({_fmt(figures['delta'])}; ratio {_fmt(figures['ratio'], 2)}, "
-                     f"p = {figures['p_value']:.4f}).")
+    specific = entry["specific"]
+    parts = [f"- **{group}**: switching off its {entry['size']} {family.replace('_', ' ')} changes its own "
+             f"{entry['records']} records' response NLL by {_fmt(entry['own_delta'])} nats per token, the other "
+             f"groups' {specific['other_records']} records' by {_fmt(entry['other_delta'])}: own - others = "
+             f"{_fmt(specific['difference'])}, p = {_p(specific['p_value'])} (adjusted "
+             f"{_p(specific['p_adjusted'])}): "
+             f"{decision_words(specific, 'specific to its own category', 'not specific to its own category')}."]
+    for control, test in entry["controls"].items():
+        words = CONTROL_WORDS.get(control, control)
+        parts.append(f"Against {words} of the same size per layer ({_fmt(test['delta'])}): own - control = "
+                     f"{_fmt(test['difference'])}, p = {_p(test['p_value'])} (adjusted {_p(test['p_adjusted'])}): "
+                     f"{decision_words(test, f'hurts more than {words}', f'hurts no more than {words}')}.")
     return " ".join(parts)
 
 
@@ -135,6 +176,8 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
     family = summary.get("family", "components")
     overlap = (f" **{summary['overlap']} evaluation records also selected the components** (asked for)."
                if summary.get("overlap") else " No evaluation record selected the components.")
+    apart = (f" Evaluated categories without components, reported apart and never among the others: "
+             f"{', '.join(summary['apart'])}." if summary.get("apart") else "")
     cap = summary.get("max_response_tokens") or 0
     lines = [
         heading, "",
@@ -142,22 +185,29 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
         f"measured: the mean response NLL of held-out records ({summary.get('eval_source')}"
         f"{f', first {cap} response tokens' if cap else ''}), teacher-forced after the prompt. "
         f"Delta = ablated - intact, in nats per token, with 95% bootstrap intervals over records; "
-        f"controls of the same size per layer, {summary.get('seeds')} seeds; p: one-sided sign-flip "
-        f"permutation test against the control.{overlap}", "",
+        f"controls of the same size per layer, {summary.get('seeds')} seeds. Decided on differences: "
+        f"own - control (one-sided sign-flip test of the per-record differences) and own - others "
+        f"(one-sided two-sample permutation test, the group's records against the other groups'), "
+        f"p Holm-adjusted across the groups, level {ALPHA}; a yes needs the adjusted p below it and the "
+        f"interval above 0, a no the interval at or below 0 and a test that could have said yes. The "
+        f"ratios (specificity, control ratio) are description only.{overlap}{apart}", "",
         *[_sentence(g, summary["per_group"][g], family) for g in summary["groups"]], "",
     ]
-    header = ["group", "size", "records", "own delta", "others' delta", "specificity"]
+    header = ["group", "size", "records", "own delta", "others' delta", "own - others", "p adj.", "specific",
+              "specificity"]
     for control in summary["controls_run"]:
-        header += [f"{control} delta", f"{control} ratio", "p"]
+        header += [f"{control} delta", f"own - {control}", "p adj.", "verdict", "ratio"]
     rows = []
     for group in summary["groups"]:
         entry = summary["per_group"][group]
+        specific = entry["specific"]
         row = [group, entry["size"], entry["records"], _fmt(entry["own_delta"]), _fmt(entry["other_delta"]),
+               _fmt(specific["difference"]), _p(specific["p_adjusted"]), specific["decision"],
                _fmt(entry["specificity"], 2)]
         for control in summary["controls_run"]:
-            figures = entry["controls"][control]
-            row += [_fmt(figures["delta"]), _fmt(figures["ratio"], 2),
-                    "n/a" if figures["p_value"] is None else f"{figures['p_value']:.4f}"]
+            test = entry["controls"][control]
+            row += [_fmt(test["delta"]), _fmt(test["difference"]), _p(test["p_adjusted"]), test["decision"],
+                    _fmt(test["ratio"], 2)]
         rows.append(row)
     lines.append(table(header, rows))
     evaluated = list(next(iter(summary["delta"].values())))
@@ -244,31 +294,59 @@ def report_ablation(ablation_path: Path, out_dir: Path) -> dict:
     return summary
 
 
+def criticality_tests(base: dict, tuned: dict) -> dict[str, dict]:
+    """Per group both ablations have: the paired difference tuned - base of the own records' NLL
+    change over the records both measured (`sparcom.ablation.statistics.paired_difference`),
+    Holm-adjusted across the groups, and the verdict: "more critical" or "less critical" only
+    when the adjusted p < ALPHA and the interval excludes 0 on that side, else "undecided" with the
+    reason (too few shared records, the interval spans 0, or the adjusted p is not below ALPHA)."""
+    groups = [g for g in base["groups"] if g in tuned["per_group"]]
+    tests = {}
+    for index, group in enumerate(groups):
+        tests[group] = paired_difference(base["per_group"][group].get("own_changes", {}),
+                                         tuned["per_group"][group].get("own_changes", {}),
+                                         base.get("resamples", 1000), base.get("permutations", 10000),
+                                         [base.get("seed", 0), index])
+    adjusted = holm([t["p_value"] for t in tests.values()])
+    count = sum(p is not None for p in adjusted)
+    for test, p in zip(tests.values(), adjusted):
+        test["p_adjusted"] = p
+        test["verdict"] = _criticality_verdict(test, p, count)
+    return tests
+
+
+def _criticality_verdict(test: dict, p_adjusted: float | None, tests: int) -> str:
+    if p_adjusted is None:
+        return "n/a (no shared records)"
+    if not can_reach(test["min_p"], tests):
+        return (f"undecided ({test['records']} shared records: p cannot go below {test['min_p']:.2g}, "
+                f"{tests} x that is not below {ALPHA})")
+    if p_adjusted < ALPHA and test["low"] > 0:
+        return "more critical"
+    if p_adjusted < ALPHA and test["high"] < 0:
+        return "less critical"
+    if test["low"] <= 0 <= test["high"]:
+        return "undecided (interval spans 0)"
+    return f"undecided (adjusted p = {p_adjusted:.2g}, not below {ALPHA})"
+
+
 def criticality_change(base: dict, tuned: dict) -> str:
     """The section saying, per group, whether the tuned model's components matter more or less to
-    their own category than the base model's did."""
+    their own category than the base model's did, decided on the paired difference."""
     lines = ["## Before and after fine-tuning: are the components more critical?", "",
              "Own-category NLL change when each group's components are switched off, base model "
              "(its components) against tuned model (its own components), same held-out records. "
-             "Held out from identification, these records may still be among the fine-tune's training "
-             "data (the default fine-tune trains on shipped HexaInst records): read the tuned "
-             "categories' rows with that in mind.", ""]
-    rows = []
-    for group in base["groups"]:
-        if group not in tuned["per_group"]:
-            continue
-        before, after = base["per_group"][group]["own_delta"], tuned["per_group"][group]["own_delta"]
-        if before["value"] is None or after["value"] is None:
-            verdict = "n/a"
-        elif after["low"] is not None and before["high"] is not None and after["low"] > before["high"]:
-            verdict = "more critical"
-        elif after["high"] is not None and before["low"] is not None and after["high"] < before["low"]:
-            verdict = "less critical"
-        else:
-            verdict = "more critical (intervals overlap)" if after["value"] > before["value"] else \
-                "less critical (intervals overlap)"
-        rows.append([group, _fmt(before), _fmt(after), verdict])
-    header = ["group", "base own delta", "tuned own delta", "fine-tuning made them"]
+             "Tuned - base: the mean over the records both measured of the difference of their NLL "
+             "changes, a 95% paired bootstrap interval over those records and a two-sided sign-flip p, "
+             f"Holm-adjusted across the groups; more or less critical only where the adjusted p is "
+             f"below {ALPHA} and the interval excludes 0. Held out from identification, these records may "
+             "still be among the fine-tune's training data (the default fine-tune trains on shipped "
+             "HexaInst records): read the tuned categories' rows with that in mind.", ""]
+    tests = criticality_tests(base, tuned)
+    rows = [[group, _fmt(base["per_group"][group]["own_delta"]), _fmt(tuned["per_group"][group]["own_delta"]),
+             _fmt({k: None if test[k] is None else round(test[k], 5) for k in ("value", "low", "high")}),
+             _p(test["p_adjusted"]), test["verdict"]] for group, test in tests.items()]
+    header = ["group", "base own delta", "tuned own delta", "tuned - base (paired)", "p adj.", "fine-tuning made them"]
     return "\n".join(lines) + "\n" + table(header, rows) + "\n"
 
 

@@ -1,6 +1,7 @@
 """The ablation's names (docs/method.md section 6): controls, dimensions, output files.
 
 - `CONTROLS`: the control sets, each the same size per layer as the ablated set.
+- `CAUSAL_CONTROL`: the control the causal verdict is against (docs/method.md section 6b).
 - `FAMILY_CHOICES`: the families that can be switched off, and `auto`.
 - Dimension names of `ablation.zarr`: `INSTRUCTION`, `ABLATED`, `EVALUATED`, `CONTROL`, `SEED`
   (a control's draw), `RESAMPLE`, `BOUND`.
@@ -12,6 +13,8 @@ from __future__ import annotations
 from sparcom.extraction.schema import FAMILY_NAMES, INSTRUCTION  # noqa: F401 - the ablation's dimension too
 
 CONTROLS = ("random", "frequency_matched")
+# It separates "often-active components matter" from "this category's components matter".
+CAUSAL_CONTROL = "frequency_matched"
 FAMILY_CHOICES = ("auto", *FAMILY_NAMES)
 
 ABLATED, EVALUATED, CONTROL, SEED = "ablated", "evaluated", "control", "seed"

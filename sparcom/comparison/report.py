@@ -2,7 +2,10 @@
 
 - `movement(comparison, family)`: per group, how much its set moved: turnover (1 - Jaccard),
   shift of the layer distribution (JS), mean |frequency change|.
+- `labeling_test(values, focus)`: the fine-tuned groups' mean minus the others', against every
+  labeling of as many groups as fine-tuned (p >= 1 / C(groups, fine-tuned)).
 - `focus_verdict(moves, focus_groups)`: did the fine-tuned groups move more than the others?
+  "yes" only where every measure's labeling p < ALPHA, else "undecided" with the reason.
 - `summarize_comparison(comparison, base, tuned, focus_groups, top)`: the headline figures.
 - `markdown_comparison(summary)`: the tables and the note on what changed most.
 - `write_comparison_report(base, tuned, out_dir, focus_groups, top)`: compare, then write
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,8 @@ from sparcom.extraction.store import save_zarr
 from sparcom.identification.rules import rule_parameters
 from sparcom.identification.schema import GROUP, Family
 
+# The one level of the reports' decisions (docs/method.md section 6b).
+ALPHA = 0.05
 MEASURES = {
     "turnover": "1 - Jaccard of the base and tuned sets",
     "layer_js": "JS divergence (bits) of the sets' layer distributions",
@@ -60,8 +66,29 @@ def movement(comparison: xr.Dataset, family: Family) -> dict[str, dict[str, floa
     }
 
 
+def labeling_test(values: dict[str, float | None], focus: Sequence[str]) -> dict:
+    """Did the `focus` groups move more? observed = mean over them - mean over the rest, against
+    the same statistic for every labeling of as many groups as fine-tuned (all C(G, k)): p = the
+    share of labelings at or above the observed one (itself included), so p >= 1 / C(G, k)."""
+    groups = [g for g in values if values[g] is not None]
+    chosen = [g for g in groups if g in set(focus)]
+
+    def statistic(labelled: Sequence[str]) -> float:
+        inside = [values[g] for g in groups if g in labelled]
+        outside = [values[g] for g in groups if g not in labelled]
+        return float(np.mean(inside) - np.mean(outside))
+
+    labelings = [statistic(c) for c in combinations(groups, len(chosen))]
+    observed = statistic(chosen)
+    return {"difference": _number(observed),
+            "p_value": float(np.mean(np.array(labelings) >= observed - 1e-12)),
+            "labelings": len(labelings), "min_p": 1 / len(labelings)}
+
+
 def focus_verdict(moves: dict[str, dict[str, float | None]], focus_groups: Sequence[str]) -> dict | None:
-    """Per measure, the mean over the fine-tuned groups against the mean over the rest."""
+    """Per measure, the mean over the fine-tuned groups against the mean over the rest, with the
+    labeling test; the answer is "yes" only where every measure's p < ALPHA, else "undecided"
+    with the reason: a labeling test cannot say "no", and with few labelings it cannot say yes."""
     groups = list(next(iter(moves.values())))
     focus = [g for g in groups if g in set(focus_groups)]
     others = [g for g in groups if g not in set(focus_groups)]
@@ -71,12 +98,21 @@ def focus_verdict(moves: dict[str, dict[str, float | None]], focus_groups: Seque
     for measure, values in moves.items():
         mean = lambda members: float(np.nanmean([np.nan if values[g] is None else values[g]  # noqa: E731
                                                  for g in members]))
-        focus_mean, others_mean = mean(focus), mean(others)
         ranking = sorted(groups, key=lambda g: -np.inf if values[g] is None else -values[g])
-        verdict["measures"][measure] = {
-            "focus_mean": _number(focus_mean), "others_mean": _number(others_mean),
-            "focus_moved_more": bool(focus_mean > others_mean), "ranking": ranking}
-    verdict["moved_more"] = all(m["focus_moved_more"] for m in verdict["measures"].values())
+        verdict["measures"][measure] = {"focus_mean": _number(mean(focus)), "others_mean": _number(mean(others)),
+                                        **labeling_test(values, focus), "ranking": ranking}
+    tests = list(verdict["measures"].values())
+    smallest = max(t["min_p"] for t in tests)
+    if smallest >= ALPHA:
+        verdict["answer"] = "undecided"
+        verdict["reason"] = (f"with {len(focus)} of {len(groups)} groups fine-tuned there are only "
+                             f"{max(t['labelings'] for t in tests)} labelings, so p cannot go below "
+                             f"{smallest:.3f}, not below {ALPHA}")
+    elif all(t["p_value"] < ALPHA for t in tests):
+        verdict["answer"], verdict["reason"] = "yes", f"every measure's p < {ALPHA}"
+    else:
+        verdict["answer"] = "undecided"
+        verdict["reason"] = f"not every measure's p is below {ALPHA}"
     return verdict
 
 
@@ -163,15 +199,15 @@ def headline(summary: dict) -> str:
                              f"(JS {value:.4f} bits).")
     verdict = summary["focus_verdict"]
     if verdict:
-        parts = [f"{m.replace('_', ' ')} {v['focus_mean']:.4f} vs {v['others_mean']:.4f}"
+        parts = [f"{m.replace('_', ' ')} {v['focus_mean']:.4f} vs {v['others_mean']:.4f} (p = {v['p_value']:.3f})"
                  for m, v in verdict["measures"].items()]
-        answer = ("Yes" if verdict["moved_more"] else
-                  "Partly" if any(v["focus_moved_more"] for v in verdict["measures"].values()) else "No")
+        answer = "Yes" if verdict["answer"] == "yes" else f"Undecided ({verdict['reason']})"
         ranking = verdict["measures"]["turnover"]["ranking"]
         ranks = ", ".join(f"{g} {ranking.index(g) + 1}" for g in verdict["focus"])
         sentences.append(f"Did the fine-tuned categories ({', '.join(verdict['focus'])}) move more than "
-                         f"the others? {answer}: fine-tuned vs others, {'; '.join(parts)}; rank by "
-                         f"turnover (1 = moved most, of {len(ranking)}): {ranks}.")
+                         f"the others? {answer}: fine-tuned vs others, {'; '.join(parts)}, p against every "
+                         f"labeling of as many categories as fine-tuned; rank by turnover (1 = moved most, "
+                         f"of {len(ranking)}): {ranks}.")
     if not summary["token_totals_match"]:
         sentences.append("Note: the two models counted different numbers of tokens (their tokenizers "
                          "or chat templates differ), so part of the change comes from the prompts.")

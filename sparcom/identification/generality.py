@@ -9,7 +9,9 @@
   `expert_neurons_unique`, ...). Sets up to IN_MEMORY_BYTES are analysed in memory, larger
   ones lazily (Dask), chunk by chunk. Where identification
   split the groups in halves, also the split-half reliability (`neurons_split_within[group]`,
-  `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, docs/method.md section 4b), and
+  `neurons_split_cross[group, other_group]`, `neurons_specificity_gap[group]`, docs/method.md section 4b)
+  with, where identification ran the null, the null's `neurons_split_null_q95[group]`,
+  `neurons_split_p[group]` and `neurons_split_null_count[group]` (permutations with a gap), and
   where the template's share of the counted tokens is known, `neurons_template_level[group]`:
   set members whose frequency is at or below it (they could owe their place to the template).
 - `family_part(analysis, family)`: one family's variables back under their own names.
@@ -22,7 +24,14 @@ import numpy as np
 import xarray as xr
 
 from sparcom.identification.schema import FAMILIES, GROUP, Family, families_in
-from sparcom.identification.split_half import OTHER, SPLIT_JACCARD, cross_jaccard, reliability
+from sparcom.identification.split_half import (
+    OTHER,
+    SPLIT_JACCARD,
+    SPLIT_NULL_GAP,
+    cross_jaccard,
+    null_comparison,
+    reliability,
+)
 
 EXPERT = "expert"
 # The Jaccard matrix costs groups^2 x components multiply-adds; above this (per-instruction sets
@@ -109,6 +118,9 @@ def analyze(components: xr.Dataset) -> xr.Dataset:
         part = generality(selected, dims, family.layer_dim)
         if f"{family.name}_{SPLIT_JACCARD}" in components:
             part = part.merge(reliability(components[f"{family.name}_{SPLIT_JACCARD}"]))
+            if f"{family.name}_{SPLIT_NULL_GAP}" in components:
+                null_gap = components[f"{family.name}_{SPLIT_NULL_GAP}"].load()
+                part = part.merge(null_comparison(part.specificity_gap, null_gap))
         if "template_share" in components:
             at_template_level = components[family.frequency] <= components.template_share
             part["template_level"] = (selected & at_template_level.reset_coords(drop=True)).sum(

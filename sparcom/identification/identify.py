@@ -11,18 +11,27 @@
 - `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
   the counts: per group, and per split-half seed each group's half A (half B is the rest).
 - The selection rules live in `sparcom.identification.rules` (`select`, `top_fraction_threshold`).
+- `split_null_gaps(store, labels, origins, rule_settings, permutations, seeds)`: the split-half
+  null's gaps (`<family>_split_null_gap[permutation, group]`): group labels shuffled across
+  instructions, the gap recomputed as observed, the permutations summed in batches under
+  NULL_BATCH_BYTES.
 - `identify(store, settings)`: every family's frequencies, sets and thresholds, the split-half
-  Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`), the template's share of the counted
-  tokens where it is known, with the rule, its parameters and the store's provenance in the
-  attributes. Grouped by category or origin everything after the one pass is small and in
-  memory; grouped by instruction the frequencies are the counts themselves and stay lazy.
+  Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`) and the null's gaps, the template's
+  share of the counted tokens where it is known, with the rule, its parameters and the store's
+  provenance in the attributes. Grouped by category or origin everything after the one pass is
+  small and in memory; grouped by instruction the frequencies are the counts themselves and
+  stay lazy. `identify_rules(store, settings)`: the same for every rule of `settings.rules`,
+  from the same sums.
 - `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` on the
   current Dask scheduler (see `sparcom.core.cluster`); per instruction, frequencies first, then the
   selection from the written frequencies, so no step holds more than one group's components.
+  `identify_store_rules(store_path, settings, out_dirs)`: each rule's into its own run folder;
+  `rule_dirs(out_dir, settings)`: the folders a command given one folder writes to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -43,10 +52,28 @@ from dask.highlevelgraph import HighLevelGraph
 from sparcom.core.outputs import building, claimed
 from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 from sparcom.extraction.store import StoreError, open_store
-from sparcom.identification.rules import check_rule, select_by
-from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, RANK_RULES, RUN_KIND, Family, families_in
+from sparcom.identification.rules import check_rule, component_dims, select_by
+from sparcom.identification.schema import (
+    COMPONENTS,
+    FAMILIES,
+    GROUP,
+    HALF,
+    PERMUTATION,
+    RANK_RULES,
+    RUN_KIND,
+    SPLIT_SEED,
+    Family,
+    families_in,
+)
 from sparcom.identification.settings import IdentificationSettings
-from sparcom.identification.split_half import SPLIT_JACCARD, SPLIT_SEED, cross_jaccard, half_assignment
+from sparcom.identification.split_half import (
+    SPLIT_JACCARD,
+    SPLIT_NULL_GAP,
+    cross_jaccard,
+    half_assignment,
+    label_permutations,
+    reliability,
+)
 from sparcom.identification.template import template_share
 
 COLUMN = "sum_column"
@@ -55,6 +82,9 @@ CONTRACTION_BLOCK_BYTES = 128 * 2**20
 # ... and converts and multiplies them in tiles of this size, which stay in the cache.
 TILE_BYTES = 2**22
 SUM_FAN_IN = 8
+# The split-half null's sums held at once (here, and about as much spread over the workers):
+# above it the permutations are summed in batches, each one more read of the counts.
+NULL_BATCH_BYTES = 2**28
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
@@ -236,6 +266,41 @@ def _gathered(arrays: list[da.Array | np.ndarray]) -> list[np.ndarray]:
     return joined
 
 
+def _weighted_sums(store: xr.Dataset, group: np.ndarray, group_count: int, weights: np.ndarray
+                   ) -> tuple[np.ndarray, list[tuple[Family, tuple[str, ...], np.ndarray]]]:
+    """From one read of every count variable: tokens[group, column] and, per family,
+    (family, component dims, sums[group, column, ...]) of the 0/1 `weights[instruction, column]`."""
+    token_count = store.token_count.values.astype(np.float64)
+    tokens = _block_sums(group_count, [group], [weights.astype(np.float64)], [token_count], np.float64)
+    # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
+    # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
+    weights = weights.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
+    # The sums leave the workers in the smallest integer type that holds every column's tokens
+    # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
+    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), weights.dtype)
+    families = families_in(store)
+    contracted = [_contract(store[f.count], group, group_count, weights, exact) for f in families]
+    computed = _gathered([sums.data for sums in contracted])
+    return tokens, [(f, sums.dims[2:], values) for f, sums, values in zip(families, contracted, computed)]
+
+
+def _as_sums(tokens: np.ndarray, family_sums: list, groups: np.ndarray, store: xr.Dataset,
+             lead: tuple[str, ...] = ()) -> xr.Dataset:
+    """The dataset `one_pass_sums` describes, from tokens[*lead, group, column] and per family
+    sums[*lead, group, column, ...], column 0 the whole group and column 1 + s seed s's half A."""
+    seeds = tokens.shape[-1] - 1
+    whole, half = (slice(None),) * (len(lead) + 1) + (0,), (slice(None),) * (len(lead) + 1) + (slice(1, None),)
+    result = xr.Dataset({"token_total": ((*lead, GROUP), tokens[whole])}, coords={GROUP: groups.astype(object)})
+    if seeds:
+        result["half_tokens"] = ((*lead, SPLIT_SEED, GROUP), np.moveaxis(tokens[half], -1, -2))
+    for family, dims, values in family_sums:  # integers: divided by float64 tokens the same frequencies
+        result[family.count] = ((*lead, GROUP, *dims), values[whole])
+        if seeds:
+            result[f"{family.count}_half_a"] = ((*lead, SPLIT_SEED, GROUP, *dims),
+                                                np.moveaxis(values[half], len(lead) + 1, len(lead)))
+    return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
+
+
 def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray | None) -> xr.Dataset:
     """In memory, from one read of every count variable: `token_total[group]` and per family
     `<count>[group, ...]`; with halves (in_half_a[split_seed, instruction]) also
@@ -247,27 +312,55 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     groups, group = _group_index(labels)
     seeds = 0 if in_half_a is None else len(in_half_a)
     weights = np.column_stack([np.ones(len(labels), dtype=bool), *(in_half_a if seeds else [])])
-    token_count = store.token_count.values.astype(np.float64)
-    tokens = _block_sums(len(groups), [group], [weights.astype(np.float64)], [token_count], np.float64)
-    # Counts never exceed tokens, so no sum exceeds the tokens of all instructions: float32
-    # (twice the speed, half the memory) is exact up to 2**24 of them, float64 beyond.
-    weights = weights.astype(np.float32 if token_count.sum() < 2**24 else np.float64)
-    # The sums leave the workers in the smallest integer type that holds every column's tokens
-    # (no sum exceeds them): exact, and a half or a quarter of the bytes to move and work on.
-    exact = next((t for t in (np.uint16, np.uint32) if tokens.max(initial=0) <= np.iinfo(t).max), weights.dtype)
-    coords = {GROUP: groups.astype(object)}
-    families = families_in(store)
-    contracted = [_contract(store[f.count], group, len(groups), weights, exact) for f in families]
-    computed = _gathered([sums.data for sums in contracted])
-    result = xr.Dataset({"token_total": (GROUP, tokens[:, 0])}, coords=coords)
-    if seeds:
-        result["half_tokens"] = ((SPLIT_SEED, GROUP), tokens[:, 1:].T)
-    for family, sums, values in zip(families, contracted, computed):
-        dims = sums.dims[2:]  # values: integers, divided by float64 tokens the same frequencies
-        result[family.count] = ((GROUP, *dims), values[:, 0])
-        if seeds:
-            result[f"{family.count}_half_a"] = ((SPLIT_SEED, GROUP, *dims), values[:, 1:].swapaxes(0, 1))
-    return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
+    tokens, family_sums = _weighted_sums(store, group, len(groups), weights)
+    return _as_sums(tokens, family_sums, groups, store)
+
+
+def _null_batches(store: xr.Dataset, labels: np.ndarray, seeds: int, permutations: int, batch_bytes: int
+                  ) -> list[range]:
+    """Consecutive permutations whose arrays take at most about `batch_bytes` (at least one
+    permutation a batch): per permutation and component, G x (1 + seeds) float32 sums and, for
+    the selection, the halves' float64 frequencies and sets (2 x seeds x G of each)."""
+    components = sum(math.prod(store[f.count].shape[1:]) for f in families_in(store))
+    groups = len(np.unique(labels))
+    per_permutation = groups * components * ((1 + seeds) * 4 + 2 * seeds * (8 + 1))
+    size = max(1, batch_bytes // per_permutation)
+    return [range(first, min(first + size, permutations)) for first in range(0, permutations, size)]
+
+
+def split_null_gaps(store: xr.Dataset, labels: np.ndarray, origins: np.ndarray | None,
+                    rule_settings: dict[str, IdentificationSettings], permutations: int, seeds: int,
+                    batch_bytes: int = NULL_BATCH_BYTES) -> dict[str, dict[str, xr.DataArray]]:
+    """rule -> family -> the split-half null's gap[permutation, group] (docs/method.md section 4b):
+    per permutation (`label_permutations`), the halves dealt on the permuted labels with the
+    same seeds, summed and selected with each rule as the observed ones are (`_split_jaccard`).
+
+    A permutation's sums are another weighting of the counts: one column per permuted group and
+    per (group, seed)'s half A. The permutations go through in batches whose arrays take about
+    `batch_bytes` at most (`_null_batches`), each batch one more read of the counts, its
+    permutations selected together; the result does not depend on the batches (each
+    permutation's seed is its index)."""
+    groups, _ = _group_index(labels)
+    shuffled = label_permutations(labels, permutations)
+    gaps = {rule: {f.name: [] for f in families_in(store)} for rule in rule_settings}
+    for batch in _null_batches(store, labels, seeds, permutations, batch_bytes):
+        columns = []
+        for k in batch:
+            in_half_a, _ = half_assignment(shuffled[k], origins, seeds)
+            for g in groups:
+                member = shuffled[k] == g
+                columns += [member, *(member & half for half in in_half_a)]
+        tokens, family_sums = _weighted_sums(store, np.zeros(len(labels), dtype=np.intp), 1, np.column_stack(columns))
+        shape = (len(batch), len(groups), 1 + seeds)
+        sums = _as_sums(tokens.reshape(shape), [(f, dims, values.reshape(*shape, *values.shape[2:]))
+                                                for f, dims, values in family_sums], groups, store, (PERMUTATION,))
+        for rule, settings in rule_settings.items():
+            for family in families_in(store):
+                gap = reliability(_split_jaccard(sums, family, settings)).specificity_gap
+                gaps[rule][family.name].append(gap.transpose(PERMUTATION, GROUP).values)
+    return {rule: {name: xr.DataArray(np.concatenate(parts), dims=(PERMUTATION, GROUP),
+                                      coords={GROUP: groups.astype(object)})
+                   for name, parts in per_family.items()} for rule, per_family in gaps.items()}
 
 
 def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
@@ -280,27 +373,25 @@ def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.
 
 
 def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSettings) -> xr.DataArray:
-    """J(g_A, h_B)[split_seed, group, other_group]: each half selected with the same rule, all
-    groups' A halves together (the rules that compare groups compare halves with halves)."""
+    """J(g_A, h_B)[split_seed, group, other_group] (first along `permutation` where the sums
+    have it: the null's): each half selected with the same rule, all groups' A halves together
+    (the rules that compare groups compare halves with halves), every seed and half at once."""
     whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
-    dims = [d for d in whole.dims if d != GROUP]
-    per_seed = []
-    for seed in range(sums.sizes[SPLIT_SEED]):
-        a_sums, a_tokens = half_a.isel({SPLIT_SEED: seed}, drop=True), sums.half_tokens.isel({SPLIT_SEED: seed}, drop=True)
-        a = _half_sets(a_sums, a_tokens, family, settings)
-        b = _half_sets(whole - a_sums, sums.token_total - a_tokens, family, settings)
-        per_seed.append(cross_jaccard(a, b, dims))
-    return xr.concat(per_seed, SPLIT_SEED)
+    halves = xr.concat([half_a, (whole - half_a).transpose(*half_a.dims)], HALF)
+    tokens = xr.concat([sums.half_tokens, (sums.token_total - sums.half_tokens).transpose(*sums.half_tokens.dims)],
+                       HALF)
+    sets = _half_sets(halves, tokens, family, settings)
+    return cross_jaccard(sets.isel({HALF: 0}, drop=True), sets.isel({HALF: 1}, drop=True), component_dims(whole))
 
 
 def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, settings: IdentificationSettings
                ) -> xr.DataArray:
-    """One half's sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
+    """The halves' sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
     from the summed counts as from the frequencies, so only their extremes are divided, to check
     them as frequencies are checked."""
     if settings.rule not in RANK_RULES:
         return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
-    dims = [d for d in sums.dims if d != GROUP]
+    dims = component_dims(sums)
     _frequency(xr.concat([sums.min(dims), sums.max(dims)], "extreme"), tokens, family.frequency)
     if (tokens == 0).any():  # frequencies are 0 there, whatever an inconsistent store counted
         sums = sums.where(tokens > 0, 0)
@@ -318,6 +409,7 @@ def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
         "filter_rate": settings.filter_rate,
         "bar_ratio": settings.bar_ratio,
         "split_half_seeds": settings.split_half_seeds,
+        "split_half_permutations": settings.split_half_permutations,
     }
 
 
@@ -332,36 +424,56 @@ def _checked_labels(store: xr.Dataset, settings: IdentificationSettings, where: 
     """The group labels, after every check that needs no counts: bad input fails before work."""
     _check_store(store, where)
     labels = _group_labels(store, settings.group_by)
-    check_rule(settings, np.unique(labels))
+    for rule in settings.selected_rules():
+        check_rule(settings.for_rule(rule), np.unique(labels))
     return labels
 
 
-def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
-    """Frequencies, sets and thresholds of every family, and their split-half Jaccard values
-    (lazy only when grouped by instruction)."""
+def identify_rules(store: xr.Dataset, settings: IdentificationSettings) -> dict[str, xr.Dataset]:
+    """rule -> what `identify` gives for that rule alone, for every rule of the settings, from one
+    pass over the counts (and one more per batch of the split-half null's permutations)."""
     labels = _checked_labels(store, settings, "store")
-    attrs = _attrs(store, settings)
+    rules = {rule: settings.for_rule(rule) for rule in settings.selected_rules()}
     if settings.group_by == INSTRUCTION:
         frequencies = group_frequencies(store, INSTRUCTION)
-        attrs["split_half_left_out"] = ONE_PER_GROUP
-        return xr.merge([frequencies, _selection(frequencies, settings)]).assign_attrs(attrs)
+        return {rule: xr.merge([frequencies, _selection(frequencies, one)]).assign_attrs(
+            {**_attrs(store, one), "split_half_left_out": ONE_PER_GROUP}) for rule, one in rules.items()}
     origins = _group_labels(store, "origin") if "origin" in store.coords else None
     in_half_a, left_out = half_assignment(labels, origins, settings.split_half_seeds)
     sums = one_pass_sums(store, labels, in_half_a)
     families = families_in(store)
     frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
         f.frequency: _frequency(sums[f.count], sums.token_total, f.frequency) for f in families}})
-    result = xr.merge([frequencies, _selection(frequencies, settings)])
-    if left_out:
-        attrs["split_half_left_out"] = left_out
-    else:
-        for family in families:
-            result[f"{family.name}_{SPLIT_JACCARD}"] = _split_jaccard(sums, family, settings)
     share, reason = template_share(store.attrs, labels, sums.token_total)
-    if share is not None:
-        result["template_share"] = share
-    attrs.update(reason)
-    return result.assign_attrs(attrs)
+    null = {}
+    if not left_out and settings.split_half_permutations:
+        null = split_null_gaps(store, labels, origins, rules, settings.split_half_permutations,
+                               settings.split_half_seeds)
+    results = {}
+    for rule, one in rules.items():
+        result = xr.merge([frequencies, _selection(frequencies, one)])
+        attrs = {**_attrs(store, one), **reason}
+        if left_out:
+            attrs["split_half_left_out"] = left_out
+        else:
+            for family in families:
+                result[f"{family.name}_{SPLIT_JACCARD}"] = _split_jaccard(sums, family, one)
+                if null:
+                    result[f"{family.name}_{SPLIT_NULL_GAP}"] = null[rule][family.name]
+            if not null:
+                attrs["split_null_left_out"] = "the split-half null switched off (split_half_permutations: 0)"
+        if share is not None:
+            result["template_share"] = share
+        results[rule] = result.assign_attrs(attrs)
+    return results
+
+
+def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+    """Frequencies, sets and thresholds of every family, their split-half Jaccard values and the
+    null's gaps, of a one-rule settings (lazy only when grouped by instruction)."""
+    if len(settings.selected_rules()) > 1:
+        raise ValueError(f"identify selects with one rule; {settings.selected_rules()}: use identify_rules")
+    return identify_rules(store, settings)[settings.selected_rules()[0]]
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
@@ -377,23 +489,55 @@ def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
     dataset.to_zarr(path, mode=mode, zarr_format=3, consolidated=False)
 
 
+def rule_dirs(out_dir: Path, settings: IdentificationSettings) -> dict[str, Path]:
+    """Where a command given one folder writes each rule's run: the folder itself for one rule,
+    a folder per rule inside it (`<out_dir>/<rule>`) for several."""
+    rules = settings.selected_rules()
+    return {rules[0]: Path(out_dir)} if len(rules) == 1 else {rule: Path(out_dir) / rule for rule in rules}
+
+
 def identify_store(store_path: Path, settings: IdentificationSettings, out_dir: Path) -> Path:
-    """Write `out_dir/components.zarr`; computes on the current Dask scheduler. The store is
-    verified first; `out_dir` must be new, empty or an earlier run folder (`sparcom.core.outputs`)."""
+    """`identify_store_rules` of one-rule settings: `out_dir/components.zarr`."""
+    (path,) = identify_store_rules(store_path, settings, {settings.selected_rules()[0]: out_dir}).values()
+    return path
+
+
+def identify_store_rules(store_path: Path, settings: IdentificationSettings, out_dirs: dict[str, Path]
+                         ) -> dict[str, Path]:
+    """Write each rule's `out_dirs[rule]/components.zarr` from one pass over the counts; computes
+    on the current Dask scheduler. The store is verified first; each folder must be new, empty or
+    an earlier run folder (`sparcom.core.outputs`)."""
     store = open_store(store_path)
     _checked_labels(store, settings, store_path)
-    target = Path(out_dir) / COMPONENTS
-    with claimed(out_dir, RUN_KIND), building(target, "components") as path:
+    if sorted(out_dirs) != sorted(settings.selected_rules()):
+        raise ValueError(f"a run folder for each rule of {settings.selected_rules()}, not of {sorted(out_dirs)}")
+    with contextlib.ExitStack() as claims:
+        targets = {}
+        for rule, out_dir in out_dirs.items():
+            claims.enter_context(claimed(out_dir, RUN_KIND))
+            targets[rule] = claims.enter_context(building(Path(out_dir) / COMPONENTS, "components"))
         if settings.group_by == INSTRUCTION:
-            frequencies = group_frequencies(store, settings.group_by)
-            frequencies.attrs = {**_attrs(store, settings), "split_half_left_out": ONE_PER_GROUP}
-            _write_zarr(frequencies, path, mode="w")
-            written = xr.open_zarr(path, consolidated=False)
-            _write_zarr(_selection(written, settings).assign_attrs(written.attrs), path, mode="a")
+            _write_by_instruction(store, settings, targets)
         else:
-            _write_zarr(identify(store, settings), path, mode="w")
+            for rule, result in identify_rules(store, settings).items():
+                _write_zarr(result, targets[rule], mode="w")
         with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
             warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
             warnings.filterwarnings("ignore", "Object at .sparcom-output", category=UserWarning)
-            zarr.consolidate_metadata(path)
-    return target
+            for path in targets.values():
+                zarr.consolidate_metadata(path)
+    return {rule: Path(out_dirs[rule]) / COMPONENTS for rule in out_dirs}
+
+
+def _write_by_instruction(store: xr.Dataset, settings: IdentificationSettings, targets: dict[str, Path]) -> None:
+    """Per instruction, frequencies first (computed once, written to the first rule's folder and
+    copied from there to the others'), then each rule's selection from its written frequencies,
+    so no step holds more than one group's components."""
+    first = next(iter(targets))
+    frequencies = group_frequencies(store, INSTRUCTION)
+    for rule, path in targets.items():
+        attrs = {**_attrs(store, settings.for_rule(rule)), "split_half_left_out": ONE_PER_GROUP}
+        source = frequencies if rule == first else xr.open_zarr(targets[first], consolidated=False)
+        _write_zarr(source.assign_attrs(attrs), path, mode="w")
+        written = xr.open_zarr(path, consolidated=False)
+        _write_zarr(_selection(written, settings.for_rule(rule)).assign_attrs(written.attrs), path, mode="a")

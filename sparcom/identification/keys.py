@@ -2,9 +2,11 @@
 
 - `IDENTIFY`: the selection's code (`sparcom.identification.identify` and all it imports);
   `ANALYSE`: generality, uniqueness and the report (`sparcom.identification.report`).
-- `identification_key(store, settings)`: the store's extraction key, the settings, the code.
+- `identification_key(store, settings)`: the store's extraction key, the one-rule settings, the
+  code: a rule's key is the same whether it runs alone or beside other rules (`rules`).
 - `results_dir(work_dir, store, settings)`: the content-addressed folder of a run's findings:
   same counts and identification settings, same folder, so a cached rerun points at real files.
+  One folder per rule: `results_dir(work_dir, store, settings.for_rule(rule))`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ ANALYSE = StageCode(("sparcom.identification.report",))
 
 
 def identification_key(store: Path, settings: IdentificationSettings) -> str:
-    return content_hash("identify", store_attrs(store)["extraction_key"], settings, IDENTIFY.version())
+    rules = settings.selected_rules()
+    if len(rules) > 1:
+        raise ValueError(f"a key per rule: settings.for_rule(rule) for each of {rules}")
+    return content_hash("identify", store_attrs(store)["extraction_key"], settings.for_rule(rules[0]),
+                        IDENTIFY.version())
 
 
 def results_dir(work_dir: Path, store: Path, settings: IdentificationSettings) -> Path:

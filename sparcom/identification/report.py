@@ -4,7 +4,10 @@
   (`summary["families"]`); the dense family's figures also at the top level.
 - `markdown_report(summary)`: per family the general count, set sizes and unique counts, counts
   per layer, the distribution over experts, the Jaccard matrix and the split-half reliability
-  ("is this set specific to its group?"), with the template's share of the counted tokens.
+  against its label-permutation null ("is this set reproducible from other instructions of its
+  group?"), with the template's share of the counted tokens.
+- `reproducible(gap, null_q95, permutations, null_left_out)`: the split-half verdict, or why the
+  data cannot decide.
 - `artifact_tables(summary)`: the same tables as rows, for a UI (Prefect table artifacts),
   the split-half table included.
 - `findings_markdown(summary)`: the written report.md with a list linking every file (for a UI).
@@ -44,6 +47,8 @@ TITLES = {
 }
 # Tables and plots with a column or a line per group stay readable up to this many groups.
 MAX_GROUPS_SHOWN = 12
+# The level of the split-half null's verdict (docs/method.md section 4b: above its 95th percentile).
+LEVEL = 0.05
 # Per-group arrays too big to load for a report; they stay in generality.zarr.
 LARGE = ("general", "unique", "membership")
 
@@ -56,7 +61,41 @@ def _per_group(values: xr.DataArray, groups: list[str]) -> dict:
     return dict(zip(groups, values.transpose(GROUP, ...).values.tolist()))
 
 
-def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, groups: list[str]) -> dict:
+def _exact(value: float) -> float | None:
+    """Unrounded, so that a verdict can be recomputed from the summary's numbers."""
+    return None if np.isnan(value) else float(value)
+
+
+def reproducible(gap: float | None, null_q95: float | None, permutations: int, null_left_out: str | None
+                 ) -> tuple[bool | None, str | None]:
+    """(verdict, None), or (None, why the data cannot decide): reproducible when the gap is above
+    the null's 95th percentile (docs/method.md section 4b)."""
+    if null_left_out:
+        return None, null_left_out
+    if gap is None or null_q95 is None:
+        return None, "no gap: the halves' sets are empty"
+    if 1 / (1 + permutations) >= LEVEL:
+        return None, f"{permutations} permutations: p cannot go below 1/{permutations + 1}"
+    return gap > null_q95, None
+
+
+def _split_half_row(part: xr.Dataset, group: str, null_left_out: str | None) -> dict:
+    gap = _exact(part.specificity_gap.sel({GROUP: group}))
+    row = {"within": _rounded(part.split_within.sel({GROUP: group})),
+           "cross": _rounded(part.split_cross.sel({GROUP: group}).mean(OTHER)), "gap": gap,
+           "null_q95": None, "p": None, "permutations": 0}
+    if "split_null_q95" in part:
+        row.update(null_q95=_exact(part.split_null_q95.sel({GROUP: group})),
+                   p=_exact(part.split_p.sel({GROUP: group})),
+                   permutations=int(part.split_null_count.sel({GROUP: group})))
+    elif not null_left_out:
+        null_left_out = "no null in these components"
+    row["reproducible"], row["undecided"] = reproducible(gap, row["null_q95"], row["permutations"], null_left_out)
+    return row
+
+
+def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, groups: list[str],
+                    null_left_out: str | None = None) -> dict:
     dims = [d for d in components[family.selected].dims if d != GROUP]
     summary = {
         "title": TITLES[family.name][1],
@@ -78,10 +117,7 @@ def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, gr
     if "set_size_per_expert" in part:
         summary["set_size_per_expert"] = _per_group(part.set_size_per_expert, groups)
     if "specificity_gap" in part:
-        summary["split_half"] = {g: {"within": _rounded(part.split_within.sel({GROUP: g})),
-                                     "cross": _rounded(part.split_cross.sel({GROUP: g}).mean(OTHER)),
-                                     "gap": _rounded(part.specificity_gap.sel({GROUP: g}))}
-                                 for g in groups}
+        summary["split_half"] = {g: _split_half_row(part, g, null_left_out) for g in groups}
     if "template_level" in part:
         summary["template_level"] = _per_group(part.template_level, groups)
     return summary
@@ -89,7 +125,8 @@ def _family_summary(family: Family, components: xr.Dataset, part: xr.Dataset, gr
 
 def summarize(components: xr.Dataset, analysis: xr.Dataset) -> dict:
     groups = [str(g) for g in components[GROUP].values]
-    families = {f.name: _family_summary(f, components, family_part(analysis, f), groups)
+    null_left_out = analysis.attrs.get("split_null_left_out")
+    families = {f.name: _family_summary(f, components, family_part(analysis, f), groups, null_left_out)
                 for f in analyzed_families(analysis)}
     summary = {**analysis.attrs, "groups": groups, "families": families}
     if "template_share" in components:
@@ -138,18 +175,26 @@ def _family_markdown(name: str, family: dict, groups: list[str]) -> str:
 
 
 def _split_half_markdown(plural: str, family: dict, groups: list[str]) -> str:
-    """Is this set specific to its group? Within-group against cross-group split-half Jaccard."""
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    """Is this set reproducible from other instructions of its group? The gap against its null."""
+    def cell(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
 
-    rows = [[g, cell(r["within"]), cell(r["cross"]), cell(r["gap"]),
-             "-" if r["gap"] is None else ("yes" if r["gap"] > 0 else "**no**")]
+    def verdict(row: dict) -> str:
+        if row["reproducible"] is None:
+            return f"undecided: {row['undecided']}"
+        return "yes" if row["reproducible"] else "**no** (gap within the null)"
+
+    rows = [[g, cell(r["within"]), cell(r["cross"]), cell(r["gap"]), cell(r["null_q95"]), cell(r["p"], 4), verdict(r)]
             for g, r in family["split_half"].items()]
-    return (f"Is this set specific to its group? Split-half reliability: each group's instructions in "
-            f"two halves (by seed, stratified by origin), {plural} selected on each half with the same "
-            "rule; within = J(g_A, g_B), cross = mean J(g_A, h_B) over the other groups, gap = within "
-            "- cross, averaged over seeds. A gap not above 0 means the set is not specific to its "
-            "group, whatever its size.\n\n" + table(["group", "within", "cross", "gap", "specific"], rows))
+    permutations = max((r["permutations"] for r in family["split_half"].values()), default=0)
+    return (f"Is this set reproducible from other instructions of its group? Split-half reliability: each "
+            f"group's instructions in two halves (by seed, stratified by origin), {plural} selected on each "
+            "half with the same rule; within = J(g_A, g_B), cross = mean J(g_A, h_B) over the other groups, "
+            "gap = within - cross, averaged over seeds. The null: the same gap with the group labels "
+            f"shuffled across instructions (group sizes kept, {permutations} permutations); a set is "
+            "reproducible only when its gap is above the null's 95th percentile (null q95), "
+            "p = (1 + #{null gap >= gap}) / (1 + permutations). A gap above 0 is not enough.\n\n"
+            + table(["group", "within", "cross", "gap", "null q95", "p", "reproducible"], rows))
 
 
 def _template_markdown(summary: dict) -> str | None:
@@ -183,6 +228,8 @@ def markdown_report(summary: dict) -> str:
     left_out = [f"Left out: {v}." for k, v in summary.items() if k.endswith("jaccard_left_out")]
     if "split_half_left_out" in summary:
         left_out.append(f"Split-half reliability left out: {summary['split_half_left_out']}.")
+    elif "split_null_left_out" in summary:
+        left_out.append(f"Split-half null left out: {summary['split_null_left_out']}.")
     template = [t for t in [_template_markdown(summary)] if t]
     families = [_family_markdown(name, family, groups) for name, family in summary["families"].items()]
     return "\n\n".join(header + left_out + template + families) + "\n"
@@ -200,8 +247,9 @@ def artifact_tables(summary: dict) -> dict[str, dict]:
                       for g in summary["groups"]]}
         if "split_half" in family:
             tables[f"{key}-split-half"] = {
-                "description": f"{TITLES[name][1]}: is the set specific to its group? Split-half "
-                               "Jaccard within and across groups, and the gap",
+                "description": f"{TITLES[name][1]}: is the set reproducible from other instructions of "
+                               "its group? Split-half Jaccard within and across groups, the gap against "
+                               "its label-permutation null",
                 "table": [{"group": g, **row} for g, row in family["split_half"].items()]}
         if family["jaccard"] is not None and len(summary["groups"]) <= MAX_GROUPS_SHOWN:
             tables[f"{key}-jaccard"] = {
@@ -233,7 +281,9 @@ def write_tables(analysis: xr.Dataset, families: list[Family], out_dir: Path) ->
             frames["experts"] = xr.Dataset({"set_size": part.set_size_per_expert,
                                             "share": part.expert_distribution})
         if "specificity_gap" in part:
-            frames["split_half"] = xr.Dataset({"within": part.split_within, "specificity_gap": part.specificity_gap})
+            frames["split_half"] = xr.Dataset({"within": part.split_within, "specificity_gap": part.specificity_gap,
+                                               **{name: part[name] for name in ("split_null_q95", "split_p")
+                                                  if name in part}})
         for kind, frame in frames.items():
             path = out_dir / f"{family.name}_{kind}.parquet"
             frame.to_dataframe().reset_index().to_parquet(path, index=False)

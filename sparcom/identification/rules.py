@@ -16,6 +16,8 @@
 - `check_rule(settings, groups)`: refuse a rule that compares groups when there is only one.
 - `parameter_names(rule)`, `rule_parameters(settings or attrs)`: the parameters a rule uses.
 
+Dims in `sparcom.identification.schema.REPEAT_DIMS` (split halves, seeds, permutations) repeat
+the selection: each of their entries is selected on its own, as if alone (in memory only for lape).
 Works on numpy- and Dask-backed arrays alike; on Dask every result stays lazy except lape's three
 global scalars (k-th values over all groups and components), computed by a tree of top-k's.
 """
@@ -28,7 +30,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from sparcom.identification.schema import COMPARING_RULES, GROUP
+from sparcom.identification.schema import COMPARING_RULES, GROUP, REPEAT_DIMS
 
 EPSILON_TOLERANCE = 1e-9
 # Percentile selection reads whole groups (all components of a group, or of a group's layer) in
@@ -123,9 +125,24 @@ def _rank(n: int, rate: float) -> int:
     return min(n, max(1, round(n * rate)))
 
 
-def kth_smallest(values: xr.DataArray, k: int) -> float:
-    """The k-th smallest (1-based) of all values, as torch.kthvalue gives it. On Dask a tree of
-    top-k's over the blocks, from whichever end of the sorted values is nearer."""
+def _repeated(values: xr.DataArray) -> list[str]:
+    return [d for d in values.dims if d in REPEAT_DIMS]
+
+
+def component_dims(values: xr.DataArray) -> list[str]:
+    return [d for d in values.dims if d != GROUP and d not in REPEAT_DIMS]
+
+
+def kth_smallest(values: xr.DataArray, k: int) -> float | xr.DataArray:
+    """The k-th smallest (1-based) of all values, as torch.kthvalue gives it; with repeated dims,
+    of each entry's values (in memory). On Dask a tree of top-k's over the blocks, from whichever
+    end of the sorted values is nearer."""
+    repeated = _repeated(values)
+    if repeated:
+        moved = values.transpose(*repeated, ...)
+        rows = moved.values.reshape(math.prod(moved.shape[:len(repeated)]), -1)
+        kth = np.partition(rows, k - 1, axis=-1)[:, k - 1]
+        return xr.DataArray(kth.reshape(moved.shape[:len(repeated)]), dims=repeated)
     data = values.data
     n = data.size
     if not isinstance(data, da.Array):
@@ -138,10 +155,11 @@ def kth_smallest(values: xr.DataArray, k: int) -> float:
 
 def entropy(frequency: xr.DataArray) -> xr.DataArray:
     """H(c) = -sum_g q_g ln q_g, q_g = p_g / sum_h p_h (0 where the sum is 0; 0 ln 0 = 0), float64."""
-    p = frequency.astype(np.float64)
-    total = p.sum(GROUP)
+    p = frequency.astype(np.float64, copy=False)
+    # Nothing is NaN here: plain sums (xarray's default skips NaN, at the cost of a masked copy).
+    total = p.sum(GROUP, skipna=False)
     q = (p / total.where(total > 0)).fillna(0.0)
-    return -(q * np.log(q.where(q > 0, 1.0))).sum(GROUP)
+    return -(q * np.log(q.where(q > 0, 1.0))).sum(GROUP, skipna=False)
 
 
 def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio: float) -> xr.Dataset:
@@ -151,9 +169,9 @@ def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio
     the script it is said on the line: float64 instead of float32, ties at the entropy boundary
     kept (the script's topk picks exactly k), and never a non-candidate (the script's topk
     takes infinite-entropy ones when there are fewer than k candidates)."""
-    component_dims = [d for d in frequency.dims if d != GROUP]
-    n_values = frequency.size
-    n_components = n_values // frequency.sizes[GROUP]
+    components = component_dims(frequency)
+    n_components = math.prod(frequency.sizes[d] for d in components)
+    n_values = n_components * frequency.sizes[GROUP]
     # entropy = -sum(normed_activation_probs * log_probs); normed = probs / probs.sum(-1); nan -> 0
     h = entropy(frequency)
     # top_prob_value = flattened_probs.kthvalue(round(len(flattened_probs) * filter_rate))
@@ -168,10 +186,11 @@ def lape(frequency: xr.DataArray, top_rate: float, filter_rate: float, bar_ratio
     bar = kth_smallest(frequency, _rank(n_values, bar_ratio))
     # lang, indice = torch.where(selected_probs > activation_bar); bar >= 0, so p > 0 holds
     selected = (kept & (frequency > bar)).transpose(*frequency.dims)
-    threshold = xr.full_like(frequency[{d: 0 for d in component_dims}].drop_vars(
-        component_dims, errors="ignore"), bar, dtype=np.float64)
-    threshold.attrs = {"meaning": "activation bar", "filter_value": filter_value,
-                       "entropy_cutoff": cutoff, "kept_before_bar": keep}
+    threshold = xr.zeros_like(frequency[{d: 0 for d in components}].drop_vars(
+        components, errors="ignore"), dtype=np.float64) + bar
+    threshold.attrs = {"meaning": "activation bar", "kept_before_bar": keep}
+    if not _repeated(frequency):
+        threshold.attrs.update(filter_value=filter_value, entropy_cutoff=cutoff)
     return xr.Dataset({"selected": selected, "threshold": threshold})
 
 
@@ -180,17 +199,17 @@ def select(frequency: xr.DataArray, rule: str, epsilon: float = 0.01, tau: float
            bar_ratio: float = 0.95) -> xr.Dataset:
     """`selected` (boolean, like `frequency`) and `threshold` (per group; per group and layer
     for layer_percentile). Lazy when `frequency` is (lape computes its three scalars)."""
-    component_dims = [d for d in frequency.dims if d != GROUP]
+    components = component_dims(frequency)
     if rule == "threshold":
-        first = frequency[{d: 0 for d in component_dims}].drop_vars(component_dims, errors="ignore")
+        first = frequency[{d: 0 for d in components}].drop_vars(components, errors="ignore")
         return xr.Dataset({"selected": (frequency >= tau) & (frequency > 0),
                            "threshold": xr.full_like(first, tau, dtype=np.float64)})
     if rule == "global_percentile":
-        return _top_fraction(frequency, component_dims, epsilon)
+        return _top_fraction(frequency, components, epsilon)
     if rule == "layer_percentile":
-        return _top_fraction(frequency, [d for d in component_dims if d != layer_dim], epsilon)
+        return _top_fraction(frequency, [d for d in components if d != layer_dim], epsilon)
     if rule == "contrastive":
-        return _top_fraction(margin(frequency), component_dims, epsilon)
+        return _top_fraction(margin(frequency), components, epsilon)
     if rule == "lape":
         return lape(frequency, top_rate, filter_rate, bar_ratio)
     raise ValueError(f"unknown selection rule {rule!r}")

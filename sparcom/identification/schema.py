@@ -3,6 +3,8 @@
 - `RULES`, `COMPARING_RULES` (they need two groups or more), `RANK_RULES` (they rank within each
   group, so select the same sets from summed counts as from frequencies).
 - `GROUP`, `GROUP_BY`: the group dimension of every result, and the groupings offered.
+- `REPEAT_DIMS`: dims along which a selection is repeated independently (`HALF`, `SPLIT_SEED`,
+  `PERMUTATION`: split-half reliability and its null), never component dims.
 - `Family`, `FAMILIES`, `families_in(dataset, by)`: each count family of the store with the
   names of its outputs (frequency, selected set, threshold).
 - Output files of a run folder: `COMPONENTS`, `GENERALITY`, `SUMMARY`, `REPORT`, `TABLES`, and
@@ -26,6 +28,10 @@ RANK_RULES = ("global_percentile", "layer_percentile")
 
 GROUP = "group"
 GROUP_BY = ("category", "origin", "instruction")
+HALF = "half"
+SPLIT_SEED = "split_seed"
+PERMUTATION = "permutation"
+REPEAT_DIMS = (HALF, SPLIT_SEED, PERMUTATION)
 
 COMPONENTS = "components.zarr"
 GENERALITY = "generality.zarr"

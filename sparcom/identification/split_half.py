@@ -9,6 +9,11 @@ and more alike its own other half than other groups' halves? (docs/method.md sec
 - `reliability(split_jaccard)`: from J(g_A, h_B) per seed: within[group] = mean over seeds of
   J(g_A, g_B), cross[group, other_group] = mean of J(g_A, h_B) for h != g (NaN on the diagonal),
   specificity_gap[group] = within - the mean of the group's cross values.
+- `label_permutations(labels, count)`: the null's labels[permutation, instruction], each
+  permutation the labels shuffled across instructions (group sizes kept), seeded by its index.
+- `null_comparison(gap, null_gap)`: the observed gap against its null: the null's 95th
+  percentile (`split_null_q95[group]`) and p = (1 + #{null gap >= gap}) / (1 + P)
+  (`split_p[group]`), P the permutations whose gap is defined.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from sparcom.identification.schema import GROUP
+from sparcom.identification.schema import GROUP, PERMUTATION, SPLIT_SEED
 
 OTHER = "other_group"
-SPLIT_SEED = "split_seed"
 SPLIT_JACCARD = "split_jaccard"  # per family in components.zarr: J(g_A, h_B)[split_seed, group, other_group]
+SPLIT_NULL_GAP = "split_null_gap"  # per family in components.zarr: the null's gap[permutation, group]
+# Permutation k shuffles with the seed (PERMUTATION_SEED, k): the same labels whatever the batch.
+PERMUTATION_SEED = 4242
+NULL_QUANTILE = 0.95
 # A half of one instruction is a sample of one; below two per half a split says nothing.
 MIN_GROUP_SIZE = 4
 
@@ -36,14 +44,18 @@ def half_assignment(labels: np.ndarray, origins: np.ndarray | None, seeds: int
         return None, (f"{len(small)} of {len(groups)} groups have fewer than {MIN_GROUP_SIZE} "
                       f"instructions (e.g. {str(small[0])!r}: {sizes.min()}), too few to split in halves")
     strata = origins if origins is not None else np.zeros(len(labels), dtype=str)
+    # Each group's instructions per origin, groups and origins in sorted order.
+    order = np.lexsort((strata, labels))
+    runs = np.flatnonzero(np.r_[True, (labels[order][1:] != labels[order][:-1]) | (strata[order][1:] != strata[order][:-1])])
+    cells = np.split(order, runs[1:])
+    group_cells = [[cell for cell in cells if labels[cell[0]] == group] for group in groups]
     in_a = np.zeros((seeds, len(labels)), dtype=bool)
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
-        for group in groups:
+        for cells_of_group in group_cells:
             # Shuffle within each origin, lay the origins end to end and deal A, B, A, B...: every
             # origin splits evenly (to one) and so do the group's halves.
-            members = np.concatenate([rng.permutation(np.flatnonzero((labels == group) & (strata == s)))
-                                      for s in np.unique(strata[labels == group])])
+            members = np.concatenate([rng.permutation(cell) for cell in cells_of_group])
             in_a[seed, members[0::2]] = True
     return in_a, None
 
@@ -65,18 +77,24 @@ def _packed_overlaps(a: xr.DataArray, b: xr.DataArray, component_dims: list[str]
                      ) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
     """|a_g & b_h|, |a_g| and |b_h| of in-memory sets, from their members packed 64 to a word:
     a few machine instructions per 64 components and pair of groups, where a float product
-    first converts every member of both to float64."""
+    first converts every member of both to float64. Dims of `a` other than the group and the
+    components (seeds, permutations) are repeated: `b` has them too."""
+    repeated = [d for d in a.dims if d != GROUP and d not in component_dims]
+
     def packed(sets: xr.DataArray) -> np.ndarray:
-        flat = sets.transpose(GROUP, *component_dims).values.reshape(sets.sizes[GROUP], -1)
+        sets = sets.transpose(*repeated, GROUP, *component_dims)
+        flat = sets.values.reshape(*sets.shape[:len(repeated) + 1], -1)
         bits = np.packbits(flat.astype(bool, copy=False), axis=-1)  # zero-padded to whole bytes
-        return np.pad(bits, ((0, 0), (0, -bits.shape[1] % 8))).view(np.uint64)
+        return np.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, -bits.shape[-1] % 8)]).view(np.uint64)
 
     bits_a, bits_b = packed(a), packed(b)
-    overlaps = np.stack([np.bitwise_count(row & bits_b).sum(axis=-1, dtype=np.int64) for row in bits_a])
+    overlaps = np.stack([np.bitwise_count(bits_a[..., g, None, :] & bits_b).sum(axis=-1, dtype=np.int64)
+                         for g in range(bits_a.shape[-2])], axis=-2)
 
     def along(values: np.ndarray, dims: tuple[str, ...], *sources: xr.DataArray) -> xr.DataArray:
-        coords = {dim: source[GROUP].values for dim, source in zip(dims, sources) if GROUP in source.coords}
-        return xr.DataArray(values, dims=dims, coords=coords)
+        coords = {dim: source[GROUP].values for dim, source in zip(dims, sources)
+                  if GROUP in source.coords}
+        return xr.DataArray(values, dims=(*repeated, *dims), coords=coords)
 
     return (along(overlaps, (GROUP, OTHER), a, b),
             along(np.bitwise_count(bits_a).sum(axis=-1, dtype=np.int64), (GROUP,), a),
@@ -93,3 +111,20 @@ def reliability(split_jaccard: xr.DataArray) -> xr.Dataset:
     return xr.Dataset({"split_within": within.drop_vars(OTHER, errors="ignore"),
                        "split_cross": cross,
                        "specificity_gap": within - cross.mean(OTHER, skipna=True)})
+
+
+def label_permutations(labels: np.ndarray, count: int) -> np.ndarray:
+    """labels[permutation, instruction]: each row the labels in a seeded random order."""
+    return np.stack([labels[np.random.default_rng((PERMUTATION_SEED, k)).permutation(len(labels))]
+                     for k in range(count)]) if count else np.empty((0, len(labels)), dtype=labels.dtype)
+
+
+def null_comparison(gap: xr.DataArray, null_gap: xr.DataArray) -> xr.Dataset:
+    """split_null_q95[group] and split_p[group]; NaN where the gap or every null gap is undefined
+    (a group whose halves select nothing). Permutations whose gap is undefined do not count."""
+    defined = null_gap.notnull()
+    at_least = (null_gap >= gap).where(defined, False).sum(PERMUTATION)
+    count = defined.sum(PERMUTATION)
+    p = ((1 + at_least) / (1 + count)).where(gap.notnull() & (count > 0))
+    q95 = null_gap.quantile(NULL_QUANTILE, dim=PERMUTATION, skipna=True).drop_vars("quantile")
+    return xr.Dataset({"split_null_q95": q95, "split_p": p, "split_null_count": count})
