@@ -11,8 +11,10 @@ the graph started at the input embeddings, alternately:
   attribution `AttributionHooks.estimate`: the same forward and backward with every family's
               estimate taken on the way (the stage's pass, store writing aside).
 Prints records per second, each time relative to plain (target: attribution <= 1.15x) and to
-scored, the peak memory of each mode (GPU: allocated by torch; CPU: the process's peak resident
-size so far, which only grows), and the load average: on a shared machine only ratios mean something.
+scored, the same ratios of the process's CPU time (on a shared CPU machine, with one torch
+thread, less moved by other processes than wall time), the peak memory of each mode (GPU:
+allocated by torch; CPU: the process's peak resident size so far, which only grows), and the
+load average: on a shared machine only ratios mean something.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main() -> None:
     records = authored_records(per_category=max(1, args.records // 6))
     tokenized = tokenize_responses(records, loaded.tokenizer, args.max_response_tokens)
     batches = list(padded_batches(tokenized, loaded.tokenizer, settings, loaded.device))
-    times, peaks = timed(passes(loaded.model, batches), args.repeats, loaded.device)
+    times, cpu_times, peaks = timed(passes(loaded.model, batches), args.repeats, loaded.device)
     tokens = sum(len(t) for t in tokenized)
     print(f"{loaded.source.name} {loaded.dtype} on {loaded.device}: {len(tokenized)} records, {tokens} tokens "
           f"({sum(sum(t.counted) for t in tokenized)} scored), {len(batches)} batches, "
@@ -53,7 +55,8 @@ def main() -> None:
         best = min(values)
         print(f"{name:>12}: {len(tokenized) / best:8.2f} records/s  {best:7.2f} s  "
               f"{best / min(times['plain']):5.2f}x plain  {best / min(times['scored']):5.2f}x scored  "
-              f"peak {peaks[name] / 2**30:6.2f} GiB")
+              f"CPU time {min(cpu_times[name]) / min(cpu_times['plain']):5.2f}x plain "
+              f"{min(cpu_times[name]) / min(cpu_times['scored']):5.2f}x scored  peak {peaks[name] / 2**30:6.2f} GiB")
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,11 +117,12 @@ def passes(model, batches) -> dict[str, Callable[[], None]]:
 
 
 def timed(modes: dict[str, Callable[[], None]], repeats: int, device: torch.device
-          ) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Seconds of each mode per repeat, the modes interleaved (the plain pass warms up first), and
-    each mode's peak memory in bytes."""
+          ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Wall and process CPU seconds of each mode per repeat, the modes interleaved (the plain pass
+    warms up first), and each mode's peak memory in bytes."""
     cuda = device.type == "cuda"
     times = {name: [] for name in modes}
+    cpu_times = {name: [] for name in modes}
     peaks = dict.fromkeys(modes, 0)
     modes["plain"]()  # warm-up
     for _ in range(repeats):
@@ -126,16 +130,17 @@ def timed(modes: dict[str, Callable[[], None]], repeats: int, device: torch.devi
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             with torch.enable_grad():
                 run()
             if cuda:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
             peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss * 1024
             peaks[name] = max(peaks[name], peak)
-    return times, peaks
+    return times, cpu_times, peaks
 
 
 if __name__ == "__main__":
