@@ -9,7 +9,8 @@ Builds from configs (no download, no install) a randomly initialised LLaMA with 
 the same length-sorted batches of the shipped HexaInst records: plain forward tokens/s (full
 model, LM head), extraction tokens/s (`extract_to_store`: tokenizing, counting, writing the store)
 and their ratio, counting pass / uncounted pass (the same pass stopping after the last MLP with no
-counting hook), peak GPU memory and the padded fraction. Then it checks, in float32 on a 4-layer
+counting hook), peak GPU memory and the padded fraction, and the ablation's passes/s, intact and
+with 1% of each family switched off (`benchmarks/ablate.py`'s GPU mode). Then it checks, in float32 on a 4-layer
 model of each layout, the batched counts of a few records against a per-record reference (one
 unpadded record at a time, hooks on other modules: the gate projection, the router), and the same
 model split by a device map between the GPU and the CPU against the single-device counts.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import pass_rates  # noqa: E402 - the ablation benchmark's GPU mode
 from extract import batches_of, counted_pass, timed, uncounted_pass  # noqa: E402 - the CPU benchmark's passes
 
 from sparcom.extraction.architectures import ffn_sites  # noqa: E402
@@ -53,6 +55,7 @@ SMOKE_MOE = dict(hidden_size=64, intermediate_size=96, num_local_experts=4, num_
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 CHECK_LAYERS = 4
 CHECK_RECORDS = 6
+ABLATION_RECORDS = 96  # records per ablation pass timed (the stage's passes each read all of them)
 
 
 def tokenizer():
@@ -217,6 +220,10 @@ def main() -> int:
         print(f"{label:<28}{r['tokens'] / r['plain']:>12.0f}{r['tokens'] / r['extraction']:>14.0f}"
               f"{r['extraction'] / r['plain']:>14.2f}{r['counted'] / r['uncounted']:>19.3f}{r['peak_gb']:>9.1f}"
               f"{r['padded']:>8.1%}", flush=True)
+        timed_records = records[:ABLATION_RECORDS]
+        rates = pass_rates(loaded, timed_records, settings)
+        print(f"{'':<28}ablation passes/s over {len(timed_records)} records: "
+              + ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items()), flush=True)
         del loaded
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ Count stores (the store contract's layout)
     make_store        a dense store from given act_count and token_count arrays
     moe_store         a random DeepSeek-style (or, without dense layers, Mixtral-style) store
     write_store       a store written to Zarr as extraction leaves it: chunked, complete, sealed
+    attribution_store an attribution store (ATTR.zarr layout) of a count store's records
 
 Tiny models
     SMALL, MOE        the shared sizes of the tiny configurations
@@ -28,6 +29,7 @@ Tiny models
 Processes and servers
     DASK, START_TIMEOUT   the `dask` command beside this Python, and how long to wait for it
     free_port             a free TCP port on 127.0.0.1
+    start_workers, start_cluster   `dask worker` processes of one thread; a `dask scheduler` with them
     stop                  a process terminated, then killed if it does not end
     SMALL_SERVER_SETTINGS Prefect settings for small SQLite servers on a loaded machine
 
@@ -37,6 +39,7 @@ torch, transformers and xarray are imported where used: conftest imports this mo
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -156,6 +159,25 @@ def write_store(store: xr.Dataset, path: Path, instruction_chunk: int = 3) -> Pa
     return path
 
 
+ATTRIBUTION_OF = {"act_count": "act_attribution", "expert_count": "expert_attribution",
+                  "expert_act_count": "expert_act_attribution", "shared_act_count": "shared_act_attribution"}
+
+
+def attribution_store(store: xr.Dataset, seed: int, eighths: int = 16) -> xr.Dataset:
+    """Float32 estimates for each count family of `store`, its dims and coordinates: random
+    multiples of 1/8 in [-eighths/8, eighths/8], so every float64 sum of them is exact, in any
+    order, and ties are common."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    estimates = {attribution: (store[count].dims, (rng.integers(-eighths, eighths + 1, store[count].shape) / 8)
+                               .astype(np.float32))
+                 for count, attribution in ATTRIBUTION_OF.items() if count in store}
+    return xr.Dataset({**estimates, "response_tokens": (("instruction",), np.full(store.sizes["instruction"], 16,
+                                                                                 dtype=np.uint32))},
+                      coords=store.coords).assign_attrs(max_response_tokens=16)
+
+
 # --- tiny models -----------------------------------------------------------------------------------
 
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -230,6 +252,31 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+def start_workers(address: str, logs: Path, ports: list[int], env: dict) -> list[subprocess.Popen]:
+    """One `dask worker` process per port, one thread each, no nanny (a killed one stays dead)."""
+    return [subprocess.Popen(
+        [DASK, "worker", address, "--host", "127.0.0.1", "--worker-port", str(port), "--nthreads", "1",
+         "--no-nanny", "--memory-limit", "2GB", "--no-dashboard"],
+        stdout=subprocess.DEVNULL, stderr=(logs / f"worker-{port}.log").open("w"), env=env) for port in ports]
+
+
+def start_cluster(logs: Path, cache_dir: Path, n_workers: int = 2):
+    """A `dask scheduler` and worker processes on 127.0.0.1: (address, {worker address: process}, all)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "XDG_CACHE_HOME": str(cache_dir.parent)}
+    scheduler = subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
+         "--no-show"], stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"), env=env)
+    ports = [free_port() for _ in range(n_workers)]
+    workers = start_workers(address, logs, ports, env)
+    from distributed import Client  # builders stay light for conftest: Dask loads where a cluster starts
+
+    with Client(address, timeout=START_TIMEOUT) as client:
+        client.wait_for_workers(n_workers, timeout=START_TIMEOUT)
+    return address, {f"tcp://127.0.0.1:{p}": w for p, w in zip(ports, workers)}, [scheduler, *workers]
+
 
 # Every Prefect server the tests start is a small SQLite one on a loaded machine: database calls
 # wait longer before the server gives up with a 503, and Prefect's client retries 429/502/503

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.core.models import ModelLoadError, load_model, resolve_model
 from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count, store_attrs
 
-from builders import DASK, START_TIMEOUT, free_port, make_record, stop
+from builders import START_TIMEOUT, free_port, make_record, start_cluster, stop
 from references import llama_hooked_modules, naive_store
 
 # float64 counts do not depend on batching, so every split of the work gives the naive counts.
@@ -55,33 +54,9 @@ def assert_naive_counts(store: Path, expected) -> None:
     np.testing.assert_array_equal(dataset.act_count.values, counts)
 
 
-def start_workers(address: str, logs: Path, ports: list[int], env: dict) -> list[subprocess.Popen]:
-    """One `dask worker` process per port, one thread each, no nanny (a killed one stays dead)."""
-    return [subprocess.Popen(
-        [DASK, "worker", address, "--host", "127.0.0.1", "--worker-port", str(port), "--nthreads", "1",
-         "--no-nanny", "--memory-limit", "2GB", "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=(logs / f"worker-{port}.log").open("w"), env=env) for port in ports]
-
-
-def start_cluster(tmp_path_factory, cache_dir, n_workers: int = 2):
-    """A `dask scheduler` and worker processes on 127.0.0.1: (address, {worker address: process}, all)."""
-    address = f"tcp://127.0.0.1:{free_port()}"
-    logs = tmp_path_factory.mktemp("dask-logs")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "XDG_CACHE_HOME": str(cache_dir.parent)}
-    scheduler = subprocess.Popen(
-        [DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
-         "--no-show"], stdout=subprocess.DEVNULL, stderr=(logs / "scheduler.log").open("w"), env=env)
-    ports = [free_port() for _ in range(n_workers)]
-    workers = start_workers(address, logs, ports, env)
-    with Client(address, timeout=START_TIMEOUT) as client:
-        client.wait_for_workers(n_workers, timeout=START_TIMEOUT)
-    return address, {f"tcp://127.0.0.1:{p}": w for p, w in zip(ports, workers)}, [scheduler, *workers]
-
-
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory, cache_dir):
-    address, _, processes = start_cluster(tmp_path_factory, cache_dir)
+    address, _, processes = start_cluster(tmp_path_factory.mktemp("dask-logs"), cache_dir)
     try:
         yield address
     finally:
@@ -125,7 +100,7 @@ def test_two_worker_processes_fill_one_store_with_the_naive_counts(
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_has_its_shard_redone(tmp_path_factory, tiny_llama_dir, cache_dir, expected,
                                                      records, tmp_path):
-    address, workers, processes = start_cluster(tmp_path_factory, cache_dir)
+    address, workers, processes = start_cluster(tmp_path_factory.mktemp("dask-logs"), cache_dir)
     victim, survivor = workers
     store = tmp_path / "s.zarr"
     settings = SETTINGS.model_copy(update={"shard_size": 1})  # many short shards: the kill lands mid-run

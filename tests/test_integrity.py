@@ -206,7 +206,7 @@ def test_a_changed_root_attribute_is_found(tmp_path, intact):
     store = tmp_path / "s.zarr"
     shutil.copytree(intact, store)
     zarr.open_group(store, mode="r+").attrs["shard_size"] = 3
-    with pytest.raises(StoreError, match=r"'root attributes': \['shard_size'\].*delete .*s.zarr and extract again"):
+    with pytest.raises(StoreError, match=r"'root attributes': \['shard_size'\].*delete .*s.zarr and run `sparcom extract` again"):
         verify_store(store)
 
 

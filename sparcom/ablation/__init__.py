@@ -7,7 +7,10 @@
 - `verdicts`: how a difference becomes yes, no or undecided (the level, reachable p).
 - `answers`, `accuracy`: checkable answers, and greedy-decoded accuracy under each ablation.
 - `held_out`: what identification read (record hashes, and texts where found): held out by content.
+- `fidelity`: do the attribution estimates predict the switch-offs? Sets and single components.
 - `ablate`: the stage: plan, passes, `ablation.zarr`.
+- `passes`: one pass (a set switched off, NLL or answers), its key, finished passes on disk.
+- `distributed`: the passes as tasks on a Dask cluster, each worker's model loaded once.
 - `report`: the ablation's markdown, JSON and plot.
 - `schema`: control names, dimensions, output files.
 - `settings`, `keys`: the stage's settings and code.

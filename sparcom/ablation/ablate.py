@@ -21,10 +21,15 @@ groups' records, and more than control components of the same number, place and 
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
   With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
-  answer (`sparcom.ablation.accuracy`), add the accuracy variables. Its steps:
-  `fingerprinted_model` (the model, refused unless the components were found in its weights),
-  `measured_passes` (response NLLs and greedy answers, each `under_each` set and control
-  switched off), `control_frequencies`, `ablation_dataset` (the variables and figures).
+  answer (`sparcom.ablation.accuracy`), add the accuracy variables; where `measures_fidelity`,
+  single components switched off too, for the fidelity of the attribution estimates
+  (`sparcom.ablation.fidelity`). Its steps:
+  `fingerprinted_model` (the model to load, refused unless the components were found in its
+  weights), `stage_passes` (every pass, by label: any other set switched off is one more
+  `AblationPass`), `measured_passes` (each pass's values: finished ones from `out_dir/passes`,
+  the others on the Dask cluster `dask` chooses, `sparcom.ablation.distributed`, or in this
+  process, `passes_in_process`), `gathered` (the passes' values as arrays),
+  `control_frequencies`, `ablation_dataset` (the variables and figures).
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -43,21 +48,21 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.fidelity import fidelity_dataset, measures_fidelity, probe_sets, record_estimates
 from sparcom.ablation.held_out import IdentificationTexts, identification_texts
-from sparcom.intervention.hooks import Ablation
-from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, SEED
+from sparcom.ablation.passes import AblationPass, FinishedPasses, PassInputs, measure_pass, pass_key, prepared
+from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, PASSES, SEED
 from sparcom.ablation.settings import AblationSettings
 from sparcom.ablation.statistics import ablation_figures
+from sparcom.core.cluster import extraction_cluster
 from sparcom.core.outputs import building
+from sparcom.core.settings import DaskSettings
 from sparcom.curation.dataset import MANIFEST_NAME, load_records, save_dataset
 from sparcom.curation.hexainst import authored_records
 from sparcom.curation.records import CATEGORIES, InstructionRecord, dataset_hash, record_hash
-from sparcom.extraction.settings import ExtractionSettings
+from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.store import is_complete, open_result, save_zarr, store_attrs
 from sparcom.identification.schema import COMPONENTS, FAMILIES, GROUP, Family
-
-if TYPE_CHECKING:  # loading a model needs torch: imported where the stage runs
-    from sparcom.core.models import LoadedModel
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -259,97 +264,157 @@ def run_ablation(
     out_dir: Path,
     model_name: str | None = None,
     on_progress: ProgressCallback | None = None,
+    model: ModelSettings | None = None,
+    dask: DaskSettings | None = None,
 ) -> Path:
     """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
-    and must have the components' weights fingerprint."""
+    and must have the components' weights fingerprint; `model` gives how it loads (device map,
+    revision). With `dask` the passes run on the cluster `extraction_cluster` chooses, if any."""
     from sparcom.ablation.accuracy import accuracy_dataset
 
     plan = plan_ablation(open_result(components_path), store_path, settings)
-    loaded = fingerprinted_model(plan, store_path, extraction, cache_dir, model_name)
-    (base, nll_ablated, nll_control), texts = measured_passes(plan, loaded, settings, extraction, on_progress)
+    to_load = fingerprinted_model(plan, store_path, cache_dir, model_name, model)
+    passes = stage_passes(plan, settings)
+    if fidelity := measures_fidelity(plan.attrs.get("rule"), settings):
+        estimates = record_estimates(to_load, plan.records, plan.family, settings.max_response_tokens, extraction,
+                                     cache_dir)
+        probes = probe_sets(estimates, settings)
+        passes.update({("probe", k): AblationPass.of("nll", plan.family.name, p) for k, p in enumerate(probes)})
+    values = dict(zip(passes, measured_passes(list(passes.values()), pass_inputs(plan, settings, extraction),
+                                              to_load, extraction, cache_dir, Path(out_dir) / PASSES, dask,
+                                              on_progress)))
+    base, nll_ablated, nll_control = gathered(values, "nll", plan, settings)
     controls = list(settings.controls)
     control_frequency = control_frequencies(plan, controls, settings.seeds)
     dataset = ablation_dataset(plan, base, nll_ablated, nll_control, control_frequency, controls, settings)
-    if texts is not None:
+    if settings.accuracy:
+        texts = gathered(values, "answers", plan, settings)
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
+    if fidelity:
+        dataset = dataset.merge(fidelity_dataset(plan.family, plan.sets, plan.labels, dataset[EVALUATED].values, estimates,
+                                                 base, probes, [values["probe", k] for k in range(len(probes))], settings))
     path = Path(out_dir) / ABLATION
     with building(path, ABLATION) as partial:  # never over a folder the tool did not write
         save_zarr(dataset, partial)
     return path
 
 
-def fingerprinted_model(plan: AblationPlan, store_path: Path, extraction: ExtractionSettings, cache_dir: Path,
-                        model_name: str | None = None) -> LoadedModel:
-    """The model loaded: the store's own unless `model_name` is given; one whose weights are not
+def fingerprinted_model(plan: AblationPlan, store_path: Path, cache_dir: Path, model_name: str | None = None,
+                        model: ModelSettings | None = None) -> ModelSettings:
+    """The model to load: the store's own unless `model_name` is given; one whose weights are not
     the ones the components were found in is refused before it loads."""
-    from sparcom.core.models import load_model, model_fingerprint, resolve_model
+    from sparcom.core.models import model_fingerprint, resolve_model
 
     attrs = store_attrs(store_path)
     name = model_name or (attrs["model_path"] if Path(attrs.get("model_path", "")).exists() else attrs["model"])
-    source = resolve_model(name)
+    to_load = (model or ModelSettings()).model_copy(update={"name": name})
+    source = resolve_model(name, to_load.revision, to_load.trust_remote_code)
     if model_fingerprint(source, cache_dir) != plan.attrs["model_fingerprint"]:
         raise AblationInputError(f"model {name}: its weights are not the ones the components were found in "
                                  f"(fingerprint {plan.attrs['model_fingerprint'][:12]}); pass that model")
-    return load_model(source, cache_dir, extraction.dtype, extraction.device)
+    return to_load
+
+
+Label = tuple  # ("base", measure) | ("ablated", measure, group) | ("control", measure, control, seed, group)
+#                | ("probe", k): the fidelity check's single components (`sparcom.ablation.fidelity`)
+
+
+def stage_passes(plan: AblationPlan, settings: AblationSettings) -> dict[Label, AblationPass]:
+    """Every pass of the stage: intact, each group's set off, each control of each seed off, for
+    the NLL and (with `settings.accuracy`) again for the answers. A group with an empty set has
+    no control: its pass is the intact one (`AblationPass.of` makes it so)."""
+    family = plan.family.name
+    passes = {}
+    for measure in ("nll", "answers") if settings.accuracy else ("nll",):
+        passes["base", measure] = AblationPass.of(measure, family, None)
+        for group in plan.groups:
+            passes["ablated", measure, group] = AblationPass.of(measure, family, plan.sets[group].values)
+        for control, seed, group in product(settings.controls, range(settings.seeds), plan.groups):
+            chosen = plan.controls.get((control, seed, group), plan.sets[group])
+            passes["control", measure, control, seed, group] = AblationPass.of(measure, family, chosen.values)
+    return passes
+
+
+def pass_inputs(plan: AblationPlan, settings: AblationSettings, extraction: ExtractionSettings) -> PassInputs:
+    checked = np.flatnonzero(plan.checkable).tolist() if settings.accuracy else []
+    return PassInputs(plan.records, checked, settings.max_response_tokens, settings.max_new_tokens, extraction)
 
 
 Measured = tuple[np.ndarray, np.ndarray, np.ndarray]  # intact, each group off, each control off
 
 
-def measured_passes(plan: AblationPlan, loaded: LoadedModel, settings: AblationSettings,
-                    extraction: ExtractionSettings, on_progress: ProgressCallback | None = None,
-                    ) -> tuple[Measured, Measured | None]:
-    """(response NLLs, greedy answers or None): each intact, with each group's set switched off and
-    with each control switched off; the answers only with `settings.accuracy`, of the records
-    with a checkable answer ("" for the others)."""
-    from sparcom.ablation.accuracy import greedy_generate, tokenize_prompts
-    from sparcom.intervention.response_nll import response_nll, tokenize_responses
-
-    tokenized = tokenize_responses(plan.records, loaded.tokenizer, settings.max_response_tokens)
-    checked = np.flatnonzero(plan.checkable) if settings.accuracy else np.array([], dtype=int)
-    prompts = tokenize_prompts([plan.records[i] for i in checked], loaded.tokenizer)
-    passes = 1 + len(plan.sets) * (1 + len(settings.controls) * settings.seeds)
-    total = passes * (len(tokenized) + len(prompts))
-    progress = tqdm(total=total, unit="record", desc="ablating")
-
-    def advance(n: int) -> None:
-        progress.update(n)
-        if on_progress:
-            on_progress(progress.n, total)
-
-    def nll() -> np.ndarray:
-        return response_nll(loaded.model, tokenized, loaded.tokenizer, extraction, loaded.device, advance)
-
-    def generations() -> np.ndarray:
-        texts = np.full(len(plan.records), "", dtype=object)
-        texts[checked] = greedy_generate(loaded.model, prompts, loaded.tokenizer, extraction, loaded.device,
-                                         settings.max_new_tokens, advance)
-        return texts
-
-    nlls = under_each(nll, len(tokenized), plan, loaded, settings, advance)
-    texts = under_each(generations, len(prompts), plan, loaded, settings, advance) if settings.accuracy else None
-    progress.close()
-    return nlls, texts
+def gathered(values: dict[Label, np.ndarray], measure: str, plan: AblationPlan, settings: AblationSettings
+             ) -> Measured:
+    """(intact [record], each group off [group, record], each control off [control, seed, group, record])."""
+    base = values["base", measure]
+    ablated = np.stack([values["ablated", measure, g] for g in plan.groups])
+    controlled = np.stack([values["control", measure, c, s, g] for c, s, g in
+                           product(settings.controls, range(settings.seeds), plan.groups)])
+    return base, ablated, controlled.reshape(len(settings.controls), settings.seeds, *ablated.shape)
 
 
-def under_each(measure: Callable[[], np.ndarray], size: int, plan: AblationPlan, loaded: LoadedModel,
-               settings: AblationSettings, advance: Callable[[int], None]) -> Measured:
-    """`measure()` intact, with each group's set switched off, with each control switched off."""
-    base = measure()
+def measured_passes(passes: list[AblationPass], inputs: PassInputs, model: ModelSettings,
+                    extraction: ExtractionSettings, cache_dir: Path, folder: Path, dask: DaskSettings | None = None,
+                    on_progress: ProgressCallback | None = None) -> list[np.ndarray]:
+    """Each pass's values, in order: the finished ones read from `folder` (named by `pass_key`),
+    the others measured, on the cluster `dask` chooses or in this process, and kept in `folder`
+    as each ends; passes with one key run once. `on_progress(passes done, passes)`."""
+    from sparcom.ablation.distributed import cluster_model, passes_on_cluster
+    from sparcom.core.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
+    from sparcom.extraction.distributed import shard_resources
 
-    def switched_off(chosen: xr.DataArray) -> np.ndarray:
-        if not chosen.any():  # an empty set is the intact pass again
-            advance(size)
-            return base
-        with Ablation(loaded.model, {plan.family.name: chosen.values}):
-            return measure()
+    finished = FinishedPasses(folder)
+    fingerprint = model_fingerprint(resolve_model(model.name, model.revision, model.trust_remote_code), cache_dir)
+    here = str(resolve_dtype(extraction.dtype, resolve_device(extraction.device)))
+    keys = [pass_key(p, inputs, fingerprint, here) for p in passes]
+    if all(finished.get(key) is not None for key in keys):  # a rerun: no model, no cluster
+        return [finished.get(key) for key in keys]
+    with ExitStack() as stack:
+        client = None if dask is None else stack.enter_context(
+            extraction_cluster(dask, extraction.device, spread=model.device_map is not None))
+        if client is not None:
+            resources = shard_resources(dask, extraction)
+            fingerprint, dtype, workers = cluster_model(client, model, extraction, cache_dir, resources)
+            keys = [pass_key(p, inputs, fingerprint, dtype) for p in passes]
+        values = {key: finished.get(key) for key in keys}
+        pending = {key: p for key, p in zip(keys, passes) if values[key] is None}
+        progress = tqdm(total=len(values), initial=len(values) - len(pending), unit="pass",
+                        desc="ablating" if client is None else f"ablating on {workers} workers")
 
-    controls = list(settings.controls)
-    ablated = np.stack([switched_off(plan.sets[g]) for g in plan.groups])
-    controlled = np.full((len(controls), settings.seeds, *ablated.shape), np.nan, dtype=base.dtype)
-    for (c, control), s, (g, group) in product(enumerate(controls), range(settings.seeds), enumerate(plan.groups)):
-        controlled[c, s, g] = switched_off(plan.controls.get((control, s, group), plan.sets[group]))
-    return base, ablated, controlled
+        def keep(key: str, measured: np.ndarray) -> None:
+            finished.put(key, measured)
+            values[key] = measured
+            progress.update(1)
+            if on_progress:
+                on_progress(progress.n, len(values))
+
+        if client is not None:
+            passes_on_cluster(client, model, extraction, cache_dir, inputs, pending, resources, keep)
+        else:
+            passes_in_process(model, extraction, cache_dir, inputs, pending, keep)
+        progress.close()
+    return [values[key] for key in keys]
+
+
+def passes_in_process(model: ModelSettings, extraction: ExtractionSettings, cache_dir: Path, inputs: PassInputs,
+                      pending: dict[str, AblationPass], keep: Callable[[str, np.ndarray], None]) -> None:
+    """The passes one after another on the model loaded here; a set that cannot be switched off
+    (offloaded experts) is refused before the first pass."""
+    from sparcom.core.models import load_model, resolve_model
+    from sparcom.core.threads import fit_torch_threads
+    from sparcom.intervention.hooks import Ablation
+
+    loaded = load_model(resolve_model(model.name, model.revision, model.trust_remote_code), cache_dir,
+                        extraction.dtype, extraction.device, model.trust_remote_code, model.device_map,
+                        model.max_memory)
+    fit_torch_threads()
+    for ablation_pass in pending.values():
+        if ablation_pass.off is not None:
+            with Ablation(loaded.model, {ablation_pass.family: ablation_pass.off}):
+                break  # installed and undone: the family can be switched off in this model
+    ready = prepared(inputs, loaded.tokenizer)
+    for key, ablation_pass in pending.items():
+        keep(key, measure_pass(loaded, ablation_pass, ready, inputs))
 
 
 def control_frequencies(plan: AblationPlan, controls: list[str], seeds: int) -> np.ndarray:

@@ -8,7 +8,7 @@
 - `dask_cluster_on_demand(settings, on_start)`: the same, started by the first Dask computation
   inside it, so work that turns out to be cached (a rerun) starts no cluster; `on_start(client)`
   is called once it is up.
-- `usable_cores()`: the cores this process may run on.
+- `usable_cores()`: the cores this process may run on (`sparcom.core.threads`).
 - `extraction_cluster(settings, device, spread)`: where extraction shards run, as a context
   manager yielding a Client, or None for the single-process path: the scheduler at
   `settings.address`; else, with more than one visible GPU (or `n_workers` asked for), a local
@@ -16,7 +16,8 @@
   `GPU=1` (dask-cuda's `LocalCUDACluster` where installed, else Nanny workers with their own
   `CUDA_VISIBLE_DEVICES`); else, with `n_workers` asked for, local CPU workers; else None.
   A model spread over several devices (`spread`) runs in one process. Local workers it starts
-  keep glibc's adaptive allocator (Dask's memory trimming slows torch down).
+  keep glibc's adaptive allocator (Dask's memory trimming slows torch down) and wait passively
+  in torch's OpenMP barriers (`sparcom.core.threads`: spinning threads collapse under load).
 - `gpu_cluster_spec(devices, settings)`: the worker specs of that local GPU cluster.
 
     with dask_cluster(DaskSettings()) as client:
@@ -35,6 +36,7 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
 from sparcom.core.settings import DaskSettings
+from sparcom.core.threads import WAIT_POLICY, usable_cores
 
 GPU_RESOURCE = "GPU"
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_ set, which fixes glibc's mmap
@@ -45,10 +47,6 @@ TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
 # Read before any nanny starts here: nannies also write their value into this process's
 # environment, from which every later worker would inherit it.
 USER_TRIM_THRESHOLD = os.environ.get(TRIM_VARIABLE)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Closing a cluster can log connections closing under pending heartbeats (CommClosedError, with
@@ -100,19 +98,22 @@ def dask_cluster(settings: DaskSettings = DaskSettings(), connect_timeout: str |
 @contextmanager
 def extraction_cluster(settings: DaskSettings, device: str = "auto", spread: bool = False) -> Iterator[Client | None]:
     gpus = _visible_gpus() if device in ("auto", "cuda") and not spread else []
-    with _adaptive_allocator():
+    with _worker_environment():
         yield from _extraction_client(settings, gpus)
 
 
 @contextmanager
-def _adaptive_allocator() -> Iterator[None]:
-    """Workers started inside it do not trim memory, unless the user's environment asks them to."""
+def _worker_environment() -> Iterator[None]:
+    """Workers started inside it wait passively in OpenMP barriers and do not trim memory, unless
+    the user's environment asks otherwise."""
+    spawned = {f"distributed.nanny.pre-spawn-environ.{WAIT_POLICY}": os.environ.get(WAIT_POLICY, "PASSIVE")}
     if USER_TRIM_THRESHOLD is not None:
-        yield
+        with dask.config.set(spawned):
+            yield
         return
     set_by_a_nanny = os.environ.pop(TRIM_VARIABLE, None)
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM_VARIABLE}": None}):
+        with dask.config.set({**spawned, f"distributed.nanny.pre-spawn-environ.{TRIM_VARIABLE}": None}):
             yield
     finally:
         if set_by_a_nanny is not None:

@@ -14,11 +14,14 @@
   is no per-expert hook point. Row i of expert e's gate projection (and its bias) is zeroed in
   place for the duration, so f(gate)_i = f(0) = 0 exactly, only inside expert e and only on the
   tokens routed to it, whichever implementation runs; the saved rows are written back on exit.
-  Activations with f(0) != 0 are refused.
+  Activations with f(0) != 0 are refused, and so are experts whose weights a device map
+  offloaded (they sit on the `meta` device and are read from elsewhere layer by layer, so a
+  zeroed row would change nothing): refused by name, before anything runs.
 - `experts` (e of a layer): a forward hook on the router takes the router's own logits, sets the
   removed experts' logits to -inf and redoes the router's choice from them (top-k, then the
   model's own weight normalisation), so every token goes to its next-best experts. The choice
-  from logits follows each supported router (`ROUTING`).
+  from logits follows each supported router (`ROUTING`); `moe_router(model, index)` finds the
+  router of MoE layer `index`.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class Ablation:
                 self._zero_outputs(layer.shared_activation, mask)
         if "expert_neurons" in self.off:
             for layer, mask in zip(sites.moe_layers, self.off["expert_neurons"]):
-                self._zero_expert_gates(layer.experts, mask)
+                self._zero_expert_gates(layer.experts, mask, layer.index)
         if "experts" in self.off:
             for layer, mask in zip(sites.moe_layers, self.off["experts"]):
                 self._remove_experts(layer, mask)
@@ -148,10 +151,15 @@ class Ablation:
 
         self._handles.append(module.register_forward_hook(zero))
 
-    def _zero_expert_gates(self, experts: nn.Module, mask: np.ndarray) -> None:
+    def _zero_expert_gates(self, experts: nn.Module, mask: np.ndarray, index: int) -> None:
         if not mask.any():
             return
         weights = experts.gate_up_proj
+        if weights.is_meta:
+            raise AblationError(
+                f"layer {index} {type(experts).__name__}: its weights are offloaded by the device map (meta), so "
+                "its neurons cannot be switched off in place; give the experts room on a device (max_memory), "
+                "or switch off experts or shared neurons instead")
         probe = torch.zeros(1, dtype=weights.dtype, device=weights.device)
         if experts.act_fn(probe).item() != 0:
             raise AblationError(f"{type(experts).__name__}: its activation is not 0 at 0, so a zeroed gate "
@@ -172,7 +180,7 @@ class Ablation:
     def _remove_experts(self, layer, mask: np.ndarray) -> None:
         if not mask.any():
             return
-        router = _router(self.model, layer.index)
+        router = moe_router(self.model, layer.index)
         kept = int((~mask).sum())
         if kept < router.top_k:
             raise AblationError(f"layer {layer.index}: removing {int(mask.sum())} experts leaves {kept}, "
@@ -191,7 +199,7 @@ class Ablation:
         self._handles.append(router.register_forward_hook(reroute))
 
 
-def _router(model: nn.Module, index: int) -> nn.Module:
+def moe_router(model: nn.Module, index: int) -> nn.Module:
     """The router of MoE layer `index`: the MoE block's `gate` in every supported MoE model."""
     model_type = model.config.model_type
     if model_type not in ROUTING:
