@@ -32,9 +32,9 @@ from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.identification.settings import IdentificationSettings
 
 
-# The default run compares the paper's rule with one that selects by specificity (lape, until
-# the effect-based rule of the attribution stage exists).
-DEFAULT_RULES = ["global_percentile", "lape"]
+# The default run compares the paper's rule (by firing frequency) with one that selects by
+# estimated effect (docs/method.md sections 4d and 6a): the two questions a reader asks side by side.
+DEFAULT_RULES = ["global_percentile", "attribution_contrastive"]
 
 
 class PipelineSettings(StrictModel):
