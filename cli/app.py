@@ -167,7 +167,8 @@ def extract(
     from sparcom.core.cluster import extraction_cluster
     from sparcom.core.models import check_device_map, load_model, resolve_model
     from sparcom.curation.dataset import load_records
-    from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+    from sparcom.extraction.distributed import extract_on_cluster
+    from sparcom.extraction.workers import shard_resources
     from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
     from sparcom.extraction.store import check_store_target, is_complete
 

@@ -93,6 +93,7 @@ EDITS = [
     ("sparcom/extraction/store.py", "the store writer and reader", {"extract", "identify", "analyse", "compare", "ablate"}),
     ("sparcom/extraction/batching.py", "the batching", {"extract", "ablate"}),
     ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract"}),
+    ("sparcom/extraction/workers.py", "the per-worker model", {"extract", "ablate"}),
     ("sparcom/identification/rules.py", "a selection rule", {"identify", "analyse", "compare"}),
     ("sparcom/identification/schema.py", "a new selection rule's name",
      {"identify", "analyse", "compare", "ablate", "findings"}),

@@ -336,7 +336,7 @@ def measured_passes(passes: list[AblationPass], inputs: PassInputs, model: Model
     as each ends; passes with one key run once. `on_progress(passes done, passes)`."""
     from sparcom.ablation.distributed import cluster_model, passes_on_cluster
     from sparcom.core.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
-    from sparcom.extraction.distributed import shard_resources
+    from sparcom.extraction.workers import shard_resources
 
     finished = FinishedPasses(folder)
     fingerprint = model_fingerprint(resolve_model(model.name, model.revision, model.trust_remote_code), cache_dir)

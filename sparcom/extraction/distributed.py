@@ -17,14 +17,8 @@
   shards at the end, so the workers finish together.
 - `shard_cost(records, shard, settings)`: the characters a shard's passes read, known before any
   tokenizer loads. Tasks are handed out in order, one to each worker that is free.
-- `shard_resources(dask, extraction)`: the resources a task asks for: `dask.shard_resources`,
-  or GPU=1 when the extraction device is cuda.
-- `load_on_workers(client, model, settings, cache_dir, workers)`: the model loaded on each worker.
-- `worker_model(model, settings, cache_dir)`: this worker process's model for these settings,
-  loaded on first use and kept (one model per process: a second settings key replaces it).
-- `held_model(model, settings, cache_dir)`: that model, held by one task at a time (hooks and
-  in-place edits act on the whole model); the ablation's passes run on it too.
-- `worker_place(model, settings, cache_dir, loaded)`: which worker, host and devices ran a task.
+- The per-worker model (loaded once, held by one task at a time) and the workers that offer the
+  resources are `sparcom.extraction.workers`', shared with the ablation's passes.
 - `task_shards(key)`: the shards of a task, from its Dask key (`sparcom-shards-...`).
 
     with extraction_cluster(DaskSettings(address="tcp://10.0.0.5:8786")) as client:
@@ -34,27 +28,19 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import torch
 import zarr
-from distributed import Client, Future, as_completed, get_worker
+from distributed import Client, Future, as_completed
 from tqdm.auto import tqdm
 
-from sparcom.core.cluster import GPU_RESOURCE
-from sparcom.core.hashing import content_hash
-from sparcom.core.models import LoadedModel, load_model, resolve_model
-from sparcom.core.settings import DaskSettings
 from sparcom.curation.records import InstructionRecord, dataset_hash
 from sparcom.extraction.extract import SORT_WINDOW_SHARDS, ProgressCallback, extract_to_store, shard_range
 from sparcom.extraction.keys import extraction_key
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.store import StoreError, finalize_store, finished_shards, is_complete, shard_count, store_attrs
+from sparcom.extraction.workers import ClusterError, held_model, load_on_workers, offering_workers, worker_place
 
 FILLERS = "shard_fillers"
 TASK_PREFIX = "sparcom-shards-"
@@ -63,64 +49,6 @@ TASK_PREFIX = "sparcom-shards-"
 # against 23 batches of 13 rows in one process; with two tasks of equal characters per worker,
 # one worker of two sat idle for the last 11% of the run (the tasks took 22-27 s).
 TASKS_PER_WORKER = 2
-WORKER_WAIT = 30  # seconds to wait for a first worker of a freshly started or connected cluster
-
-# One model per worker process, used by one shard at a time: the counting hooks of two shards on
-# one model would see each other's forward passes.
-_model_lock = threading.Lock()
-_loaded: dict[str, LoadedModel] = {}
-_loads: dict[str, int] = {}
-
-
-class ClusterError(RuntimeError):
-    pass
-
-
-def shard_resources(dask: DaskSettings, extraction: ExtractionSettings) -> dict[str, float]:
-    if dask.shard_resources is not None:
-        return dask.shard_resources
-    return {GPU_RESOURCE: 1} if extraction.device.startswith("cuda") else {}
-
-
-def _model_key(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> str:
-    return content_hash(model, settings.dtype, settings.device, str(cache_dir))
-
-
-def worker_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> LoadedModel:
-    """Call with `_model_lock` held."""
-    key = _model_key(model, settings, cache_dir)
-    if key not in _loaded:
-        _loaded.clear()  # free the previous model before loading the next
-        try:  # torch's own threads would oversubscribe a machine shared by several workers
-            torch.set_num_threads(get_worker().state.nthreads)
-        except ValueError:  # not on a worker
-            pass
-        source = resolve_model(model.name, model.revision, model.trust_remote_code)
-        _loaded[key] = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
-                                  model.device_map, model.max_memory)
-        _loads[key] = _loads.get(key, 0) + 1
-    return _loaded[key]
-
-
-@contextmanager
-def held_model(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> Iterator[LoadedModel]:
-    with _model_lock:
-        yield worker_model(model, settings, cache_dir)
-
-
-def worker_place(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path, loaded: LoadedModel) -> dict:
-    """Which worker, host and devices: the record of a filled shard."""
-    key = _model_key(model, settings, cache_dir)
-    return {"worker": get_worker().address, "host": socket.gethostname(), "pid": os.getpid(),
-            "devices": loaded.devices, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "model_loads": _loads[key]}
-
-
-def _load(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path) -> dict:
-    with held_model(model, settings, cache_dir) as loaded:
-        return {"fingerprint": loaded.fingerprint, "dtype": loaded.dtype,
-                **worker_place(model, settings, cache_dir, loaded)}
-
 
 def _fill_shards(model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
                  records: Sequence[InstructionRecord], store: Path, shards: list[int], donors: Sequence[Path]) -> dict:
@@ -128,33 +56,6 @@ def _fill_shards(model: ModelSettings, settings: ExtractionSettings, cache_dir: 
         extract_to_store(loaded, records, store, settings, shards=shards, donors=donors, finalize=False,
                          show_progress=False)
         return {"shards": shards, **worker_place(model, settings, cache_dir, loaded)}
-
-
-def offering_workers(client: Client, resources: dict[str, float]) -> list[str]:
-    """Addresses of the workers that offer `resources`; a clear error when none does."""
-    try:
-        client.wait_for_workers(1, timeout=WORKER_WAIT)
-    except TimeoutError:
-        raise ClusterError(f"the Dask cluster at {client.scheduler.address} has no workers "
-                           f"(none joined within {WORKER_WAIT} s)") from None
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    offering = [address for address, info in workers.items()
-                if all(info.get("resources", {}).get(name, 0) >= amount for name, amount in resources.items())]
-    if not offering:
-        wanted = " ".join(f"{name}={amount:g}" for name, amount in resources.items())
-        raise ClusterError(
-            f"no worker of the Dask cluster at {client.scheduler.address} offers the resources {wanted} "
-            f"that extraction shards ask for ({len(workers)} workers; start them with `dask worker "
-            f"--resources \"{wanted}\"`, or set dask.shard_resources)")
-    return offering
-
-
-def load_on_workers(client: Client, model: ModelSettings, settings: ExtractionSettings, cache_dir: Path,
-                    workers: Sequence[str]) -> list[dict]:
-    """Load (or find loaded) the model on each worker, in parallel: what each loaded, and where."""
-    return client.gather([client.submit(_load, model, settings, Path(cache_dir), workers=[w],
-                                        allow_other_workers=True, pure=False, key=f"sparcom-load-{w}")
-                          for w in workers])
 
 
 def extract_on_cluster(
