@@ -187,8 +187,7 @@ def run_mode(mode: str, model: str, n_records: int, device: str, workers: int) -
 
 def run_on_dask(model: str, records, settings: ExtractionSettings, workers: int) -> dict:
     from sparcom.core.cluster import extraction_cluster
-    from sparcom.extraction.distributed import extract_on_cluster
-    from sparcom.extraction.workers import load_on_workers
+    from sparcom.extraction.distributed import extract_on_cluster, load_on_workers
     from sparcom.extraction.store import open_store
 
     chosen = ModelSettings(name=model)

@@ -3,6 +3,7 @@
     sparcom run                                   # the embedded default, end to end
     sparcom run --rules global_percentile,contrastive   # rules side by side, a run folder each
     sparcom extract --model default --dataset d.jsonl --out counts.zarr
+    sparcom attribute --model default --dataset d.jsonl --out attr.zarr   # effect estimates
     sparcom identify --store counts.zarr --epsilon 0.01 --out findings/
     sparcom ablate --components findings/ --out ablation/   # do the components matter?
     sparcom curate [--input mine.jsonl] [--on-error quarantine]   # the HexaInst dataset
@@ -12,7 +13,7 @@
 
 Every command takes `--config settings.yaml`; flags override the file, the file the defaults.
 
-One rule for where a command goes: `extract`, `identify`, `generate` and `show-config` call the
+One rule for where a command goes: `extract`, `attribute`, `identify`, `generate` and `show-config` call the
 library (`sparcom`) directly and need no Prefect server; `run`, `curate`, `finetune` and `compare`
 run the flows (`flows`, imported in the command so the others start without Prefect);
 `trigger` asks a Prefect server through `cli.trigger`.
@@ -111,8 +112,8 @@ def run(
     compare: Annotated[Optional[bool], typer.Option(
         "--compare/--no-compare", help="end with the comparison against a (cached) fine-tune")] = None,
     refresh: Annotated[Optional[list[str]], typer.Option(
-        help="recompute this stage even if cached: curate, extract, identify, analyse, finetune, "
-             "compare, ablate (repeatable)")] = None,
+        help="recompute this stage even if cached: curate, extract, attribute, identify, analyse, "
+             "finetune, compare, ablate (repeatable)")] = None,
     ablate: Annotated[Optional[bool], typer.Option(
         "--ablate/--no-ablate", help="switch each group's components off on held-out records")] = None,
     ablation_accuracy: Annotated[Optional[bool], typer.Option(
@@ -167,8 +168,7 @@ def extract(
     from sparcom.core.cluster import extraction_cluster
     from sparcom.core.models import check_device_map, load_model, resolve_model
     from sparcom.curation.dataset import load_records
-    from sparcom.extraction.distributed import extract_on_cluster
-    from sparcom.extraction.workers import shard_resources
+    from sparcom.extraction.distributed import extract_on_cluster, shard_resources
     from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
     from sparcom.extraction.store import check_store_target, is_complete
 
@@ -200,6 +200,61 @@ def extract(
 
 
 @app.command()
+def attribute(
+    model: Annotated[str, typer.Option(help="'default', hub id, directory or .gguf")],
+    dataset: Annotated[Path, typer.Option(help="JSONL file or saved dataset directory (records with responses)")],
+    out: Annotated[Path, typer.Option(help="the Zarr store to write (resumed if it exists)")],
+    config: ConfigOption = None,
+    max_response_tokens: Annotated[Optional[int], typer.Option(
+        help="response tokens scored per record, the first ones (default 16, as the ablation)")] = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per forward and backward pass")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own code")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="hub revision")] = None,
+    dask_address: DaskAddressOption = None,
+    dask_workers: Annotated[Optional[int], typer.Option(
+        "--dask-workers", help="local Dask workers (one per GPU at most); default: one per GPU where "
+                               "there are several, else this process alone")] = None,
+) -> None:
+    """Estimate, per record, what switching each component off would do to the loss of its
+    reference response (docs/method.md section 6a): one forward and one backward pass per batch,
+    into a Zarr store laid out as a count store, in this process or as Dask tasks of shards."""
+    from sparcom.attribution.store import attribute_on_cluster, attribute_to_store, check_attribution
+    from sparcom.attribution.keys import KEY
+    from sparcom.attribution.schema import STORE_KIND
+    from sparcom.core.cluster import extraction_cluster
+    from sparcom.core.models import check_device_map, load_model, resolve_model
+    from sparcom.curation.dataset import load_records
+    from sparcom.extraction.distributed import shard_resources
+    from sparcom.extraction.store import check_store_target, is_complete
+
+    settings = _settings(
+        config, model__name=model, model__revision=revision, model__trust_remote_code=trust_remote_code or None,
+        attribution__max_response_tokens=max_response_tokens, attribution__dtype=dtype,
+        extraction__device=device, extraction__batch_tokens=batch_tokens,
+        dask__address=dask_address, dask__n_workers=dask_workers)
+    records = load_records(dataset)  # every input is checked before the model loads
+    check_attribution(records, dataset)
+    check_store_target(out, KEY, STORE_KIND)
+    if not settings.dask.address:  # a remote cluster's workers check their own devices
+        check_device_map(settings.model.device_map, settings.model.max_memory)
+    loading = settings.attribution.loading(settings.extraction)
+    with extraction_cluster(settings.dask, loading.device, spread=settings.model.device_map is not None) as client:
+        if client is not None:
+            store = attribute_on_cluster(client, settings.model, records, out, settings.attribution,
+                                         settings.extraction, shard_resources(settings.dask, loading),
+                                         settings.cache_dir)
+        else:
+            source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
+            loaded = load_model(source, settings.cache_dir, loading.dtype, loading.device,
+                                settings.model.trust_remote_code, settings.model.device_map,
+                                settings.model.max_memory)
+            store = attribute_to_store(loaded, records, out, settings.attribution, settings.extraction)
+    typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
+
+
+@app.command()
 def identify(
     store: Annotated[Path, typer.Option(help="a finished count store")],
     out: Annotated[Path, typer.Option(help="folder for components, analysis and report")],
@@ -214,6 +269,9 @@ def identify(
     split_half_seeds: SplitSeedsOption = None,
     split_half_permutations: PermutationsOption = None,
     group_by: GroupOption = None,
+    attribution: Annotated[Optional[Path], typer.Option(
+        help="the attribution store of the count store's records (sparcom attribute), for the rules "
+             "attribution and attribution_contrastive")] = None,
     dask_address: DaskAddressOption = None,
     dask_workers: DaskWorkersOption = None,
 ) -> None:
@@ -222,8 +280,8 @@ def identify(
     rules, one pass selects with each, and each rule's run goes to OUT/<rule>."""
     from sparcom.core.cluster import dask_cluster
     from sparcom.core.outputs import check_output, claimed
-    from sparcom.extraction.store import verify_store
-    from sparcom.identification.identify import identify_store_rules, rule_dirs
+    from sparcom.extraction.store import open_store
+    from sparcom.identification.identify import identify_store_rules, open_attribution, rule_dirs
     from sparcom.identification.report import report_generality
     from sparcom.identification.schema import RUN_KIND
 
@@ -235,8 +293,10 @@ def identify(
                          identification__top_rate=top_rate, identification__filter_rate=filter_rate,
                          identification__bar_ratio=bar_ratio,
                          identification__split_half_seeds=split_half_seeds,
+                         identification__attribution=attribution,
                          dask__address=dask_address, dask__n_workers=dask_workers)
-    verify_store(store)
+    # the store verified, an attribution rule's store checked against it, before the cluster starts
+    open_attribution(settings.identification, open_store(store), store)
     out_dirs = rule_dirs(out, settings.identification)
     for folder in {out, *out_dirs.values()}:
         check_output(folder, RUN_KIND)
@@ -277,6 +337,9 @@ def ablate_command(
                                          "final number) and score accuracy, intact and ablated; default off")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         help="with --accuracy: tokens greedy-decoded per record at most (default 128)")] = None,
+    fidelity: Annotated[Optional[bool], typer.Option(
+        "--fidelity/--no-fidelity", help="also check the attribution estimates against single switch-offs; "
+                                         "default: when the components' rule is an attribution rule")] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     device_map: Annotated[Optional[str], typer.Option(
@@ -297,7 +360,7 @@ def ablate_command(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
         ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
-        ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens,
+        ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens, ablation__fidelity=fidelity,
         extraction__dtype=dtype, extraction__device=device, dask__address=dask_address, dask__n_workers=dask_workers,
         model__device_map=json.loads(device_map) if device_map and device_map.startswith("{") else device_map)
     path = components_in(components)

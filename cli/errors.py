@@ -28,7 +28,7 @@ BAD_INPUT = (  # (module, class): raised for what the user gave, not for a failu
     ("sparcom.comparison.compare", "ComparisonError"),
     ("sparcom.comparison.finetune", "FinetuneError"),
     ("sparcom.core.outputs", "OutputError"),
-    ("sparcom.extraction.workers", "ClusterError"),
+    ("sparcom.extraction.distributed", "ClusterError"),
     ("yaml", "YAMLError"),
     ("builtins", "ValueError"),  # settings, options, pydantic's ValidationError (a ValueError)
     ("builtins", "ConnectionError"),  # no Dask scheduler at the address given

@@ -16,6 +16,7 @@ from sparcom.config import PipelineSettings
 from sparcom.extraction.settings import ModelSettings
 from sparcom.identification.schema import COMPONENTS, REPORT
 from tasks.ablation import add_ablation_to_report, measure_ablation
+from tasks.attribution import attribute_responses
 from tasks.caching import Stage, refreshed
 from tasks.comparison import add_comparison_to_report, check_comparable, compare_checkpoints
 from tasks.curation import prepare_dataset_folder
@@ -62,6 +63,10 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     tuned_store = refreshed(extract_activations, "extract", refresh)(
         tuned, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
     check_comparable(base_store, tuned_store)
+    if settings.needs_attribution():  # the tuned model's sets from its own estimates
+        settings = settings.identified_with(refreshed(attribute_responses, "attribute", refresh)(
+            tuned, dataset, settings.attribution, settings.extraction, settings.work_dir, settings.cache_dir,
+            settings.dask))
     identify_components(tuned_store, {rule: run_dir / "tuned" for rule, run_dir in run_dirs.items()},
                         settings.identification, settings.dask, refresh, artifact_prefix="sparcom-tuned")
     prefixes = artifact_prefixes("sparcom-tuned", list(run_dirs))

@@ -1,6 +1,7 @@
-"""The SPARCOM pipeline: curate -> extract -> identify -> analyse -> ablate -> compare with a fine-tune,
-the last three for each selection rule of the run (`identification.rules`), each in its own run folder
--> findings of every rule (first in each rule's report and the run's first artifact)."""
+"""The SPARCOM pipeline: curate -> extract (-> attribute, for the rules that read effect estimates)
+-> identify -> analyse -> ablate -> compare with a fine-tune, the last three for each selection rule of
+the run (`identification.rules`), each in its own run folder -> findings of every rule (first in
+each rule's report and the run's first artifact)."""
 
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from sparcom.config import PipelineSettings
 from sparcom.identification.keys import results_dir
 from sparcom.identification.schema import COMPONENTS, REPORT
 from tasks.ablation import add_ablation_to_report, hold_out, measure_ablation
+from tasks.attribution import attribute_responses
 from tasks.caching import Stage, refreshed
 from tasks.curation import prepare_dataset_folder
 from tasks.extraction import extract_activations
@@ -31,6 +33,11 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
         settings = settings.evaluated_on(held_out)
     store = refreshed(extract_activations, "extract", refresh)(
         settings.model, dataset, settings.extraction, settings.work_dir, settings.cache_dir, settings.dask)
+    if settings.needs_attribution():
+        attribution = refreshed(attribute_responses, "attribute", refresh)(
+            settings.model, dataset, settings.attribution, settings.extraction, settings.work_dir,
+            settings.cache_dir, settings.dask)
+        settings = settings.identified_with(attribution)
     rules = settings.identification.selected_rules()
     run_dirs = {rule: results_dir(settings.work_dir, store, settings.identification.for_rule(rule)) for rule in rules}
     summaries = identify_components(store, run_dirs, settings.identification, settings.dask, refresh)

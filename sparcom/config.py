@@ -3,10 +3,11 @@ command-line flags override. Each stage's own settings live in its package (`set
 so that a stage's code version covers its settings and not the others'.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
-  fine-tune and the before/after comparison, the ablation, folders); `evaluated_on(held_out)`
-  and `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings
-  that name no selection rule (neither `identification.rule` nor `identification.rules`) select
-  with `DEFAULT_RULES` side by side.
+  attribution, the fine-tune and the before/after comparison, the ablation, folders);
+  `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)` and
+  `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings that
+  name no selection rule (neither `identification.rule` nor `identification.rules`) select with
+  `DEFAULT_RULES` side by side.
 - `load_settings(yaml_path, overrides, default_rules)`: defaults, then the YAML file, then dotted
   overrides such as {"identification.epsilon": 0.02}. A bad file is a SettingsError naming the file (and
   the line, for YAML syntax and duplicated keys) or the field.
@@ -21,6 +22,8 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from sparcom.ablation.settings import AblationSettings
+from sparcom.attribution.schema import ATTRIBUTION_RULES
+from sparcom.attribution.settings import AttributionSettings
 from sparcom.comparison.settings import ComparisonSettings, FinetuneSettings
 from sparcom.core.settings import DaskSettings, StrictModel, default_cache_dir, validation_message
 from sparcom.curation.records import CATEGORIES
@@ -40,6 +43,7 @@ class PipelineSettings(StrictModel):
     curation: CurationSettings = CurationSettings()
     extraction: ExtractionSettings = ExtractionSettings()
     identification: IdentificationSettings = IdentificationSettings()
+    attribution: AttributionSettings = AttributionSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     comparison: ComparisonSettings = ComparisonSettings()
     ablation: AblationSettings = AblationSettings()
@@ -64,6 +68,15 @@ class PipelineSettings(StrictModel):
         """These settings with the ablation evaluated on the `held_out` dataset (a copy)."""
         return self.model_copy(deep=True, update={"ablation": self.ablation.model_copy(
             update={"eval_dataset": held_out})})
+
+    def needs_attribution(self) -> bool:
+        """Whether a chosen selection rule reads an attribution store, so the pipeline makes one."""
+        return any(rule in ATTRIBUTION_RULES for rule in self.identification.selected_rules())
+
+    def identified_with(self, attribution: Path) -> PipelineSettings:
+        """These settings with identification reading the attribution store `attribution` (a copy)."""
+        return self.model_copy(deep=True, update={"identification": self.identification.model_copy(
+            update={"attribution": attribution})})
 
     def fine_tuned_groups(self) -> list[str]:
         """The groups the tuned model was trained on, where the pipeline fine-tunes it by category."""

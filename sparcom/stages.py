@@ -9,7 +9,7 @@ and whether a cached result can still be used (docs/method.md section 8).
   stages' sections go into, as a `result_key` input (the findings too: report.md and summary.json).
 
 The keys of stages whose inputs are not results on disk live beside their stages:
-`sparcom.curation.keys`, `sparcom.extraction.keys`, `sparcom.identification.keys`,
+`sparcom.curation.keys`, `sparcom.extraction.keys`, `sparcom.attribution.keys`, `sparcom.identification.keys`,
 `sparcom.comparison.keys`.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from sparcom.ablation.keys import ABLATE
+from sparcom.attribution.keys import ATTRIBUTE
 from sparcom.comparison.keys import COMPARE, FINETUNE
 from sparcom.core.hashing import content_hash
 from sparcom.curation.keys import CURATE
@@ -29,9 +30,8 @@ from sparcom.findings.keys import FINDINGS
 from sparcom.identification.keys import ANALYSE, IDENTIFY
 from sparcom.identification.schema import GENERALITY
 
-STAGES = {"curate": CURATE, "extract": EXTRACT, "identify": IDENTIFY, "analyse": ANALYSE,
-          "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE,
-          "findings": FINDINGS}
+STAGES = {"curate": CURATE, "extract": EXTRACT, "attribute": ATTRIBUTE, "identify": IDENTIFY, "analyse": ANALYSE,
+          "finetune": FINETUNE, "compare": COMPARE, "ablate": ABLATE, "findings": FINDINGS}
 
 
 def result_key(stage: str, *inputs: object) -> str:
@@ -70,7 +70,7 @@ def unusable_output(result: object) -> str | None:
     for path in paths(result):
         if not path.exists():
             return f"{path} is gone"
-        if (path / "zarr.json").is_file() and (path / "progress").is_dir():  # a count store
+        if (path / "zarr.json").is_file() and (path / "progress").is_dir():  # a store written by shard
             try:
                 verify_store(path)
             except StoreError as error:

@@ -19,6 +19,7 @@ Count stores (the store contract's layout)
     make_store        a dense store from given act_count and token_count arrays
     moe_store         a random DeepSeek-style (or, without dense layers, Mixtral-style) store
     write_store       a store written to Zarr as extraction leaves it: chunked, complete, sealed
+    attribution_store an attribution store (ATTR.zarr layout) of a count store's records
 
 Tiny models
     SMALL, MOE        the shared sizes of the tiny configurations
@@ -156,6 +157,25 @@ def write_store(store: xr.Dataset, path: Path, instruction_chunk: int = 3) -> Pa
             path, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
     seal_store(path)
     return path
+
+
+ATTRIBUTION_OF = {"act_count": "act_attribution", "expert_count": "expert_attribution",
+                  "expert_act_count": "expert_act_attribution", "shared_act_count": "shared_act_attribution"}
+
+
+def attribution_store(store: xr.Dataset, seed: int, eighths: int = 16) -> xr.Dataset:
+    """Float32 estimates for each count family of `store`, its dims and coordinates: random
+    multiples of 1/8 in [-eighths/8, eighths/8], so every float64 sum of them is exact, in any
+    order, and ties are common."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    estimates = {attribution: (store[count].dims, (rng.integers(-eighths, eighths + 1, store[count].shape) / 8)
+                               .astype(np.float32))
+                 for count, attribution in ATTRIBUTION_OF.items() if count in store}
+    return xr.Dataset({**estimates, "response_tokens": (("instruction",), np.full(store.sizes["instruction"], 16,
+                                                                                 dtype=np.uint32))},
+                      coords=store.coords).assign_attrs(max_response_tokens=16)
 
 
 # --- tiny models -----------------------------------------------------------------------------------

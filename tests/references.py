@@ -18,6 +18,11 @@ Switching components off (ablation)
     mlps                  the MLP of every layer of a model
     zero_down_columns     neurons switched off the test's own way: down projection input columns zeroed
 
+Attribution
+    attribution_reference -dL/dalpha at alpha = 1 for every component of one record, by autograd on
+                          alpha scaling each component in the test's own forward pass (own_router,
+                          own_experts: MoE routing and experts computed token by token)
+
 Selection rules and components (identification)
     top_m, naive_rule     every selection rule of docs/method.md on p[group, layer, neuron]
     naive_frequency, naive_global_selection, naive_selection, group_rows
@@ -207,6 +212,106 @@ def zero_down_columns(mlp: nn.Module, columns: list[int], family: str) -> None:
             mlp.down_proj.weight[:, columns] = 0
 
 
+# --- attribution: the estimate's definition ------------------------------------------------------
+
+def down_projection(mlp):
+    return mlp.c_proj if hasattr(mlp, "c_proj") else mlp.down_proj
+
+
+def own_router(mlp, family: str, x: torch.Tensor, removed: int | None):
+    """Mixtral, Qwen2-MoE, OLMoE: softmax over the experts allowed, top-k, then the model's normalisation."""
+    import torch
+
+    logits = x @ mlp.gate.weight.T
+    allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
+    if removed is not None:
+        allowed[removed] = False
+    probs = torch.zeros_like(logits)
+    probs[:, allowed] = torch.softmax(logits[:, allowed], dim=-1)
+    weights, index = torch.topk(probs, mlp.gate.top_k, dim=-1)
+    if family == "mixtral" or mlp.gate.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, index
+
+
+def own_experts(experts, x: torch.Tensor, weights, index, scale: torch.Tensor | None) -> torch.Tensor:
+    """Token by token: sum over the chosen experts of w * W_down[e] (act(x W_gate[e]) * (x W_up[e]) * scale[e])."""
+    import torch
+
+    width = experts.down_proj.shape[-1]
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros_like(x[t])
+        for j in range(index.shape[1]):
+            e = int(index[t, j])
+            gate_up = experts.gate_up_proj[e] @ x[t]
+            h = experts.act_fn(gate_up[:width]) * gate_up[width:]
+            if scale is not None:
+                h = h * scale[e]
+            y = y + weights[t, j] * (experts.down_proj[e] @ h)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def attribution_reference(model, record, tokenizer, k: int | None) -> dict[str, np.ndarray]:
+    """-dL/dalpha at alpha = 1 for every component of one record, unpadded, by autograd on alpha:
+    dense and shared neurons scale down_proj's input; the routed experts are recomputed token by
+    token (`own_experts`), expert neurons scaled inside, and each expert's removal interpolated
+    towards the output of the test's own router without it (`own_router`). Store variable -> [layer, ...]."""
+    import torch
+
+    family = model.config.model_type
+    ids, first = reference_tokens(record, tokenizer, "response")
+    if k is not None:
+        ids = ids[:first + k]
+    alphas: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def alpha(name: str, shape) -> torch.Tensor:
+        value = torch.ones(shape, dtype=torch.float64, requires_grad=True)
+        alphas.setdefault(name, []).append(value)
+        return value
+
+    def scale_input(scale):
+        return lambda module, args: (args[0] * scale,)
+
+    for mlp in mlps(model):
+        if not hasattr(mlp, "experts"):
+            down = down_projection(mlp)
+            width = down.weight.shape[0] if family == "gpt2" else down.in_features  # GPT-2's Conv1D is [in, out]
+            handles.append(down.register_forward_pre_hook(scale_input(alpha("act_attribution", width))))
+            continue
+        if hasattr(mlp, "shared_expert"):
+            handles.append(mlp.shared_expert.down_proj.register_forward_pre_hook(
+                scale_input(alpha("shared_act_attribution", mlp.shared_expert.down_proj.in_features))))
+        experts = mlp.experts
+        neuron_scale = alpha("expert_act_attribution", (experts.num_experts, experts.down_proj.shape[-1]))
+        expert_scale = alpha("expert_attribution", experts.num_experts)
+
+        def replace(module, args, output, mlp=mlp, neuron_scale=neuron_scale, expert_scale=expert_scale):
+            x = args[0]
+            weights, index = own_router(mlp, family, x, None)
+            assert torch.equal(index, args[1])
+            intact = own_experts(module, x, weights, index, None)
+            torch.testing.assert_close(intact, output, rtol=1e-5, atol=1e-6)  # routers softmax in float32
+            y = own_experts(module, x, weights, index, neuron_scale)
+            for e in range(module.num_experts):  # alpha = 0: e removed, each token to its next-best experts
+                routed = (index == e).any(dim=1, keepdim=True)
+                without = own_experts(module, x, *own_router(mlp, family, x, e), None)
+                y = y + routed * (1 - expert_scale[e]) * (without - intact)
+            return y
+
+        handles.append(experts.register_forward_hook(replace))
+    try:
+        logits = model(torch.tensor([ids])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    nll = -torch.log_softmax(logits[first - 1:-1].double(), -1).gather(1, torch.tensor(ids[first:])[:, None]).mean()
+    nll.backward()
+    return {name: -torch.stack([a.grad for a in values]).numpy() for name, values in alphas.items()}
+
+
 # --- selection rules and components (identification) --------------------------------------------
 
 def top_m(values: np.ndarray, epsilon: float) -> np.ndarray:
@@ -220,6 +325,8 @@ def naive_rule(p: np.ndarray, rule: str, epsilon=0.01, tau=0.5, top_rate=0.01, f
                bar_ratio=0.95) -> np.ndarray:
     """p[group, layer, neuron] -> selected[group, layer, neuron]."""
     groups = p.shape[0]
+    if rule in ("attribution", "attribution_contrastive"):  # section 6a: estimates' means, ranked alike
+        return naive_rule(p, rule.replace("attribution_", "").replace("attribution", "global_percentile"), epsilon)
     if rule == "threshold":
         return (p >= tau) & (p > 0)
     if rule == "global_percentile":

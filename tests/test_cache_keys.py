@@ -87,13 +87,21 @@ def test_a_missing_module_is_an_error_not_a_skip(package):
 EDITS = [
     ("sparcom/curation/packaged_sources.py", "the packaged human sets", {"curate"}),
     # the pipeline's curate stage saves records as they are; identification tokenizes the template
-    ("sparcom/curation/prompts.py", "the prompt template", {"extract", "identify", "finetune", "ablate"}),
-    ("sparcom/extraction/counting.py", "the counting hooks", {"extract"}),
-    ("sparcom/extraction/architectures.py", "the architecture table", {"extract", "ablate"}),
-    ("sparcom/extraction/store.py", "the store writer and reader", {"extract", "identify", "analyse", "compare", "ablate"}),
-    ("sparcom/extraction/batching.py", "the batching", {"extract", "ablate"}),
-    ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract"}),
-    ("sparcom/extraction/workers.py", "the per-worker model", {"extract", "ablate"}),
+    ("sparcom/curation/prompts.py", "the prompt template", {"extract", "attribute", "identify", "finetune", "ablate"}),
+    # the attribution store is written by extraction's shard writer and cluster code, which import counting;
+    # the ablation's passes run on extraction's cluster code too (sparcom.ablation.distributed)
+    ("sparcom/extraction/counting.py", "the counting hooks", {"extract", "attribute", "ablate"}),
+    ("sparcom/extraction/architectures.py", "the architecture table", {"extract", "attribute", "ablate"}),
+    ("sparcom/extraction/store.py", "the store writer and reader",
+     {"extract", "attribute", "identify", "analyse", "compare", "ablate"}),
+    ("sparcom/extraction/batching.py", "the batching", {"extract", "attribute", "ablate"}),
+    ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract", "attribute", "ablate"}),
+    ("sparcom/intervention/response_nll.py", "the scored response loss", {"attribute", "ablate"}),
+    # the ablation's fidelity check computes estimates on its records; the attribution rules' names
+    # are the attribution store's, read by identification
+    ("sparcom/attribution/estimate.py", "the attribution estimate", {"attribute", "ablate"}),
+    ("sparcom/attribution/schema.py", "the attribution store's names", {"attribute", "identify", "analyse", "compare",
+                                                                        "ablate", "findings"}),
     ("sparcom/identification/rules.py", "a selection rule", {"identify", "analyse", "compare"}),
     ("sparcom/identification/schema.py", "a new selection rule's name",
      {"identify", "analyse", "compare", "ablate", "findings"}),
@@ -171,7 +179,7 @@ def test_model_stages_follow_torch_and_transformers(monkeypatch):
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "transformers" else real(name))
     after = {name: code.version() for name, code in STAGES.items()}
-    assert {name for name in STAGES if after[name] != before[name]} == {"extract", "finetune", "ablate"}
+    assert {name for name in STAGES if after[name] != before[name]} == {"extract", "attribute", "finetune", "ablate"}
 
 
 def test_extraction_has_one_key(tmp_path, tiny_llama_dir, cache_dir, sample_records):
@@ -182,3 +190,19 @@ def test_extraction_has_one_key(tmp_path, tiny_llama_dir, cache_dir, sample_reco
     planned = planned_extraction_key(model, dataset_dir, settings, cache_dir)
     store = extract_dataset(model, dataset_dir, settings, tmp_path / "stores", cache_dir)
     assert store_attrs(store)["extraction_key"] == planned and store.stem.endswith(planned[:16])
+
+
+def test_attribution_has_one_key(tmp_path, tiny_llama_dir, cache_dir, sample_records):
+    from sparcom.attribution.keys import KEY, planned_attribution_key
+    from sparcom.attribution.settings import AttributionSettings
+    from sparcom.attribution.stage import attribute_dataset
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(r.model_dump_json() + "\n" for r in sample_records[:3]))
+    dataset_dir = prepare_dataset(data, tmp_path / "datasets")
+    model, extraction = ModelSettings(name=str(tiny_llama_dir)), ExtractionSettings(device="cpu")
+    settings = AttributionSettings(max_response_tokens=2, dtype="float32")
+    planned = planned_attribution_key(model, dataset_dir, settings, extraction, cache_dir)
+    store = attribute_dataset(model, dataset_dir, settings, extraction, tmp_path / "attributions", cache_dir)
+    assert store_attrs(store)[KEY] == planned and store.stem.endswith(planned[:16])
+    assert attribute_dataset(model, dataset_dir, settings, extraction, tmp_path / "attributions", cache_dir) == store

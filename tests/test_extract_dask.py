@@ -23,9 +23,8 @@ from sparcom.core.cluster import GPU_RESOURCE, gpu_cluster_spec
 from sparcom.core.settings import DaskSettings
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.distributed import (
-    FILLERS, TASKS_PER_WORKER, ClusterError, extract_on_cluster, shard_tasks, task_shards,
+    FILLERS, TASKS_PER_WORKER, ClusterError, extract_on_cluster, shard_tasks, task_shards, worker_model,
 )
-from sparcom.extraction.workers import worker_model
 from sparcom.extraction.extract import SORT_WINDOW_SHARDS, extract_to_store
 from sparcom.core.models import ModelLoadError, load_model, resolve_model
 from sparcom.extraction.store import PROGRESS, finished_shards, is_complete, open_store, shard_count, store_attrs
@@ -170,7 +169,7 @@ def test_in_process_cluster_counts_and_keeps_one_model(threads_client, tiny_llam
     extract_on_cluster(threads_client, model, records, store, SETTINGS, {}, cache_dir)
     assert_naive_counts(store, expected)
     assert store_attrs(store)["hooked_modules"] == llama_hooked_modules(AutoConfig.from_pretrained(tiny_llama_dir))
-    from sparcom.extraction.workers import _model_lock
+    from sparcom.extraction.distributed import _model_lock
 
     with _model_lock:
         first = worker_model(model, SETTINGS, cache_dir)

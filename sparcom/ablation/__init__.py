@@ -6,6 +6,7 @@
   Holm; the ratios (specificity, control ratios) as description.
 - `verdicts`: how a difference becomes yes, no or undecided (the level, reachable p).
 - `answers`, `accuracy`: checkable answers, and greedy-decoded accuracy under each ablation.
+- `fidelity`: do the attribution estimates predict the switch-offs? Sets and single components.
 - `ablate`: the stage: plan, passes, `ablation.zarr`.
 - `passes`: one pass (a set switched off, NLL or answers), its key, finished passes on disk.
 - `distributed`: the passes as tasks on a Dask cluster, each worker's model loaded once.

@@ -20,7 +20,9 @@ groups' records, and more than control components of the same number, place and 
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
   With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
-  answer (`sparcom.ablation.accuracy`), add the accuracy variables. Its steps:
+  answer (`sparcom.ablation.accuracy`), add the accuracy variables; where `measures_fidelity`,
+  single components switched off too, for the fidelity of the attribution estimates
+  (`sparcom.ablation.fidelity`). Its steps:
   `fingerprinted_model` (the model to load, refused unless the components were found in its
   weights), `stage_passes` (every pass, by label: any other set switched off is one more
   `AblationPass`), `measured_passes` (each pass's values: finished ones from `out_dir/passes`,
@@ -45,6 +47,7 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
+from sparcom.ablation.fidelity import fidelity_dataset, measures_fidelity, probe_sets, record_estimates
 from sparcom.ablation.passes import AblationPass, FinishedPasses, PassInputs, measure_pass, pass_key, prepared
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, PASSES, SEED
 from sparcom.ablation.settings import AblationSettings
@@ -259,6 +262,11 @@ def run_ablation(
     plan = plan_ablation(xr.open_zarr(components_path), store_path, settings)
     to_load = fingerprinted_model(plan, store_path, cache_dir, model_name, model)
     passes = stage_passes(plan, settings)
+    if fidelity := measures_fidelity(plan.attrs.get("rule"), settings):
+        estimates = record_estimates(to_load, plan.records, plan.family, settings.max_response_tokens, extraction,
+                                     cache_dir)
+        probes = probe_sets(estimates, settings)
+        passes.update({("probe", k): AblationPass.of("nll", plan.family.name, p) for k, p in enumerate(probes)})
     values = dict(zip(passes, measured_passes(list(passes.values()), pass_inputs(plan, settings, extraction),
                                               to_load, extraction, cache_dir, Path(out_dir) / PASSES, dask,
                                               on_progress)))
@@ -269,6 +277,9 @@ def run_ablation(
     if settings.accuracy:
         texts = gathered(values, "answers", plan, settings)
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
+    if fidelity:
+        dataset = dataset.merge(fidelity_dataset(plan.family, plan.sets, plan.labels, dataset[EVALUATED].values, estimates,
+                                                 base, probes, [values["probe", k] for k in range(len(probes))], settings))
     path = Path(out_dir) / ABLATION
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_zarr(dataset, path)
@@ -292,6 +303,7 @@ def fingerprinted_model(plan: AblationPlan, store_path: Path, cache_dir: Path, m
 
 
 Label = tuple  # ("base", measure) | ("ablated", measure, group) | ("control", measure, control, seed, group)
+#                | ("probe", k): the fidelity check's single components (`sparcom.ablation.fidelity`)
 
 
 def stage_passes(plan: AblationPlan, settings: AblationSettings) -> dict[Label, AblationPass]:
@@ -336,7 +348,7 @@ def measured_passes(passes: list[AblationPass], inputs: PassInputs, model: Model
     as each ends; passes with one key run once. `on_progress(passes done, passes)`."""
     from sparcom.ablation.distributed import cluster_model, passes_on_cluster
     from sparcom.core.models import model_fingerprint, resolve_device, resolve_dtype, resolve_model
-    from sparcom.extraction.workers import shard_resources
+    from sparcom.extraction.distributed import shard_resources
 
     finished = FinishedPasses(folder)
     fingerprint = model_fingerprint(resolve_model(model.name, model.revision, model.trust_remote_code), cache_dir)

@@ -1,7 +1,7 @@
 """The ablation's passes on a Dask cluster: one pass a task, each worker's model loaded once.
 
 - `cluster_model(client, model, extraction, cache_dir, resources)`: (fingerprint, dtype, workers):
-  the model loaded on every worker that offers `resources` (`sparcom.extraction.workers`'
+  the model loaded on every worker that offers `resources` (`sparcom.extraction.distributed`'s
   per-worker model, shared with extraction); refused when workers load it differently.
 - `passes_on_cluster(client, model, extraction, cache_dir, inputs, passes, resources, on_finished)`:
   every pass (key -> `AblationPass`) as a task of its own, `on_finished(key, values)` called in
@@ -21,8 +21,8 @@ from distributed import Client, as_completed
 
 from sparcom.ablation.passes import AblationPass, PassInputs, Prepared, measure_pass, prepared
 from sparcom.core.hashing import content_hash
+from sparcom.extraction.distributed import ClusterError, held_model, load_on_workers, offering_workers
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
-from sparcom.extraction.workers import ClusterError, held_model, load_on_workers, offering_workers
 
 TASK_PREFIX = "sparcom-ablation-pass-"
 

@@ -7,6 +7,10 @@ off hurts its own records more than other groups' records and more than each con
 - `decision_words(test, yes, no)`: a decision in words, "undecided (why)" where the data cannot decide.
 - `ablation_markdown(summary)`: the section: one sentence per group and the table; where the
   accuracy ran, its tables too (`accuracy_markdown`).
+- `fidelity_summary(ablation)`, `fidelity_markdown(fidelity)`: where the ablation measured it, how
+  well the attribution estimates predicted the switch-offs (`sparcom.ablation.fidelity`): each set's
+  summed estimate beside its measured delta, and within the single components switched off one at
+  a time the rank correlation and sign agreement, with their intervals.
 - `plot_ablation(ablation, path)`: heatmap of delta[ablated, evaluated] beside each group's own
   delta against its controls' (95% intervals).
 - `report_ablation(ablation_path, out_dir)`: `ablation.md`, `ablation.json`, `ablation.png`.
@@ -117,6 +121,8 @@ def summarize_ablation(ablation: xr.Dataset) -> dict:
                "per_group": per_group, "delta": delta}
     if "accuracy" in ablation:
         summary["accuracy"] = _accuracy_summary(ablation)
+    if "fidelity_rank_correlation" in ablation:
+        summary["fidelity"] = fidelity_summary(ablation)
     return summary
 
 
@@ -218,6 +224,8 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
         lines += ["", f"![ablation]({plot})"]
     if "accuracy" in summary:
         lines += ["", accuracy_markdown(summary["accuracy"])]
+    if "fidelity" in summary:
+        lines += ["", fidelity_markdown(summary["fidelity"])]
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +254,74 @@ def accuracy_markdown(accuracy: dict) -> str:
                   table(["group", "records", "intact", "own set off"] + [f"{c} off" for c in controls],
                         [[a, accuracy["checked"][a], _share(accuracy["intact"][a]), _share(accuracy["ablated"][a][a])]
                          + [_share(accuracy["controls"][c][a][a]) for c in controls] for a in own])]
+    return "\n".join(lines)
+
+
+def fidelity_summary(ablation: xr.Dataset) -> dict:
+    """The fidelity figures as plain data: per group own and others' estimate and delta, the probes."""
+    groups = [str(g) for g in ablation.ablated.values]
+
+    def own_and_others(values: xr.DataArray, group: str) -> tuple[float | None, float | None]:
+        # the other groups that have components: evaluated categories without any stay apart
+        others = [e for e in values.evaluated.values if e != group and e in groups]
+        return (_value(values.sel(ablated=group, evaluated=group)) if group in values.evaluated else None,
+                _value(values.sel(ablated=group, evaluated=others).mean()) if others else None)
+
+    per_group = {}
+    for group in groups:
+        own_estimate, other_estimate = own_and_others(ablation.set_estimate, group)
+        own_delta, other_delta = own_and_others(ablation.delta, group)
+        per_group[group] = {"size": int(ablation.ablated_size.sel(ablated=group)), "own_estimate": own_estimate,
+                            "own_delta": own_delta, "other_estimate": other_estimate, "other_delta": other_delta}
+    places = [name for name in ablation.coords if name.startswith("probe_")]
+    return {
+        "family": ablation.probe_estimate.attrs.get("family", ablation.attrs.get("family")),
+        "per_group": per_group,
+        "rank_correlation": _with_interval(ablation.fidelity_rank_correlation, ablation.fidelity_rank_correlation_ci),
+        "sign_agreement": _with_interval(ablation.fidelity_sign_agreement, ablation.fidelity_sign_agreement_ci),
+        "probes": [{"place": {name.removeprefix("probe_"): int(ablation[name][k]) for name in places},
+                    "estimate": _value(ablation.probe_estimate[k]), "delta": _value(ablation.probe_delta[k])}
+                   for k in range(ablation.sizes["probe"])],
+    }
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _side_of_zero(figure: dict) -> str:
+    """'yes' when the whole interval is above 0, 'no' when below, else 'unclear'."""
+    low, high = figure["low"], figure["high"]
+    if low is None or high is None:
+        return "unclear"
+    return "yes" if low > 0 else "no" if high < 0 else "unclear"
+
+
+def fidelity_markdown(fidelity: dict) -> str:
+    """Sets' summed estimates beside their deltas; the probes' agreement with a verdict on its interval."""
+    family = (fidelity["family"] or "components").replace("_", " ")
+    rho = fidelity["rank_correlation"]
+    verdict = {"yes": "the estimates rank these components' effects (the interval lies above 0)",
+               "no": "the estimates rank these components' effects the wrong way round (the interval lies below 0)",
+               "unclear": "undecided whether the estimates rank these components' effects (the interval spans 0 "
+                          "or is missing)"}[_side_of_zero(rho)]
+    rerouting = (" An expert's estimate does not see the re-routing its removal causes (first order only)."
+                 if fidelity["family"] == "experts" else "")
+    lines = [
+        "### Fidelity of the attribution estimates", "",
+        "The first-order estimates of switching components off (docs/method.md section 6a), computed on these "
+        "evaluation records with the same scored tokens, against what switching them off measured (nats per "
+        f"token); others: the mean over the other groups that have components.{rerouting}", "",
+        table(["group", "size", "own estimate", "own delta", "others' estimate", "others' delta"],
+              [[g, e["size"], _nats(e["own_estimate"]), _nats(e["own_delta"]), _nats(e["other_estimate"]),
+                _nats(e["other_delta"])] for g, e in fidelity["per_group"].items()]), "",
+        f"{len(fidelity['probes'])} single {family} switched off one at a time (drawn with the seed from the "
+        f"strongest mean estimates, both signs): Spearman's rho = {_fmt(rho, 2)}, sign agreement = "
+        f"{_fmt(fidelity['sign_agreement'], 2)} (95% bootstrap intervals over the probes): {verdict}.", "",
+        table(["component", "estimate", "measured delta"],
+              [[", ".join(f"{k} {v}" for k, v in p["place"].items()), _nats(p["estimate"]), _nats(p["delta"])]
+               for p in fidelity["probes"]]),
+    ]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
 - `CAUSAL_CONTROL`: the control the causal verdict is against (docs/method.md section 6b).
 - `FAMILY_CHOICES`: the families that can be switched off, and `auto`.
 - Dimension names of `ablation.zarr`: `INSTRUCTION`, `ABLATED`, `EVALUATED`, `CONTROL`, `SEED`
-  (a control's draw), `RESAMPLE`, `BOUND`.
+  (a control's draw), `RESAMPLE`, `BOUND`, `PROBE` (a single component of the fidelity check,
+  `sparcom.ablation.fidelity`).
 - Output files: `ABLATION` (the data), `ABLATION_REPORT`, `ABLATION_SUMMARY`, `ABLATION_PLOT`;
   `PASSES`, the folder of finished passes (`sparcom.ablation.passes`) a rerun reuses.
 """
@@ -20,6 +21,7 @@ FAMILY_CHOICES = ("auto", *FAMILY_NAMES)
 
 ABLATED, EVALUATED, CONTROL, SEED = "ablated", "evaluated", "control", "seed"
 RESAMPLE, BOUND = "resample", "bound"
+PROBE = "probe"
 
 ABLATION = "ablation.zarr"
 ABLATION_REPORT = "ablation.md"

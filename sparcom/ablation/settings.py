@@ -1,7 +1,8 @@
 """The ablation stage's settings (docs/method.md section 6).
 
 - `AblationSettings`: the family switched off, the controls and seeds, the evaluation records, the
-  scored tokens, the optional accuracy decoding and the statistics' resamples.
+  scored tokens, the optional accuracy decoding, the statistics' resamples and the fidelity check
+  of the attribution estimates.
 """
 
 from __future__ import annotations
@@ -59,3 +60,9 @@ class AblationSettings(StrictModel):
     max_new_tokens: int = Field(128, gt=0, description="accuracy: tokens greedy-decoded per record at most")
     resamples: int = Field(1000, gt=0, description="bootstrap resamples over records")
     permutations: int = Field(10000, gt=0, description="sign flips of the permutation test")
+    fidelity: bool | None = Field(
+        None, description="also measure how well the attribution estimates predict the switch-offs (the sets' "
+                          "summed estimates beside delta, single components switched off one at a time); "
+                          "none: when the components' rule is an attribution rule")
+    fidelity_probes: int = Field(24, gt=0, description="fidelity: single components switched off one at a time, "
+                                                       "half the strongest positive estimates, half negative")

@@ -199,7 +199,11 @@ def headline(summary: dict) -> str:
                              f"(JS {value:.4f} bits).")
     verdict = summary["focus_verdict"]
     if verdict:
-        parts = [f"{m.replace('_', ' ')} {v['focus_mean']:.4f} vs {v['others_mean']:.4f} (p = {v['p_value']:.3f})"
+        def number(value: float | None, digits: int) -> str:  # None: the sets were empty (lape, small model)
+            return "undefined" if value is None else f"{value:.{digits}f}"
+
+        parts = [f"{m.replace('_', ' ')} {number(v['focus_mean'], 4)} vs {number(v['others_mean'], 4)} "
+                 f"(p = {number(v['p_value'], 3)})"
                  for m, v in verdict["measures"].items()]
         answer = "Yes" if verdict["answer"] == "yes" else f"Undecided ({verdict['reason']})"
         ranking = verdict["measures"]["turnover"]["ranking"]

@@ -6,7 +6,6 @@
 - `batching`: length-sorted, padded batches under a token budget (the ablation's too).
 - `extract`: shards and the store filled in this process (resumable, repairable).
 - `distributed`: the same shards counted on a Dask cluster's workers.
-- `workers`: the workers' model, loaded once and held by one task at a time (the ablation's too).
 - `stage`: the stage as the pipeline runs it, here or on the cluster.
 - `store`, `integrity`: the count store (layout, shards, status) and its chunk manifest.
 - `schema`: the store's dimension and variable names, the component families.

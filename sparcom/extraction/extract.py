@@ -1,5 +1,7 @@
 """Activation extraction: instructions in, a finished count store out (docs/method.md sections 2 and 7).
 
+- `model_attributes(loaded, data_hash)`, `store_attributes(...)`: what a store records of the
+  model and data, and what a count store adds (hooked modules, span, keys).
 - `extract_to_store(loaded, records, store, settings)`: counts every instruction into the store.
   A rerun with the same model, dataset and settings resumes: finished shards are skipped, and a
   finished store is returned as it is. `shards=` restricts one process to some shards so that
@@ -8,9 +10,10 @@
 - `shard_range(shard, shard_size, n)`: the record indices of one shard.
 - `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
   (no records, shards out of range).
-- `repair_store(store)`: a finished store whose chunks are damaged is reopened for the damaged
-  shards only; `extract_to_store` does this itself, so a rerun repairs.
 - `DonorRows(stores, key)`: rows of finished stores a new store copies instead of counting.
+
+A finished store whose chunks are damaged is reopened for the damaged shards only
+(`sparcom.extraction.store.repair_store`); `extract_to_store` does this itself, so a rerun repairs.
 """
 
 from __future__ import annotations
@@ -37,13 +40,11 @@ from sparcom.extraction.store import (
     StoreError,
     check_store_target,
     create_store,
-    damaged_shards,
-    describe_shards,
     finalize_store,
     finished_shards,
+    finished_store,
     is_complete,
     open_store,
-    reopen_shards,
     shard_count,
     store_attrs,
     verify_store,
@@ -58,8 +59,8 @@ SORT_WINDOW_SHARDS = 8
 ProgressCallback = Callable[[int, int], None]  # (instructions done, instructions in total)
 
 
-def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
-    sites = ffn_sites(loaded.model)
+def model_attributes(loaded: LoadedModel, data_hash: str) -> dict:
+    """What every store says of the model and the data it ran on (docs/method.md section 7)."""
     return {
         "model": loaded.source.name,
         "model_path": str(loaded.source.path),
@@ -67,18 +68,25 @@ def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSe
         "model_fingerprint": loaded.fingerprint,
         "revision": loaded.source.revision or "",
         "architecture": loaded.model.config.model_type,
-        "expert_counting": expert_counting_path(sites),
-        "hooked_modules": [point.as_attribute() for point in FFNCounter(sites).hook_points],
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "devices": loaded.devices,
-        "token_span": settings.span,
         "chat_template": loaded.tokenizer.chat_template is not None,
         "dataset_hash": data_hash,
         "sparcom_version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def store_attributes(loaded: LoadedModel, data_hash: str, settings: ExtractionSettings, key: str) -> dict:
+    sites = ffn_sites(loaded.model)
+    return {
+        **model_attributes(loaded, data_hash),
+        "expert_counting": expert_counting_path(sites),
+        "hooked_modules": [point.as_attribute() for point in FFNCounter(sites).hook_points],
+        "token_span": settings.span,
         "extraction_key": key,
         "counts_key": counts_key(loaded.fingerprint, settings.span, loaded.dtype),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -111,7 +119,7 @@ def extract_to_store(
     data_hash = dataset_hash(records)
     key = extraction_key(loaded.fingerprint, data_hash, settings, loaded.dtype)
     check_store_target(store)
-    if _finished_store(store, key):
+    if finished_store(store, key):
         return store
     sites = ffn_sites(loaded.model)
     if not store.exists():
@@ -126,19 +134,6 @@ def extract_to_store(
     if finalize and len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store
-
-
-def _finished_store(store: Path, key: str) -> bool:
-    """Whether `store` is finished for `key` and whole (a damaged one is reopened for its damaged
-    shards: not finished). A store of other counts is refused."""
-    if not store.exists():
-        return False
-    existing = store_attrs(store).get("extraction_key")
-    if existing != key:
-        raise StoreError(
-            f"{store}: holds counts for other settings, model or dataset (key {existing}); "
-            "choose another path or delete it")
-    return is_complete(store) and not repair_store(store)
 
 
 def _count_shards(loaded: LoadedModel, sites: FFNSites, records: Sequence[InstructionRecord], store: Path,
@@ -189,17 +184,6 @@ def _count(
             counts[indices[b]][TOKEN_COUNT] = np.uint32(sum(tokenized[b].counted))
         advance(len(batch))
     return counts
-
-
-def repair_store(store: Path) -> bool:
-    """Reopen the damaged shards of a finished store for a recount; False when it is intact."""
-    shards, other = damaged_shards(store)
-    if other:
-        verify_store(store)  # raises: damage outside the shards cannot be recounted
-    if shards:
-        log.warning("%s: %s have missing or changed chunks; recounting them", store, describe_shards(store, shards))
-        reopen_shards(store, shards)
-    return bool(shards)
 
 
 def check_extraction(records: Sequence[InstructionRecord], settings: ExtractionSettings,

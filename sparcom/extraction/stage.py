@@ -25,12 +25,11 @@ from sparcom.core.models import (
 from sparcom.core.settings import DaskSettings
 from sparcom.curation.dataset import load_records
 from sparcom.curation.records import dataset_hash
-from sparcom.extraction.distributed import extract_on_cluster
-from sparcom.extraction.extract import ProgressCallback, check_extraction, extract_to_store, repair_store
+from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+from sparcom.extraction.extract import ProgressCallback, check_extraction, extract_to_store
 from sparcom.extraction.keys import extraction_key
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
-from sparcom.extraction.store import is_complete
-from sparcom.extraction.workers import shard_resources
+from sparcom.extraction.store import is_complete, repair_store
 
 
 def extract_dataset(

@@ -1,6 +1,8 @@
 """The activation-count store: Zarr v3, read with xarray (docs/method.md section 7).
 
-- `create_store(path, ...)`: the empty store, chunked by shard of instructions and by layers.
+- `create_store(path, ...)`: the empty store, chunked by shard of instructions and by layers;
+  counts (uint32) by default, or per-record values of another type (the attribution store's
+  float32 estimates, `sparcom.attribution`), which the same machinery writes, seals and checks.
 - `write_shard(path, shard, counts)`: one shard's arrays, then its done flag.
 - `finished_shards(path)`, `finalize_store(path)`: resume bookkeeping; the status attribute
   turns "complete" only when every shard is written, so a half-written store is never read.
@@ -9,7 +11,12 @@
   shards and their instruction ids, never zeros.
 - `damaged_shards(path)`, `reopen_shards(path, shards)`: repair: the damaged shards' chunks are
   removed and their done flags cleared, so a rerun of the extraction recounts only those.
-- `check_store_target(path)`: refuses an existing path that is not a count store.
+- `check_store_target(path)`: refuses an existing path that is not a count store (or not a
+  store of the kind named).
+- `finished_store(path, key)`: whether the store is finished for `key` and whole; a store of
+  another key is refused, a damaged one reopened (`repair_store`) for its damaged shards.
+- `repair_store(path)`: a finished store whose chunks are damaged is reopened for the damaged
+  shards only, so a rerun recomputes those.
 - `open_store(path)`: the finished, verified store as an xarray Dataset (dask-backed),
   coordinates loaded.
 - `save_zarr(dataset, path)`: any result dataset, with consolidated metadata.
@@ -21,6 +28,7 @@ processes can fill one store side by side.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -40,6 +48,11 @@ from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 STATUS = "sparcom_status"
 STORE_KIND = "count store"  # the output marker of stores (sparcom.core.outputs)
 PROGRESS = "progress/shard_done"
+KEY = "extraction_key"           # the attribute naming what a count store holds
+COMMAND = "sparcom_command"      # the attribute naming the command that fills a store (rerun to resume)
+SHARD_DTYPES = ("uint32", "float32")  # arrays written by shard; coordinates are strings
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -62,20 +75,24 @@ def create_store(
     shard_size: int,
     layer_chunk: int,
     attrs: dict,
+    dtype: type = np.uint32,
+    record_variable: str = TOKEN_COUNT,
+    kind: str = STORE_KIND,
 ) -> None:
-    """An empty store: `variables` maps each count variable to its dims and sizes after
-    `instruction`; `layer_coords` gives the true layer index along each layer dimension.
+    """An empty store: `variables` maps each variable (of `dtype`) to its dims and sizes after
+    `instruction`; `layer_coords` gives the true layer index along each layer dimension;
+    `record_variable` is the one uint32 number per record (counted or scored tokens).
 
     Written beside the target and renamed into place, so a store is never half-created."""
     path = Path(path)
     n = len(records)
     strings = lambda values: np.array(values, dtype=object)  # noqa: E731 - variable-length strings
-    data_vars = {TOKEN_COUNT: ((INSTRUCTION,), da.zeros(n, dtype=np.uint32, chunks=shard_size))}
+    data_vars = {record_variable: ((INSTRUCTION,), da.zeros(n, dtype=np.uint32, chunks=shard_size))}
     for name, (dims, sizes) in variables.items():
-        per_layer_bytes = shard_size * 4 * math.prod(sizes[1:])
+        per_layer_bytes = shard_size * np.dtype(dtype).itemsize * math.prod(sizes[1:])
         layers = min(layer_chunk, sizes[0], max(1, CHUNK_BYTES // per_layer_bytes))
         data_vars[name] = ((INSTRUCTION, *dims), da.zeros(
-            (n, *sizes), dtype=np.uint32, chunks=(shard_size, layers, *sizes[1:])))
+            (n, *sizes), dtype=dtype, chunks=(shard_size, layers, *sizes[1:])))
     dataset = xr.Dataset(
         data_vars,
         coords={
@@ -87,19 +104,44 @@ def create_store(
         },
         attrs={**attrs, STATUS: "writing", "shard_size": shard_size},
     )
-    with building(path, STORE_KIND, keep_existing=True) as partial:  # another process's first: theirs
+    with building(path, kind, keep_existing=True) as partial:  # another process's first: theirs
         dataset.to_zarr(partial, mode="w", compute=False, zarr_format=3, consolidated=False)
         zarr.open_group(partial, mode="r+").create_array(
             PROGRESS, shape=(shard_count(n, shard_size),), chunks=(1,), dtype="uint8", fill_value=0)
 
 
-def check_store_target(path: Path) -> None:
-    """Refuse to write counts into something that exists and is not a count store of this tool."""
+def check_store_target(path: Path, key: str = KEY, kind: str = STORE_KIND) -> None:
+    """Refuse to write into something that exists and is not a store of this kind (its `key` attribute)."""
     path = Path(path)
     if not path.exists():
         return
-    if not path.is_dir() or not (path / "zarr.json").is_file() or "extraction_key" not in store_attrs(path):
-        raise StoreError(f"{path}: exists and is not a sparcom count store; choose another --out")
+    if not path.is_dir() or not (path / "zarr.json").is_file() or key not in store_attrs(path):
+        raise StoreError(f"{path}: exists and is not a sparcom {kind}; choose another --out")
+
+
+def finished_store(path: Path, key: str, key_name: str = KEY) -> bool:
+    """Whether the store is finished for `key` and whole (a damaged one is reopened for its
+    damaged shards: not finished). A store holding another key is refused."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    existing = store_attrs(path).get(key_name)
+    if existing != key:
+        raise StoreError(
+            f"{path}: holds results for other settings, model or dataset ({key_name} {existing}); "
+            "choose another path or delete it")
+    return is_complete(path) and not repair_store(path)
+
+
+def repair_store(path: Path) -> bool:
+    """Reopen the damaged shards of a finished store for a recount; False when it is intact."""
+    shards, other = damaged_shards(path)
+    if other:
+        verify_store(path)  # raises: damage outside the shards cannot be recounted
+    if shards:
+        log.warning("%s: %s have missing or changed chunks; recounting them", path, describe_shards(path, shards))
+        reopen_shards(path, shards)
+    return bool(shards)
 
 
 def store_attrs(path: Path) -> dict:
@@ -154,7 +196,7 @@ def _shard_arrays(path: Path) -> list[str]:
     for meta in Path(path).glob("*/zarr.json"):
         info = json.loads(meta.read_text())
         dims = info.get("dimension_names") or []
-        if info.get("node_type") != "array" or dims[:1] != [INSTRUCTION] or info["data_type"] != "uint32":
+        if info.get("node_type") != "array" or dims[:1] != [INSTRUCTION] or info["data_type"] not in SHARD_DTYPES:
             continue  # coordinates (strings) are written once, at creation, not by shard
         if size and info["chunk_grid"]["configuration"]["chunk_shape"][0] == min(size, info["shape"][0]):
             names.append(meta.parent.name)
@@ -184,17 +226,18 @@ def verify_store(path: Path, full: bool = True) -> None:
     """Raise StoreError unless the finished store holds every chunk of its manifest unchanged."""
     path = Path(path)
     if not is_complete(path):
-        raise StoreError(f"{path}: extraction has not finished (rerun it with the same settings to resume)")
+        raise StoreError(f"{path}: its writing has not finished (rerun it with the same settings to resume)")
+    command = store_attrs(path).get(COMMAND, "sparcom extract")
     if not (path / MANIFEST_NAME).is_file():
         raise StoreError(f"{path}: no chunk manifest ({MANIFEST_NAME}), so it cannot be verified; "
-                         "rerun `sparcom extract` with the same settings to recount it")
+                         f"rerun `{command}` with the same settings to recount it")
     shards, other = damaged_shards(path, full)
     if other:
         raise StoreError(f"{path}: damaged store: chunks {other} are missing or changed; "
-                         "it cannot be repaired, delete it and extract again")
+                         f"it cannot be repaired, delete it and run `{command}` again")
     if shards:
         raise StoreError(f"{path}: damaged store: {describe_shards(path, shards)} have missing or changed "
-                         "chunks; rerun `sparcom extract` with the same settings to recount them")
+                         f"chunks; rerun `{command}` with the same settings to recount them")
 
 
 def describe_shards(path: Path, shards: Sequence[int], limit: int = 4) -> str:

@@ -10,18 +10,24 @@
   is a damaged or inconsistent store: a StoreError).
 - `one_pass_sums(store, labels, in_half_a)`: every sum identification needs, from one read of
   the counts: per group, and per split-half seed each group's half A (half B is the rest).
+- `open_attribution(settings, store, store_path)`: the attribution store (ATTR.zarr) the
+  attribution rules select from, checked against the count store (same instructions, same model,
+  every family); None when no rule of the settings is one. `estimate_sums(attribution, families,
+  labels, in_half_a)`: its float64 sums per group (and halves), with `record_total`, the means'
+  denominator, as `one_pass_sums` gives the counts'.
 - The selection rules live in `sparcom.identification.rules` (`select`, `top_fraction_threshold`).
 - `split_null_gaps(store, labels, origins, rule_settings, permutations, seeds)`: the split-half
   null's gaps (`<family>_split_null_gap[permutation, group]`): group labels shuffled across
   instructions, the gap recomputed as observed, the permutations summed in batches under
   NULL_BATCH_BYTES.
-- `identify(store, settings)`: every family's frequencies, sets and thresholds, the split-half
+- `identify(store, settings, attribution)`: every family's frequencies (and, for the attribution
+  rules, `<family>.attribution_mean`, the group means of the estimates), sets and thresholds, the split-half
   Jaccard J(g_A, h_B) per seed (`<family>_split_jaccard`) and the null's gaps, the template's
   share of the counted tokens where it is known, with the rule, its parameters and the store's
   provenance in the attributes. Grouped by category or origin everything after the one pass is
   small and in memory; grouped by instruction the frequencies are the counts themselves and
-  stay lazy. `identify_rules(store, settings)`: the same for every rule of `settings.rules`,
-  from the same sums.
+  stay lazy. `identify_rules(store, settings, attribution)`: the same for every rule of
+  `settings.rules`, from the same sums.
 - `identify_store(store_path, settings, out_dir)`: the stage: writes `components.zarr` on the
   current Dask scheduler (see `sparcom.core.cluster`); per instruction, frequencies first, then the
   selection from the written frequencies, so no step holds more than one group's components.
@@ -54,12 +60,14 @@ from sparcom.extraction.schema import INSTRUCTION, TOKEN_COUNT
 from sparcom.extraction.store import StoreError, open_store
 from sparcom.identification.rules import check_rule, component_dims, select_by
 from sparcom.identification.schema import (
+    ATTRIBUTION_RULES,
     COMPONENTS,
     FAMILIES,
     GROUP,
     HALF,
     PERMUTATION,
     RANK_RULES,
+    RECORD_TOTAL,
     RUN_KIND,
     SPLIT_SEED,
     Family,
@@ -86,6 +94,10 @@ SUM_FAN_IN = 8
 # above it the permutations are summed in batches, each one more read of the counts.
 NULL_BATCH_BYTES = 2**28
 ONE_PER_GROUP = "grouped by instruction: one instruction per group, no halves"
+# The names of one kind of sums (`_as_sums`): the groups' totals, their halves' totals, and each
+# family's attribute naming its summed variable: the counts over tokens, or the estimates over records.
+COUNT_SUMS = ("token_total", "half_tokens", "count")
+ESTIMATE_SUMS = (RECORD_TOTAL, "half_records", "attribution")
 PROVENANCE = ("model", "model_fingerprint", "dataset_hash", "token_span")
 
 
@@ -285,19 +297,22 @@ def _weighted_sums(store: xr.Dataset, group: np.ndarray, group_count: int, weigh
 
 
 def _as_sums(tokens: np.ndarray, family_sums: list, groups: np.ndarray, store: xr.Dataset,
-             lead: tuple[str, ...] = ()) -> xr.Dataset:
+             lead: tuple[str, ...] = (), names: tuple[str, str, str] = COUNT_SUMS) -> xr.Dataset:
     """The dataset `one_pass_sums` describes, from tokens[*lead, group, column] and per family
-    sums[*lead, group, column, ...], column 0 the whole group and column 1 + s seed s's half A."""
+    sums[*lead, group, column, ...], column 0 the whole group and column 1 + s seed s's half A
+    (`names`: ESTIMATE_SUMS for the estimates' sums, records in place of tokens)."""
+    total, half_total, variable = names
     seeds = tokens.shape[-1] - 1
     whole, half = (slice(None),) * (len(lead) + 1) + (0,), (slice(None),) * (len(lead) + 1) + (slice(1, None),)
-    result = xr.Dataset({"token_total": ((*lead, GROUP), tokens[whole])}, coords={GROUP: groups.astype(object)})
+    result = xr.Dataset({total: ((*lead, GROUP), tokens[whole])}, coords={GROUP: groups.astype(object)})
     if seeds:
-        result["half_tokens"] = ((*lead, SPLIT_SEED, GROUP), np.moveaxis(tokens[half], -1, -2))
+        result[half_total] = ((*lead, SPLIT_SEED, GROUP), np.moveaxis(tokens[half], -1, -2))
     for family, dims, values in family_sums:  # integers: divided by float64 tokens the same frequencies
-        result[family.count] = ((*lead, GROUP, *dims), values[whole])
+        name = getattr(family, variable)
+        result[name] = ((*lead, GROUP, *dims), values[whole])
         if seeds:
-            result[f"{family.count}_half_a"] = ((*lead, SPLIT_SEED, GROUP, *dims),
-                                                np.moveaxis(values[half], len(lead) + 1, len(lead)))
+            result[f"{name}_half_a"] = ((*lead, SPLIT_SEED, GROUP, *dims),
+                                        np.moveaxis(values[half], len(lead) + 1, len(lead)))
     return result.assign_coords({d: store[d] for d in result.dims if d in store.coords})
 
 
@@ -316,6 +331,62 @@ def one_pass_sums(store: xr.Dataset, labels: np.ndarray, in_half_a: np.ndarray |
     return _as_sums(tokens, family_sums, groups, store)
 
 
+def open_attribution(settings: IdentificationSettings, store: xr.Dataset, store_path: object) -> xr.Dataset | None:
+    """The verified attribution store of the attribution rules (None when the settings have none),
+    refused when missing, or when its records, model or families are not the count store's."""
+    chosen = [rule for rule in settings.selected_rules() if rule in ATTRIBUTION_RULES]
+    if not chosen:
+        return None
+    if settings.attribution is None:
+        raise ValueError(f"rule {chosen[0]!r} selects by attribution estimates: pass --attribution ATTR.zarr "
+                         "(made by `sparcom attribute` from the count store's dataset)")
+    attribution = open_store(settings.attribution)
+    where = f"{settings.attribution} and the count store {store_path}"
+    ours, theirs = (np.array([str(i) for i in s.instruction_id.values.tolist()]) for s in (attribution, store))
+    if len(ours) != len(theirs) or (ours != theirs).any():
+        differ = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise ValueError(f"{where}: the instructions differ ({len(ours)} and {len(theirs)} records, first "
+                         f"difference at position {differ}); make the attribution store from the same dataset")
+    fingerprints = [s.attrs.get("model_fingerprint") for s in (attribution, store)]
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        raise ValueError(f"{where}: of different models (fingerprints {fingerprints[0][:12]} and "
+                         f"{fingerprints[1][:12]}); make the attribution store with the count store's model")
+    missing = [f"{f.attribution} (for {f.name})" for f in families_in(store) if f.attribution not in attribution]
+    if missing:
+        raise ValueError(f"{where}: the attribution store lacks {', '.join(missing)}")
+    return attribution
+
+
+def _weighted_estimates(attribution: xr.Dataset, families: list[Family], group: np.ndarray, group_count: int,
+                        weights: np.ndarray) -> tuple[np.ndarray, list[tuple[Family, tuple[str, ...], np.ndarray]]]:
+    """From one read of the estimates: records[group, column] and, per family, (family, component
+    dims, sums[group, column, ...]) of the 0/1 `weights[instruction, column]`, all float64."""
+    weights = weights.astype(np.float64)
+    records = np.stack([np.bincount(group, weights=column, minlength=group_count) for column in weights.T], axis=1)
+    contracted = [_contract(attribution[f.attribution], group, group_count, weights, np.float64) for f in families]
+    computed = _gathered([sums.data for sums in contracted])
+    return records, [(f, sums.dims[2:], values) for f, sums, values in zip(families, contracted, computed)]
+
+
+def estimate_sums(attribution: xr.Dataset, families: list[Family], labels: np.ndarray,
+                  in_half_a: np.ndarray | None) -> xr.Dataset:
+    """In memory, float64: `record_total[group]` and per family `<attribution>[group, ...]`, the
+    summed estimates; with halves also `half_records[split_seed, group]` and
+    `<attribution>_half_a[split_seed, group, ...]`."""
+    groups, group = _group_index(labels)
+    seeds = 0 if in_half_a is None else len(in_half_a)
+    weights = np.column_stack([np.ones(len(labels), dtype=bool), *(in_half_a if seeds else [])])
+    records, family_sums = _weighted_estimates(attribution, families, group, len(groups), weights)
+    return _as_sums(records, family_sums, groups, attribution, names=ESTIMATE_SUMS)
+
+
+def _estimate_means(attribution: xr.Dataset, families: list[Family], labels: np.ndarray) -> xr.Dataset:
+    """Per instruction: `record_total` (ones) and each family's estimates as its 'means'."""
+    means = {f.attribution_mean: _per_instruction(attribution[f.attribution], labels) for f in families}
+    return xr.Dataset({RECORD_TOTAL: (GROUP, np.ones(len(labels), dtype=np.int64)), **means},
+                      coords={GROUP: labels.astype(object)})
+
+
 def _null_batches(store: xr.Dataset, labels: np.ndarray, seeds: int, permutations: int, batch_bytes: int
                   ) -> list[range]:
     """Consecutive permutations whose arrays take at most about `batch_bytes` (at least one
@@ -330,7 +401,8 @@ def _null_batches(store: xr.Dataset, labels: np.ndarray, seeds: int, permutation
 
 def split_null_gaps(store: xr.Dataset, labels: np.ndarray, origins: np.ndarray | None,
                     rule_settings: dict[str, IdentificationSettings], permutations: int, seeds: int,
-                    batch_bytes: int = NULL_BATCH_BYTES) -> dict[str, dict[str, xr.DataArray]]:
+                    batch_bytes: int = NULL_BATCH_BYTES, attribution: xr.Dataset | None = None
+                    ) -> dict[str, dict[str, xr.DataArray]]:
     """rule -> family -> the split-half null's gap[permutation, group] (docs/method.md section 4b):
     per permutation (`label_permutations`), the halves dealt on the permuted labels with the
     same seeds, summed and selected with each rule as the observed ones are (`_split_jaccard`).
@@ -339,7 +411,8 @@ def split_null_gaps(store: xr.Dataset, labels: np.ndarray, origins: np.ndarray |
     per (group, seed)'s half A. The permutations go through in batches whose arrays take about
     `batch_bytes` at most (`_null_batches`), each batch one more read of the counts, its
     permutations selected together; the result does not depend on the batches (each
-    permutation's seed is its index)."""
+    permutation's seed is its index). With `attribution` (for the attribution rules) the
+    estimates are summed with the same columns in the same batches."""
     groups, _ = _group_index(labels)
     shuffled = label_permutations(labels, permutations)
     gaps = {rule: {f.name: [] for f in families_in(store)} for rule in rule_settings}
@@ -354,6 +427,12 @@ def split_null_gaps(store: xr.Dataset, labels: np.ndarray, origins: np.ndarray |
         shape = (len(batch), len(groups), 1 + seeds)
         sums = _as_sums(tokens.reshape(shape), [(f, dims, values.reshape(*shape, *values.shape[2:]))
                                                 for f, dims, values in family_sums], groups, store, (PERMUTATION,))
+        if attribution is not None:
+            records, family_sums = _weighted_estimates(attribution, families_in(store), np.zeros(len(labels), dtype=np.intp),
+                                                       1, np.column_stack(columns))
+            sums = sums.merge(_as_sums(records.reshape(shape), [(f, dims, values.reshape(*shape, *values.shape[2:]))
+                                                                for f, dims, values in family_sums],
+                                       groups, attribution, (PERMUTATION,), ESTIMATE_SUMS))
         for rule, settings in rule_settings.items():
             for family in families_in(store):
                 gap = reliability(_split_jaccard(sums, family, settings)).specificity_gap
@@ -366,7 +445,7 @@ def split_null_gaps(store: xr.Dataset, labels: np.ndarray, origins: np.ndarray |
 def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
     result = xr.Dataset()
     for family in families_in(frequencies, by="frequency"):
-        chosen = select_by(frequencies[family.frequency], settings, family.layer_dim)
+        chosen = select_by(frequencies[family.ranked_by(settings.rule)], settings, family.layer_dim)
         result[family.selected] = chosen.selected
         result[family.threshold] = chosen.threshold
     return result.reset_coords(drop=True)  # leave the non-index coordinates where they are
@@ -375,10 +454,13 @@ def _selection(frequencies: xr.Dataset, settings: IdentificationSettings) -> xr.
 def _split_jaccard(sums: xr.Dataset, family: Family, settings: IdentificationSettings) -> xr.DataArray:
     """J(g_A, h_B)[split_seed, group, other_group] (first along `permutation` where the sums
     have it: the null's): each half selected with the same rule, all groups' A halves together
-    (the rules that compare groups compare halves with halves), every seed and half at once."""
-    whole, half_a = sums[family.count], sums[f"{family.count}_half_a"]
+    (the rules that compare groups compare halves with halves), every seed and half at once. The
+    attribution rules select from their halves' summed estimates over their halves' records."""
+    total, half_total, variable = ESTIMATE_SUMS if settings.rule in ATTRIBUTION_RULES else COUNT_SUMS
+    summed = getattr(family, variable)
+    whole, half_a = sums[summed], sums[f"{summed}_half_a"]
     halves = xr.concat([half_a, (whole - half_a).transpose(*half_a.dims)], HALF)
-    tokens = xr.concat([sums.half_tokens, (sums.token_total - sums.half_tokens).transpose(*sums.half_tokens.dims)],
+    tokens = xr.concat([sums[half_total], (sums[total] - sums[half_total]).transpose(*sums[half_total].dims)],
                        HALF)
     sets = _half_sets(halves, tokens, family, settings)
     return cross_jaccard(sets.isel({HALF: 0}, drop=True), sets.isel({HALF: 1}, drop=True), component_dims(whole))
@@ -388,7 +470,9 @@ def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, setting
                ) -> xr.DataArray:
     """The halves' sets. A rule that ranks within each group (`RANK_RULES`) selects the same sets
     from the summed counts as from the frequencies, so only their extremes are divided, to check
-    them as frequencies are checked."""
+    them as frequencies are checked. The attribution rules' means (sums over records) have any sign."""
+    if settings.rule in ATTRIBUTION_RULES:
+        return select_by(sums / tokens, settings, family.layer_dim).selected
     if settings.rule not in RANK_RULES:
         return select_by(_frequency(sums, tokens, family.frequency), settings, family.layer_dim).selected
     dims = component_dims(sums)
@@ -398,8 +482,12 @@ def _half_sets(sums: xr.DataArray, tokens: xr.DataArray, family: Family, setting
     return select_by(sums, settings, family.layer_dim).selected
 
 
-def _attrs(store: xr.Dataset, settings: IdentificationSettings) -> dict:
+def _attrs(store: xr.Dataset, settings: IdentificationSettings, attribution: xr.Dataset | None = None) -> dict:
+    estimates = {} if attribution is None or settings.rule not in ATTRIBUTION_RULES else {
+        "attribution_store": str(settings.attribution),
+        "attribution_max_response_tokens": attribution.attrs.get("max_response_tokens", 0)}
     return {
+        **estimates,
         **{k: store.attrs[k] for k in PROVENANCE if k in store.attrs},
         "group_by": settings.group_by,
         "rule": settings.rule,
@@ -429,30 +517,42 @@ def _checked_labels(store: xr.Dataset, settings: IdentificationSettings, where: 
     return labels
 
 
-def identify_rules(store: xr.Dataset, settings: IdentificationSettings) -> dict[str, xr.Dataset]:
+def identify_rules(store: xr.Dataset, settings: IdentificationSettings, attribution: xr.Dataset | None = None
+                   ) -> dict[str, xr.Dataset]:
     """rule -> what `identify` gives for that rule alone, for every rule of the settings, from one
-    pass over the counts (and one more per batch of the split-half null's permutations)."""
+    pass over the counts (and one more per batch of the split-half null's permutations). The
+    attribution rules need `attribution`, the attribution store of the same records
+    (`open_attribution`); their results add the estimates' group means beside the frequencies."""
     labels = _checked_labels(store, settings, "store")
     rules = {rule: settings.for_rule(rule) for rule in settings.selected_rules()}
+    needs_estimates = any(rule in ATTRIBUTION_RULES for rule in rules)
+    if needs_estimates and attribution is None:
+        raise ValueError(f"rules {list(rules)} select by attribution estimates: they need an attribution store")
+    families = families_in(store)
     if settings.group_by == INSTRUCTION:
         frequencies = group_frequencies(store, INSTRUCTION)
-        return {rule: xr.merge([frequencies, _selection(frequencies, one)]).assign_attrs(
-            {**_attrs(store, one), "split_half_left_out": ONE_PER_GROUP}) for rule, one in rules.items()}
+        means = _estimate_means(attribution, families, labels) if needs_estimates else None
+        return {rule: _with_selection(_ranked(frequencies, means, rule), one).assign_attrs(
+            {**_attrs(store, one, attribution), "split_half_left_out": ONE_PER_GROUP}) for rule, one in rules.items()}
     origins = _group_labels(store, "origin") if "origin" in store.coords else None
     in_half_a, left_out = half_assignment(labels, origins, settings.split_half_seeds)
     sums = one_pass_sums(store, labels, in_half_a)
-    families = families_in(store)
     frequencies = xr.Dataset({"token_total": sums.token_total.astype(np.uint64), **{
         f.frequency: _frequency(sums[f.count], sums.token_total, f.frequency) for f in families}})
+    means = None
+    if needs_estimates:  # the estimates' sums beside the counts', the frequencies kept
+        sums = sums.merge(estimate_sums(attribution, families, labels, in_half_a))
+        means = xr.Dataset({RECORD_TOTAL: sums[RECORD_TOTAL].astype(np.int64), **{
+            f.attribution_mean: sums[f.attribution] / sums[RECORD_TOTAL] for f in families}})
     share, reason = template_share(store.attrs, labels, sums.token_total)
     null = {}
     if not left_out and settings.split_half_permutations:
         null = split_null_gaps(store, labels, origins, rules, settings.split_half_permutations,
-                               settings.split_half_seeds)
+                               settings.split_half_seeds, attribution=attribution if needs_estimates else None)
     results = {}
     for rule, one in rules.items():
-        result = xr.merge([frequencies, _selection(frequencies, one)])
-        attrs = {**_attrs(store, one), **reason}
+        result = _with_selection(_ranked(frequencies, means, rule), one)
+        attrs = {**_attrs(store, one, attribution), **reason}
         if left_out:
             attrs["split_half_left_out"] = left_out
         else:
@@ -468,12 +568,24 @@ def identify_rules(store: xr.Dataset, settings: IdentificationSettings) -> dict[
     return results
 
 
-def identify(store: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+def _ranked(frequencies: xr.Dataset, means: xr.Dataset | None, rule: str) -> xr.Dataset:
+    """What a rule's result holds before its sets: the frequencies, and for an attribution rule
+    the estimates' means beside them (so a frequency rule's result is the same whichever rules
+    run beside it)."""
+    return frequencies.merge(means) if rule in ATTRIBUTION_RULES else frequencies
+
+
+def _with_selection(values: xr.Dataset, settings: IdentificationSettings) -> xr.Dataset:
+    return xr.merge([values, _selection(values, settings)])
+
+
+def identify(store: xr.Dataset, settings: IdentificationSettings, attribution: xr.Dataset | None = None
+             ) -> xr.Dataset:
     """Frequencies, sets and thresholds of every family, their split-half Jaccard values and the
     null's gaps, of a one-rule settings (lazy only when grouped by instruction)."""
     if len(settings.selected_rules()) > 1:
         raise ValueError(f"identify selects with one rule; {settings.selected_rules()}: use identify_rules")
-    return identify_rules(store, settings)[settings.selected_rules()[0]]
+    return identify_rules(store, settings, attribution)[settings.selected_rules()[0]]
 
 
 def _write_zarr(dataset: xr.Dataset, path: Path, mode: str) -> None:
@@ -508,7 +620,8 @@ def identify_store_rules(store_path: Path, settings: IdentificationSettings, out
     on the current Dask scheduler. The store is verified first; each folder must be new, empty or
     an earlier run folder (`sparcom.core.outputs`)."""
     store = open_store(store_path)
-    _checked_labels(store, settings, store_path)
+    labels = _checked_labels(store, settings, store_path)
+    attribution = open_attribution(settings, store, store_path)
     if sorted(out_dirs) != sorted(settings.selected_rules()):
         raise ValueError(f"a run folder for each rule of {settings.selected_rules()}, not of {sorted(out_dirs)}")
     with contextlib.ExitStack() as claims:
@@ -517,9 +630,10 @@ def identify_store_rules(store_path: Path, settings: IdentificationSettings, out
             claims.enter_context(claimed(out_dir, RUN_KIND))
             targets[rule] = claims.enter_context(building(Path(out_dir) / COMPONENTS, "components"))
         if settings.group_by == INSTRUCTION:
-            _write_by_instruction(store, settings, targets)
+            means = None if attribution is None else _estimate_means(attribution, families_in(store), labels)
+            _write_by_instruction(store, settings, targets, attribution, means)
         else:
-            for rule, result in identify_rules(store, settings).items():
+            for rule, result in identify_rules(store, settings, attribution).items():
                 _write_zarr(result, targets[rule], mode="w")
         with warnings.catch_warnings():  # zarr warns that the v3 spec has not adopted consolidation yet
             warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
@@ -529,15 +643,17 @@ def identify_store_rules(store_path: Path, settings: IdentificationSettings, out
     return {rule: Path(out_dirs[rule]) / COMPONENTS for rule in out_dirs}
 
 
-def _write_by_instruction(store: xr.Dataset, settings: IdentificationSettings, targets: dict[str, Path]) -> None:
+def _write_by_instruction(store: xr.Dataset, settings: IdentificationSettings, targets: dict[str, Path],
+                          attribution: xr.Dataset | None = None, means: xr.Dataset | None = None) -> None:
     """Per instruction, frequencies first (computed once, written to the first rule's folder and
-    copied from there to the others'), then each rule's selection from its written frequencies,
-    so no step holds more than one group's components."""
+    copied from there to the others'; an attribution rule's with the estimates beside them), then
+    each rule's selection from what it wrote, so no step holds more than one group's components."""
     first = next(iter(targets))
     frequencies = group_frequencies(store, INSTRUCTION)
     for rule, path in targets.items():
-        attrs = {**_attrs(store, settings.for_rule(rule)), "split_half_left_out": ONE_PER_GROUP}
-        source = frequencies if rule == first else xr.open_zarr(targets[first], consolidated=False)
-        _write_zarr(source.assign_attrs(attrs), path, mode="w")
+        attrs = {**_attrs(store, settings.for_rule(rule), attribution), "split_half_left_out": ONE_PER_GROUP}
+        source = (frequencies if rule == first else
+                  xr.open_zarr(targets[first], consolidated=False)[list(frequencies.data_vars)])
+        _write_zarr(_ranked(source, means, rule).assign_attrs(attrs), path, mode="w")
         written = xr.open_zarr(path, consolidated=False)
         _write_zarr(_selection(written, settings.for_rule(rule)).assign_attrs(written.attrs), path, mode="a")

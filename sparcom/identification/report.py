@@ -72,8 +72,10 @@ def reproducible(gap: float | None, null_q95: float | None, permutations: int, n
     the null's 95th percentile (docs/method.md section 4b)."""
     if null_left_out:
         return None, null_left_out
-    if gap is None or null_q95 is None:
+    if gap is None:
         return None, "no gap: the halves' sets are empty"
+    if null_q95 is None:
+        return None, "no null: the permuted halves' sets are all empty"
     if 1 / (1 + permutations) >= LEVEL:
         return None, f"{permutations} permutations: p cannot go below 1/{permutations + 1}"
     return gap > null_q95, None

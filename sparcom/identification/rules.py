@@ -9,11 +9,17 @@
   contrastive:       per group, the margin s = p - (largest p of the other groups) at or above its
                      m-th largest value over all components;
   lape:              the entropy rule of the language-specific-neuron method (Tang et al. 2024),
-                     thresholds global over all groups and components.
-  Every rule keeps only p > 0 (s > 0 for contrastive): a never-active component is never selected,
-  and a group with fewer than m non-zero values selects just those.
+                     thresholds global over all groups and components;
+  attribution:       global_percentile's arithmetic on the group means of the estimates a of
+                     switching a component off (docs/method.md section 6a), not on frequencies;
+  attribution_contrastive: contrastive's arithmetic on those means, a - (largest a of the others).
+  Every rule keeps only p > 0 (s > 0 for contrastive, a > 0 and its margin > 0 for the
+  attribution rules): a never-active component is never selected, a component whose removal is
+  estimated to help never either, and a group with fewer than m positive values selects just
+  those (all negative: nothing).
 - `select_by(frequency, settings, layer_dim)`: the same, with the rule and parameters of settings.
 - `check_rule(settings, groups)`: refuse a rule that compares groups when there is only one.
+- `component_dims(values)`: the dims a rule selects over (neither the group nor a repeated dim).
 - `parameter_names(rule)`, `rule_parameters(settings or attrs)`: the parameters a rule uses.
 
 Dims in `sparcom.identification.schema.REPEAT_DIMS` (split halves, seeds, permutations) repeat
@@ -198,17 +204,18 @@ def select(frequency: xr.DataArray, rule: str, epsilon: float = 0.01, tau: float
            layer_dim: str = "layer", top_rate: float = 0.01, filter_rate: float = 0.95,
            bar_ratio: float = 0.95) -> xr.Dataset:
     """`selected` (boolean, like `frequency`) and `threshold` (per group; per group and layer
-    for layer_percentile). Lazy when `frequency` is (lape computes its three scalars)."""
+    for layer_percentile). Lazy when `frequency` is (lape computes its three scalars). For the
+    attribution rules `frequency` holds the group means of the estimates."""
     components = component_dims(frequency)
     if rule == "threshold":
         first = frequency[{d: 0 for d in components}].drop_vars(components, errors="ignore")
         return xr.Dataset({"selected": (frequency >= tau) & (frequency > 0),
                            "threshold": xr.full_like(first, tau, dtype=np.float64)})
-    if rule == "global_percentile":
+    if rule in ("global_percentile", "attribution"):
         return _top_fraction(frequency, components, epsilon)
     if rule == "layer_percentile":
         return _top_fraction(frequency, [d for d in components if d != layer_dim], epsilon)
-    if rule == "contrastive":
+    if rule in ("contrastive", "attribution_contrastive"):
         return _top_fraction(margin(frequency), components, epsilon)
     if rule == "lape":
         return lape(frequency, top_rate, filter_rate, bar_ratio)

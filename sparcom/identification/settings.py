@@ -1,14 +1,16 @@
 """The identification stage's settings (docs/method.md sections 2, 4a and 4b).
 
 - `IdentificationSettings`: the selection rule (or several side by side, `rules`) and their
-  parameters, the grouping, the split-half seeds and permutations of its null;
-  `selected_rules()` the rules a run selects with, `for_rule(rule)` the one-rule settings of one
-  of them (what its run folder and cache key are computed from).
+  parameters, the grouping, the split-half seeds and permutations of its null, and the
+  attribution store the attribution rules select from; `selected_rules()` the rules a run
+  selects with, `for_rule(rule)` the one-rule settings of one of them (what its run folder and
+  cache key are computed from).
 - `SelectionRule`: the rule names of `sparcom.identification.schema.RULES`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -33,6 +35,9 @@ class IdentificationSettings(StrictModel):
     split_half_seeds: int = Field(5, ge=0, description="split-half reliability: seeds (0: off)")
     split_half_permutations: int = Field(
         200, ge=0, description="split-half null: label permutations (0: off)")
+    attribution: Path | None = Field(
+        None, description="the attribution rules: ATTR.zarr of the count store's records (sparcom attribute); "
+                          "the other rules do not read it")
 
     @model_validator(mode="before")
     @classmethod

@@ -20,7 +20,8 @@
 - `experts` (e of a layer): a forward hook on the router takes the router's own logits, sets the
   removed experts' logits to -inf and redoes the router's choice from them (top-k, then the
   model's own weight normalisation), so every token goes to its next-best experts. The choice
-  from logits follows each supported router (`ROUTING`).
+  from logits follows each supported router (`ROUTING`); `moe_router(model, index)` finds the
+  router of MoE layer `index`.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class Ablation:
     def _remove_experts(self, layer, mask: np.ndarray) -> None:
         if not mask.any():
             return
-        router = _router(self.model, layer.index)
+        router = moe_router(self.model, layer.index)
         kept = int((~mask).sum())
         if kept < router.top_k:
             raise AblationError(f"layer {layer.index}: removing {int(mask.sum())} experts leaves {kept}, "
@@ -198,7 +199,7 @@ class Ablation:
         self._handles.append(router.register_forward_hook(reroute))
 
 
-def _router(model: nn.Module, index: int) -> nn.Module:
+def moe_router(model: nn.Module, index: int) -> nn.Module:
     """The router of MoE layer `index`: the MoE block's `gate` in every supported MoE model."""
     model_type = model.config.model_type
     if model_type not in ROUTING:

@@ -8,6 +8,8 @@
   (natural log) of each record's response tokens, teacher-forced, batched and padded exactly as
   extraction batches (`sparcom.extraction.batching.padded_batches`). The decoder runs on every position; the
   LM head only on the positions that predict a response token.
+- `batch_response_nll(model, ids, attention, counted)`: the same for one padded batch, as a
+  tensor; differentiable where gradients are on (the attribution stage differentiates it).
 
     nll = response_nll(model, tokenize_responses(records, tokenizer), tokenizer, ExtractionSettings(), device)
 """
@@ -57,32 +59,39 @@ def response_nll(
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Mean response NLL per record, in the order of `tokenized` (float64)."""
-    decoder = model.base_model
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
     nll = np.full(len(tokenized), np.nan)
     for batch, ids, attention, counted in padded_batches(tokenized, tokenizer, settings, device):
-        # Positions follow the real tokens, so left padding gives the same positions as no padding.
-        position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-        predicts = torch.zeros_like(counted)
-        predicts[:, :-1] = counted[:, 1:]  # position t predicts token t + 1
-        rows, columns = predicts.nonzero(as_tuple=True)
-        targets = ids[rows, columns + 1]
-        losses = torch.empty(len(rows), dtype=torch.float32, device=device)
-        for start in range(0, len(rows), LM_HEAD_ROWS):
-            chunk = slice(start, start + LM_HEAD_ROWS)
-            logits = head(hidden[rows[chunk], columns[chunk]]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            losses[chunk] = F.cross_entropy(logits, targets[chunk], reduction="none")
-        totals = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, losses.double())
-        per_row = (totals / predicts.sum(dim=1).double()).cpu().numpy()
-        nll[batch] = per_row
+        nll[batch] = batch_response_nll(model, ids, attention, counted).cpu().numpy()
         if on_batch:
             on_batch(len(batch))
     if np.isnan(nll).any():
         raise FloatingPointError("the model produced NaN log-likelihoods (known cause: float64 with eager "
                                  "attention and left padding); use right padding or another dtype")
     return nll
+
+
+def batch_response_nll(model: nn.Module, ids: torch.Tensor, attention: torch.Tensor,
+                       counted: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each row's counted (response) tokens, float64 [batch]."""
+    decoder = model.base_model
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+    # Positions follow the real tokens, so left padding gives the same positions as no padding.
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    predicts = torch.zeros_like(counted)
+    predicts[:, :-1] = counted[:, 1:]  # position t predicts token t + 1
+    rows, columns = predicts.nonzero(as_tuple=True)
+    targets = ids[rows, columns + 1]
+    losses = []
+    for start in range(0, len(rows), LM_HEAD_ROWS):
+        chunk = slice(start, start + LM_HEAD_ROWS)
+        logits = head(hidden[rows[chunk], columns[chunk]]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
+    totals = torch.zeros(len(ids), dtype=torch.float64, device=ids.device).index_add(
+        0, rows, torch.cat(losses).double())
+    return totals / predicts.sum(dim=1).double()
+
