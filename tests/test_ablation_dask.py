@@ -42,7 +42,11 @@ def assert_same_ablation(got: xr.Dataset, expected: xr.Dataset) -> None:
     assert set(got.data_vars) == set(expected.data_vars)
     for name in expected.data_vars:
         if expected[name].dtype.kind in "fc" and name not in DRAWN:
-            np.testing.assert_allclose(got[name].values, expected[name].values, atol=1e-4, rtol=0, err_msg=name)
+            # A ratio of two deltas carries their 1e-4 differences divided by its denominator: a
+            # worker's one thread sums MoE expert outputs in another order than the process's two.
+            relative = 1e-3 if "ratio" in name or "specificity" in name else 0
+            np.testing.assert_allclose(got[name].values, expected[name].values, atol=1e-4, rtol=relative,
+                                       err_msg=name)
         else:
             np.testing.assert_array_equal(got[name].values, expected[name].values, err_msg=name)
     for name in expected.coords:
