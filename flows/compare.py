@@ -70,6 +70,7 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
     identify_components(tuned_store, {rule: run_dir / "tuned" for rule, run_dir in run_dirs.items()},
                         settings.identification, settings.dask, refresh, artifact_prefix="sparcom-tuned")
     prefixes = artifact_prefixes("sparcom-tuned", list(run_dirs))
+    base_prefixes = artifact_prefixes("sparcom", list(run_dirs))
     comparisons = {}
     for rule, run_dir in run_dirs.items():
         base_ablation = run_dir / "ablation.json"
@@ -81,6 +82,6 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
             add_ablation_to_report(run_dir / REPORT, tuned_ablation, baseline=base_ablation)
         comparisons[rule] = refreshed(compare_checkpoints, "compare", refresh)(
             run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",
-            settings.fine_tuned_groups(), settings.comparison.top_movers)
+            settings.fine_tuned_groups(), settings.comparison.top_movers, prefix=base_prefixes[rule])
         add_comparison_to_report(run_dir / REPORT, comparisons[rule])
     return comparisons

@@ -2,7 +2,7 @@
 
 - `check_comparable(base_store, tuned_store)`: `sparcom.comparison.compare.check_stores_compatible`.
 - `compare_checkpoints(base_components, tuned_components, out_dir, ...)`:
-  `sparcom.comparison.report.report_comparison`, published as the `sparcom-comparison` artifact.
+  `sparcom.comparison.report.report_comparison`, published as the `sparcom-comparison` artifact (`sparcom-<rule>-comparison` for a run's later rules).
 - `add_comparison_to_report(run_report, summary)`: `sparcom.comparison.report.link_into_report`,
   cached on the report as the analyse stage wrote it (`sparcom.stages.run_report_written`).
 """
@@ -26,19 +26,20 @@ def check_comparable(base_store: Path, tuned_store: Path) -> None:
 
 
 @task(name="compare base and tuned components", **cached(
-    lambda base_components, tuned_components, out_dir, focus_groups, top_movers=10: (
+    lambda base_components, tuned_components, out_dir, focus_groups, top_movers=10, prefix="sparcom": (
         result_key("compare", Path(base_components), Path(tuned_components), str(out_dir), focus_groups,
-                   top_movers))))
+                   top_movers, prefix))))
 def compare_checkpoints(
     base_components: Path, tuned_components: Path, out_dir: Path, focus_groups: list[str], top_movers: int = 10,
+    prefix: str = "sparcom",
 ) -> dict:
-    """The comparison report, published as `sparcom-comparison`."""
+    """The comparison report, published as `<prefix>-comparison` (each rule of a run its own)."""
     # Imported when the task runs: a cached rerun does not load matplotlib.
     from sparcom.comparison.report import report_comparison
 
     summary = report_comparison(base_components, tuned_components, out_dir, focus_groups, top_movers)
     create_markdown_artifact(
-        Path(summary["files"][COMPARISON_REPORT]).read_text(), key="sparcom-comparison",
+        Path(summary["files"][COMPARISON_REPORT]).read_text(), key=f"{prefix}-comparison",
         description="Before/after: kept, gained and lost components, layer shift, frequency change")
     return summary
 

@@ -140,8 +140,8 @@ def test_identify_flow_on_the_external_scheduler(prefect_harness, scheduler_addr
 
     from flows.identify import identify_components
 
-    summary = identify_components(moe_path, tmp_path / "out", IdentificationSettings(epsilon=0.1),
-                                  DaskSettings(address=scheduler_address))
+    [summary] = identify_components(moe_path, tmp_path / "out", IdentificationSettings(epsilon=0.1),
+                                    DaskSettings(address=scheduler_address)).values()  # {rule: summary}
     assert summary["rule"] == "global_percentile" and Path(summary["files"]["experts.png"]).is_file()
 
     async def artifacts():

@@ -276,8 +276,10 @@ def test_pipeline_deployment_completes_with_findings(server, pipeline_runs):
     [comparison] = [a for a in artifacts if a["key"] == "sparcom-comparison"]
     assert "SPARCOM: before and after fine-tuning" in comparison["data"]
     assert keys.count("sparcom-ablation") == keys.count("sparcom-tuned-ablation") == 1
-    # 2 extractions, the fine-tune, 2 ablations (the model's components, the fine-tune's)
-    assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 5
+    # The deployment compares two rules, the second reading effect estimates: 2 extractions, 2
+    # attribution stores, the fine-tune, and per rule 2 ablations (the model's components, the fine-tune's)
+    assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0] * 9
+    assert keys.count("sparcom-attribution-contrastive-comparison") == 1
     assert any(a["type"] == "table" for a in artifacts)
 
 
