@@ -74,6 +74,14 @@ DaskAddressOption = Annotated[Optional[str], typer.Option(
     "--dask-address", help="an existing Dask scheduler (tcp://host:port); default: a local cluster")]
 DaskWorkersOption = Annotated[Optional[int], typer.Option(
     "--dask-workers", help="workers of the local Dask cluster; default: one per core")]
+# `extract` and `attribute`: a model over a dataset into a store
+RequiredModelOption = Annotated[str, typer.Option(help="'default', hub id, directory or .gguf")]
+StoreOutOption = Annotated[Path, typer.Option(help="the Zarr store to write (resumed if it exists)")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(help="run the model repository's own code")]
+RevisionOption = Annotated[Optional[str], typer.Option(help="hub revision")]
+ModelDaskWorkersOption = Annotated[Optional[int], typer.Option(
+    "--dask-workers", help="local Dask workers (one per GPU at most); default: one per GPU where "
+                           "there are several, else this process alone")]
 
 
 def _settings(config: Path | None, default_rules: list[str] | None = DEFAULT_RULES, **overrides) -> PipelineSettings:
@@ -159,32 +167,30 @@ def run(
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="'default', hub id, directory or .gguf")],
+    model: RequiredModelOption,
     dataset: Annotated[Path, typer.Option(help="JSONL file or saved dataset directory")],
-    out: Annotated[Path, typer.Option(help="the Zarr store to write (resumed if it exists)")],
+    out: StoreOutOption,
     config: ConfigOption = None,
     span: SpanOption = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per forward pass")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own code")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="hub revision")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    revision: RevisionOption = None,
     shards: Annotated[Optional[str], typer.Option(
         help="only these shards, e.g. '0-3,8', so several processes or GPUs fill one store")] = None,
     device_map: Annotated[Optional[str], typer.Option(
         help="spread a model larger than one GPU: auto, balanced, sequential or a JSON {module: device}")] = None,
     dask_address: DaskAddressOption = None,
-    dask_workers: Annotated[Optional[int], typer.Option(
-        "--dask-workers", help="local Dask workers (one per GPU at most); default: one per GPU where "
-                               "there are several, else this process alone")] = None,
+    dask_workers: ModelDaskWorkersOption = None,
 ) -> None:
     """Count FFN activations of every instruction into a Zarr store (docs/method.md section 7), in
     this process or as one Dask task per shard (an existing scheduler, or one local worker per GPU)."""
-    from sparcom.core.cluster import extraction_cluster
-    from sparcom.core.models import check_device_map, load_model, resolve_model
+    from sparcom.core.models import check_device_map
     from sparcom.curation.dataset import load_records
-    from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+    from sparcom.extraction.distributed import extract_on_cluster
     from sparcom.extraction.extract import check_extraction, extract_to_store, parse_shards
+    from sparcom.extraction.model_stage import run_on_model
     from sparcom.extraction.store import check_store_target, is_complete
 
     settings = _settings(
@@ -201,38 +207,29 @@ def extract(
     check_store_target(out)
     if not settings.dask.address:  # a remote cluster's workers check their own devices
         check_device_map(settings.model.device_map, settings.model.max_memory)
-    with extraction_cluster(settings.dask, settings.extraction.device,
-                            spread=settings.model.device_map is not None) as client:
-        if client is not None:
-            store = extract_on_cluster(client, settings.model, records, out, settings.extraction,
-                                       shard_resources(settings.dask, settings.extraction),
-                                       settings.cache_dir, shards=wanted)
-        else:
-            source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
-            loaded = load_model(source, settings.cache_dir, settings.extraction.dtype,
-                                settings.extraction.device, settings.model.trust_remote_code,
-                                settings.model.device_map, settings.model.max_memory)
-            store = extract_to_store(loaded, records, out, settings.extraction, shards=wanted, dataset_path=dataset)
+    store = run_on_model(
+        settings.model, settings.extraction, settings.cache_dir, settings.dask,
+        lambda client, resources: extract_on_cluster(client, settings.model, records, out, settings.extraction,
+                                                     resources, settings.cache_dir, shards=wanted),
+        lambda loaded: extract_to_store(loaded, records, out, settings.extraction, shards=wanted, dataset_path=dataset))
     typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
 
 
 @app.command()
 def attribute(
-    model: Annotated[str, typer.Option(help="'default', hub id, directory or .gguf")],
+    model: RequiredModelOption,
     dataset: Annotated[Path, typer.Option(help="JSONL file or saved dataset directory (records with responses)")],
-    out: Annotated[Path, typer.Option(help="the Zarr store to write (resumed if it exists)")],
+    out: StoreOutOption,
     config: ConfigOption = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(
         help="response tokens scored per record, the first ones (default 16, as the ablation)")] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="padded tokens per forward and backward pass")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="run the model repository's own code")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="hub revision")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    revision: RevisionOption = None,
     dask_address: DaskAddressOption = None,
-    dask_workers: Annotated[Optional[int], typer.Option(
-        "--dask-workers", help="local Dask workers (one per GPU at most); default: one per GPU where "
-                               "there are several, else this process alone")] = None,
+    dask_workers: ModelDaskWorkersOption = None,
 ) -> None:
     """Estimate, per record, what switching each component off would do to the loss of its
     reference response (docs/method.md section 6a): one forward and one backward pass per batch,
@@ -240,10 +237,9 @@ def attribute(
     from sparcom.attribution.store import attribute_on_cluster, attribute_to_store, check_attribution
     from sparcom.attribution.keys import KEY
     from sparcom.attribution.schema import STORE_KIND
-    from sparcom.core.cluster import extraction_cluster
-    from sparcom.core.models import check_device_map, load_model, resolve_model
+    from sparcom.core.models import check_device_map
     from sparcom.curation.dataset import load_records
-    from sparcom.extraction.distributed import shard_resources
+    from sparcom.extraction.model_stage import run_on_model
     from sparcom.extraction.store import check_store_target, is_complete
 
     settings = _settings(
@@ -256,18 +252,11 @@ def attribute(
     check_store_target(out, KEY, STORE_KIND)
     if not settings.dask.address:  # a remote cluster's workers check their own devices
         check_device_map(settings.model.device_map, settings.model.max_memory)
-    loading = settings.attribution.loading(settings.extraction)
-    with extraction_cluster(settings.dask, loading.device, spread=settings.model.device_map is not None) as client:
-        if client is not None:
-            store = attribute_on_cluster(client, settings.model, records, out, settings.attribution,
-                                         settings.extraction, shard_resources(settings.dask, loading),
-                                         settings.cache_dir)
-        else:
-            source = resolve_model(settings.model.name, settings.model.revision, settings.model.trust_remote_code)
-            loaded = load_model(source, settings.cache_dir, loading.dtype, loading.device,
-                                settings.model.trust_remote_code, settings.model.device_map,
-                                settings.model.max_memory)
-            store = attribute_to_store(loaded, records, out, settings.attribution, settings.extraction)
+    store = run_on_model(
+        settings.model, settings.attribution.loading(settings.extraction), settings.cache_dir, settings.dask,
+        lambda client, resources: attribute_on_cluster(client, settings.model, records, out, settings.attribution,
+                                                       settings.extraction, resources, settings.cache_dir),
+        lambda loaded: attribute_to_store(loaded, records, out, settings.attribution, settings.extraction))
     typer.echo(f"store: {store} ({'complete' if is_complete(store) else 'shards still missing'})")
 
 

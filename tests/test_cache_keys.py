@@ -96,6 +96,8 @@ EDITS = [
      {"extract", "attribute", "identify", "analyse", "compare", "ablate"}),
     ("sparcom/extraction/batching.py", "the batching", {"extract", "attribute", "ablate"}),
     ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract", "attribute", "ablate"}),
+    # attribution runs its model as extraction does: loading, store naming, reuse, cluster or here
+    ("sparcom/extraction/model_stage.py", "the steps the model stages share", {"extract", "attribute"}),
     ("sparcom/intervention/response_nll.py", "the scored response loss", {"attribute", "ablate"}),
     # the ablation's fidelity check computes estimates on its records; the attribution rules' names
     # are the attribution store's, read by identification

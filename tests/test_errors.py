@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sparcom.core.models
+import sparcom.extraction.model_stage
 from cli.app import app
 from sparcom.config import SettingsError, load_settings
 from sparcom.curation.settings import CurationSettings
@@ -24,7 +25,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load before the inputs are checked")
 
-    monkeypatch.setattr(sparcom.core.models, "load_model", refuse)
+    for module in (sparcom.core.models, sparcom.extraction.model_stage):  # `extract` and `attribute` load there
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def test_a_failure_during_work_exits_1(tmp_path, dataset, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr(sparcom.core.models, "load_model", broken)
+    monkeypatch.setattr(sparcom.extraction.model_stage, "load_model", broken)
     result = extract(tmp_path, dataset)
     assert result.exit_code == 1
     assert "RuntimeError: the disk is on fire" in result.output and "Traceback" not in result.output

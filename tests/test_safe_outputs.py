@@ -136,11 +136,13 @@ def small_store(path: Path) -> Path:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     import sparcom.core.models
+    import sparcom.extraction.model_stage
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load before the output is checked")
 
-    monkeypatch.setattr(sparcom.core.models, "load_model", refuse)
+    for module in (sparcom.core.models, sparcom.extraction.model_stage):  # `extract` and `attribute` load there
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 WRITING_COMMANDS = {  # command -> its arguments with OUT where the output goes

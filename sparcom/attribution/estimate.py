@@ -54,7 +54,7 @@ from sparcom.extraction.architectures import FFNSites, MoELayer, ffn_sites
 from sparcom.extraction.batching import padded_batches
 from sparcom.extraction.schema import INSTRUCTION, LAYER, MOE_LAYER
 from sparcom.extraction.settings import ExtractionSettings
-from sparcom.intervention.hooks import ROUTING, moe_router
+from sparcom.intervention.hooks import ROUTING, ReversibleHooks, moe_router
 from sparcom.intervention.response_nll import batch_response_nll, tokenize_responses
 
 VARIABLES = {family.name: family.attribution for family in ATTRIBUTION_FAMILIES}
@@ -112,30 +112,19 @@ def attribution_dataset(records: Sequence[InstructionRecord], values: dict[str, 
         attrs={MAX_RESPONSE_TOKENS: max_response_tokens or 0, NLL_DEFINITION: NLL_WORDS})
 
 
-class AttributionHooks:
+class AttributionHooks(ReversibleHooks):
     def __init__(self, model: nn.Module, sites: FFNSites | None = None):
         self.model = model
         self.sites = sites if sites is not None else ffn_sites(model)
         for layer in self.sites.moe_layers:
             _check_experts(layer)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._parts: dict[str, list[torch.Tensor | None]] = {}  # variable -> per layer slot [batch, ...]
         self._masks: dict[torch.device, torch.Tensor] = {}      # real (not padding) positions [batch, seq]
         self._routed: dict[int, dict[str, torch.Tensor]] = {}   # MoE slot -> what its forward pass saw
 
-    def __enter__(self) -> AttributionHooks:
-        try:
-            self._install()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _undo(self) -> None:
         for parameter, wanted in self._frozen:
             parameter.requires_grad_(wanted)
         self._frozen.clear()

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from distributed import Client
-from tqdm.auto import tqdm
 
 from sparcom.attribution.estimate import attribute_records, check_responses
 from sparcom.attribution.keys import KEY, attribution_key
@@ -47,7 +46,14 @@ from sparcom.extraction.distributed import (
     loaded_alike,
     offering_workers,
 )
-from sparcom.extraction.extract import SORT_WINDOW_SHARDS, ProgressCallback, model_attributes, shard_range, store_layout
+from sparcom.extraction.extract import (
+    ProgressCallback,
+    model_attributes,
+    shard_progress,
+    shard_range,
+    shard_windows,
+    store_layout,
+)
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
 from sparcom.extraction.store import (
     COMMAND,
@@ -95,25 +101,15 @@ def attribute_to_store(
         _create(store, loaded, records, settings, extraction, key)
     n_shards = shard_count(len(records), extraction.shard_size)
     wanted = sorted(set(range(n_shards) if shards is None else shards) - finished_shards(store))
-    done_before = len(records) - sum(len(shard_range(s, extraction.shard_size, len(records))) for s in wanted)
-    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="attributing",
-                    disable=not show_progress)
-
-    def advance(n: int) -> None:
-        progress.update(n)
-        if on_progress:
-            on_progress(progress.n, len(records))
-
-    for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):  # sorted by length together
-        window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
-        indices = [i for s in window for i in shard_range(s, extraction.shard_size, len(records))]
-        estimates = attribute_records(loaded, [records[i] for i in indices], settings.max_response_tokens,
-                                      extraction, advance)
-        position = {i: p for p, i in enumerate(indices)}
-        for shard in window:
-            rows = [position[i] for i in shard_range(shard, extraction.shard_size, len(records))]
-            write_shard(store, shard, {name: estimates[name].values[rows] for name in estimates.data_vars})
-    progress.close()
+    with shard_progress(len(records), wanted, extraction.shard_size, "attributing", on_progress,
+                        show_progress) as advance:
+        for window, indices in shard_windows(wanted, extraction.shard_size, len(records)):
+            estimates = attribute_records(loaded, [records[i] for i in indices], settings.max_response_tokens,
+                                          extraction, advance)
+            position = {i: p for p, i in enumerate(indices)}
+            for shard in window:
+                rows = [position[i] for i in shard_range(shard, extraction.shard_size, len(records))]
+                write_shard(store, shard, {name: estimates[name].values[rows] for name in estimates.data_vars})
     if finalize and len(finished_shards(store)) == n_shards:
         finalize_store(store)
     return store

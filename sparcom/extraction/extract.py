@@ -8,6 +8,9 @@
   several processes (or GPUs) can fill one store side by side.
 - `parse_shards("0-3,8")`: shard lists as the command line takes them.
 - `shard_range(shard, shard_size, n)`: the record indices of one shard.
+- `shard_windows(wanted, shard_size, n)`, `shard_progress(n, wanted, shard_size, desc, ...)`: how
+  a store's missing shards are filled (here and by the attribution store): SORT_WINDOW_SHARDS at
+  a time, under one progress bar.
 - `check_extraction(records, settings, shards, where)`: the inputs refused before the model loads
   (no records, shards out of range).
 - `DonorRows(stores, key)`: rows of finished stores a new store copies instead of counting.
@@ -19,7 +22,8 @@ A finished store whose chunks are damaged is reopened for the damaged shards onl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,19 +150,9 @@ def _count_shards(loaded: LoadedModel, sites: FFNSites, records: Sequence[Instru
                   on_progress: ProgressCallback | None, show_progress: bool) -> None:
     """The `wanted` shards written whole, SORT_WINDOW_SHARDS at a time: rows the donors hold
     copied, the others counted."""
-    done_before = len(records) - sum(len(shard_range(s, settings.shard_size, len(records))) for s in wanted)
-    progress = tqdm(total=len(records), initial=done_before, unit="instr", desc="extracting",
-                    disable=not show_progress)
-
-    def advance(n: int) -> None:
-        progress.update(n)
-        if on_progress:
-            on_progress(progress.n, len(records))
-
-    with FFNCounter(sites) as counter:
-        for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
-            window = wanted[window_start:window_start + SORT_WINDOW_SHARDS]
-            indices = [i for s in window for i in shard_range(s, settings.shard_size, len(records))]
+    with (shard_progress(len(records), wanted, settings.shard_size, "extracting", on_progress, show_progress)
+          as advance, FFNCounter(sites) as counter):
+        for window, indices in shard_windows(wanted, settings.shard_size, len(records)):
             counts = reusable.take({i: record_hash(records[i]) for i in indices})
             advance(len(counts))
             fresh = [i for i in indices if i not in counts]
@@ -167,7 +161,6 @@ def _count_shards(loaded: LoadedModel, sites: FFNSites, records: Sequence[Instru
                 rows = shard_range(shard, settings.shard_size, len(records))
                 write_shard(store, shard, {name: np.stack([counts[i][name] for i in rows]).astype(np.uint32)
                                            for name in counts[rows[0]]})
-    progress.close()
 
 
 def _count(
@@ -248,3 +241,26 @@ def parse_shards(text: str) -> list[int]:
 
 def shard_range(shard: int, shard_size: int, n: int) -> range:
     return range(shard * shard_size, min((shard + 1) * shard_size, n))
+
+
+def shard_windows(wanted: Sequence[int], shard_size: int, n: int) -> Iterator[tuple[list[int], list[int]]]:
+    """The `wanted` shards SORT_WINDOW_SHARDS at a time (their records are sorted by length
+    together), each window with its record indices."""
+    for window_start in range(0, len(wanted), SORT_WINDOW_SHARDS):
+        window = list(wanted[window_start:window_start + SORT_WINDOW_SHARDS])
+        yield window, [i for s in window for i in shard_range(s, shard_size, n)]
+
+
+@contextmanager
+def shard_progress(n: int, wanted: Sequence[int], shard_size: int, desc: str, on_progress: ProgressCallback | None,
+                   show_progress: bool) -> Iterator[Callable[[int], None]]:
+    """The progress bar of filling the `wanted` shards of a store of `n` records (the others are
+    done), and `advance(k)`: k more records done, told to `on_progress` too."""
+    done_before = n - sum(len(shard_range(s, shard_size, n)) for s in wanted)
+    with tqdm(total=n, initial=done_before, unit="instr", desc=desc, disable=not show_progress) as progress:
+        def advance(k: int) -> None:
+            progress.update(k)
+            if on_progress:
+                on_progress(progress.n, n)
+
+        yield advance

@@ -5,31 +5,21 @@
   counted before for the same model, span and dtype (in any finished store beside it) are
   copied, so adding ten instructions counts only those ten. With `dask` settings the shards run
   on the cluster `sparcom.core.cluster.extraction_cluster` chooses (`sparcom.extraction.distributed`),
-  or in this process (`sparcom.extraction.extract`) where it chooses none.
+  or in this process (`sparcom.extraction.extract`) where it chooses none; the steps it shares
+  with attribution are `sparcom.extraction.model_stage`'s.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sparcom.core.cluster import extraction_cluster
-from sparcom.core.models import (
-    check_device_map,
-    load_model,
-    model_fingerprint,
-    model_slug,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-)
+from sparcom.core.models import model_slug
 from sparcom.core.settings import DaskSettings
-from sparcom.curation.dataset import load_records
-from sparcom.curation.records import dataset_hash
-from sparcom.extraction.distributed import extract_on_cluster, shard_resources
+from sparcom.extraction.distributed import extract_on_cluster
 from sparcom.extraction.extract import ProgressCallback, check_extraction, extract_to_store
 from sparcom.extraction.keys import extraction_key
+from sparcom.extraction.model_stage import run_model_stage
 from sparcom.extraction.settings import ExtractionSettings, ModelSettings
-from sparcom.extraction.store import is_complete, repair_store
 
 
 def extract_dataset(
@@ -41,24 +31,17 @@ def extract_dataset(
     on_progress: ProgressCallback | None = None,
     dask: DaskSettings | None = None,
 ) -> Path:
-    if dask is None or not dask.address:  # a remote cluster's workers check their own devices
-        check_device_map(model.device_map, model.max_memory)
-    records = load_records(dataset_dir)
-    check_extraction(records, settings, None, dataset_dir)
-    source = resolve_model(model.name, model.revision, model.trust_remote_code)
-    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
-    key = extraction_key(model_fingerprint(source, cache_dir), dataset_hash(records), settings, dtype)
     slug = model_slug(model.name)
-    store = Path(stores_dir) / f"{slug}-{key[:16]}.zarr"
-    if is_complete(store) and not repair_store(store):
-        return store
-    donors = sorted(Path(stores_dir).glob(f"{slug}-*.zarr"))
-    if dask is not None:
-        with extraction_cluster(dask, settings.device, spread=model.device_map is not None) as client:
-            if client is not None:
-                return extract_on_cluster(client, model, records, store, settings, shard_resources(dask, settings),
-                                          cache_dir, donors, on_progress)
-    loaded = load_model(source, cache_dir, settings.dtype, settings.device, model.trust_remote_code,
-                        model.device_map, model.max_memory)
-    return extract_to_store(loaded, records, store, settings, on_progress=on_progress, donors=donors,
-                            dataset_path=dataset_dir)
+
+    def donors(store: Path) -> list[Path]:  # the stores beside it, whose counted rows it may copy
+        return sorted(store.parent.glob(f"{slug}-*.zarr"))
+
+    return run_model_stage(
+        model, dataset_dir, settings, stores_dir, cache_dir, dask,
+        check=lambda records: check_extraction(records, settings, None, dataset_dir),
+        key=lambda fingerprint, data_hash, dtype: extraction_key(fingerprint, data_hash, settings, dtype),
+        on_cluster=lambda client, resources, records, store: extract_on_cluster(
+            client, model, records, store, settings, resources, cache_dir, donors(store), on_progress),
+        locally=lambda loaded, records, store: extract_to_store(
+            loaded, records, store, settings, on_progress=on_progress, donors=donors(store),
+            dataset_path=dataset_dir))

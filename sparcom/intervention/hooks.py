@@ -22,11 +22,16 @@
   model's own weight normalisation), so every token goes to its next-best experts. The choice
   from logits follows each supported router (`ROUTING`); `moe_router(model, index)` finds the
   router of MoE layer `index`.
+- `ReversibleHooks`: the context manager both `Ablation` and the attribution's hooks
+  (`sparcom.attribution.estimate.AttributionHooks`) are: hooks and changes undone on exit, even
+  when installing them fails half-way.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from typing import Self
 
 import numpy as np
 import torch
@@ -85,28 +90,15 @@ class AblationError(ValueError):
     pass
 
 
-class Ablation:
-    """Switch components off inside `with`; see the module docstring for where each family is cut."""
+class ReversibleHooks(ABC):
+    """Hooks on a model for the duration of `with`: `_install` registers them (their handles in
+    `_handles`) and `_undo` reverts whatever else it changed; on exit, and when installing fails
+    half-way, every handle is removed and `_undo` runs."""
 
-    def __init__(self, model: nn.Module, off: Mapping[str, np.ndarray], sites: FFNSites | None = None):
-        unknown = sorted(set(off) - set(FAMILY_NAMES))
-        if unknown:
-            raise AblationError(f"unknown component family {unknown[0]!r}; expected one of {', '.join(FAMILY_NAMES)}")
-        self.model = model
-        self.sites = sites if sites is not None else ffn_sites(model)
-        self.off = {name: np.asarray(mask, dtype=bool) for name, mask in off.items()}
-        self._check_shapes()
+    def __init__(self):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, rows, values)
 
-    def _check_shapes(self) -> None:
-        shapes = self.sites.family_shapes()
-        for name, mask in self.off.items():
-            if mask.shape != shapes.get(name):
-                raise AblationError(f"{name}: the mask has shape {mask.shape}, the model's {name} are "
-                                    f"{shapes[name] if name in shapes else 'none'}")
-
-    def __enter__(self) -> Ablation:
+    def __enter__(self) -> Self:
         try:
             self._install()
         except BaseException:
@@ -118,6 +110,37 @@ class Ablation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._undo()
+
+    @abstractmethod
+    def _install(self) -> None: ...
+
+    @abstractmethod
+    def _undo(self) -> None: ...
+
+
+class Ablation(ReversibleHooks):
+    """Switch components off inside `with`; see the module docstring for where each family is cut."""
+
+    def __init__(self, model: nn.Module, off: Mapping[str, np.ndarray], sites: FFNSites | None = None):
+        unknown = sorted(set(off) - set(FAMILY_NAMES))
+        if unknown:
+            raise AblationError(f"unknown component family {unknown[0]!r}; expected one of {', '.join(FAMILY_NAMES)}")
+        self.model = model
+        self.sites = sites if sites is not None else ffn_sites(model)
+        self.off = {name: np.asarray(mask, dtype=bool) for name, mask in off.items()}
+        self._check_shapes()
+        super().__init__()
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, rows, values)
+
+    def _check_shapes(self) -> None:
+        shapes = self.sites.family_shapes()
+        for name, mask in self.off.items():
+            if mask.shape != shapes.get(name):
+                raise AblationError(f"{name}: the mask has shape {mask.shape}, the model's {name} are "
+                                    f"{shapes[name] if name in shapes else 'none'}")
+
+    def _undo(self) -> None:
         with torch.no_grad():
             for parameter, rows, values in reversed(self._saved):
                 parameter[rows] = values
