@@ -94,11 +94,12 @@ EDITS = [
     ("sparcom/extraction/architectures.py", "the architecture table", {"extract", "attribute", "ablate"}),
     ("sparcom/extraction/store.py", "the store writer and reader",
      {"extract", "attribute", "identify", "analyse", "compare", "ablate"}),
-    ("sparcom/extraction/batching.py", "the batching", {"extract", "attribute", "ablate"}),
+    # the fine-tune's loss is the scored response loss's batch function (its module batches too)
+    ("sparcom/extraction/batching.py", "the batching", {"extract", "attribute", "ablate", "finetune"}),
     ("sparcom/extraction/distributed.py", "counting on the cluster", {"extract", "attribute", "ablate"}),
     # attribution runs its model as extraction does: loading, store naming, reuse, cluster or here
     ("sparcom/extraction/model_stage.py", "the steps the model stages share", {"extract", "attribute"}),
-    ("sparcom/intervention/response_nll.py", "the scored response loss", {"attribute", "ablate"}),
+    ("sparcom/intervention/response_nll.py", "the scored response loss", {"attribute", "ablate", "finetune"}),
     # the ablation's fidelity check computes estimates on its records; the attribution rules' names
     # are the attribution store's, read by identification
     ("sparcom/attribution/estimate.py", "the attribution estimate", {"attribute", "ablate"}),

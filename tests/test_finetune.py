@@ -17,7 +17,7 @@ from sparcom.comparison.settings import FinetuneSettings
 from sparcom.extraction.settings import ModelSettings
 from sparcom.comparison.finetune import (
     IGNORED, FinetuneError, collate, encode_example, read_provenance, total_steps, train_checkpoint,
-    training_records,
+    training_loss, training_records,
 )
 from sparcom.curation.hexainst import authored_records
 from sparcom.curation.starter import starter_set
@@ -101,6 +101,19 @@ def test_loss_counts_only_response_tokens(tiny_llama_dir, tokenizer, sample_reco
     targets = range(n, len(example.input_ids))
     expected = -sum(log_probs[t - 1, example.input_ids[t]] for t in targets) / len(targets)
     assert float(output.loss) == pytest.approx(float(expected), rel=1e-6)  # HF computes the loss in float32
+
+
+def test_the_training_loss_is_the_models_over_a_padded_batch(tiny_llama_dir, tokenizer, sample_records, cache_dir):
+    """Response tokens of records of different lengths, right-padded: the mean over every response
+    token of the batch (not the mean of the records' means), as the model's own loss."""
+    model = load_model(resolve_model(str(tiny_llama_dir)), cache_dir, "float64", "cpu").model
+    examples = [encode_example(r, tokenizer, 4096) for r in sample_records[:3]]
+    assert len({len(e.input_ids) for e in examples}) > 1 and len({e.response_tokens for e in examples}) > 1
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        reference, loss = model(**batch).loss, training_loss(model, batch)
+    # both take the cross-entropy of float32 logits
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
 
 
 def test_training_records_choice(tmp_path, sample_records):
