@@ -319,4 +319,12 @@ def test_every_verdict_of_a_real_run_follows_from_its_numbers(tmp_path, identifi
     verdict = findings["verdicts"][rows[0]["rule"]]
     for test in ("reproducible", "causal", "specific"):
         assert f"{test} for {sum(r[test]['decision'] == 'yes' for r in counted)} of {len(counted)}" in verdict
-    assert (run_dir / "report.md").read_text().split("\n## ")[1].startswith(SECTION.removeprefix("## "))
+    report = (run_dir / "report.md").read_text()
+    assert report.split("\n## ")[1].startswith(SECTION.removeprefix("## "))
+    # before the findings only the title, what was selected how and what was left out: no table
+    # (the template share is a section of its own)
+    preamble = report.split("\n## ")[0].strip().split("\n\n")
+    assert [part.split(" ")[0] for part in preamble[:3]] == ["#", "Model", "Selection:"], preamble
+    assert not any(line.startswith("|") for line in report.split("\n## ")[0].splitlines())
+    assert "template_share" in json.loads((run_dir / "summary.json").read_text())
+    assert "\n## The chat template's share of the counts\n" in report

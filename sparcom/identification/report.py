@@ -209,7 +209,8 @@ def _template_markdown(summary: dict) -> str | None:
     rows = [[g, f"{summary['template_share'][g]:.3f}"]
             + [f"{summary['families'][n]['template_level'][g]} of {summary['families'][n]['set_size'][g]}"
                for n in names] for g in groups]
-    return (f"Template share: the chat template adds {summary['template_tokens_per_prompt']} tokens to "
+    return ("## The chat template's share of the counts\n\n"
+            f"Template share: the chat template adds {summary['template_tokens_per_prompt']} tokens to "
             "every prompt, this share of each group's counted tokens. A component active on every "
             "template token and on nothing else has exactly that frequency, so set members at or "
             "below it could owe their place to the template alone; members above it are active on "
