@@ -336,6 +336,9 @@ def ablate_command(
     family: Annotated[Optional[str], typer.Option(help=", ".join(FAMILY_CHOICES))] = None,
     seeds: Annotated[Optional[int], typer.Option(help="draws of each control (default 1)")] = None,
     controls: Annotated[Optional[str], typer.Option(help="comma-separated: " + ",".join(CONTROLS))] = None,
+    control_records: Annotated[Optional[str], typer.Option(
+        help="own: each control on its group's own records (all the causal test compares; default); "
+             "all: on every record")] = None,
     eval_per_group: Annotated[Optional[int], typer.Option(help="evaluation records per group (default 8)")] = None,
     max_response_tokens: Annotated[Optional[int], typer.Option(help="response tokens scored per record")] = None,
     allow_overlap: Annotated[bool, typer.Option(help="evaluate on records that also selected the components")] = False,
@@ -368,7 +371,8 @@ def ablate_command(
 
     settings = _settings(
         config, ablation__eval_dataset=eval_dataset, ablation__family=family, ablation__seeds=seeds,
-        ablation__controls=controls.split(",") if controls else None, ablation__eval_per_group=eval_per_group,
+        ablation__controls=controls.split(",") if controls else None, ablation__control_records=control_records,
+        ablation__eval_per_group=eval_per_group,
         ablation__max_response_tokens=max_response_tokens, ablation__allow_overlap=allow_overlap or None,
         ablation__accuracy=accuracy, ablation__max_new_tokens=max_new_tokens, ablation__fidelity=fidelity,
         extraction__dtype=dtype, extraction__device=device, dask__address=dask_address, dask__n_workers=dask_workers,

@@ -77,8 +77,8 @@ def compare_with_tuned(settings: PipelineSettings, dataset: Path, base_store: Pa
         if settings.ablation.enabled and base_ablation.exists():
             # The tuned model's own components, switched off on the tuned model, on the same records.
             tuned_ablation = refreshed(measure_ablation, "ablate", refresh)(
-                run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation, settings.extraction,
-                settings.cache_dir, run_dir / "tuned", prefix=prefixes[rule])
+                run_dir / "tuned" / COMPONENTS, tuned_store, settings.ablation.for_tuned_model(), settings.extraction,
+                settings.cache_dir, run_dir / "tuned", prefix=prefixes[rule], passes_dir=settings.passes_dir())
             add_ablation_to_report(run_dir / REPORT, tuned_ablation, baseline=base_ablation)
         comparisons[rule] = refreshed(compare_checkpoints, "compare", refresh)(
             run_dir / COMPONENTS, run_dir / "tuned" / COMPONENTS, run_dir / "comparison",

@@ -46,7 +46,7 @@ def sparcom_pipeline(settings: PipelineSettings = PipelineSettings(), refresh: l
         if settings.ablation.enabled:
             summaries[rule]["ablation"] = refreshed(measure_ablation, "ablate", refresh)(
                 run_dir / COMPONENTS, store, settings.ablation, settings.extraction, settings.cache_dir, run_dir,
-                prefix=prefixes[rule], model=settings.model, dask=settings.dask)
+                prefix=prefixes[rule], model=settings.model, dask=settings.dask, passes_dir=settings.passes_dir())
             add_ablation_to_report(run_dir / REPORT, summaries[rule]["ablation"])
     if settings.comparison.enabled:
         for rule, comparison in compare_with_tuned(settings, dataset, store, run_dirs, refresh).items():

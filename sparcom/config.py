@@ -4,8 +4,8 @@ so that a stage's code version covers its settings and not the others'.
 
 - `PipelineSettings`: the whole pipeline (model, dataset, curation, extraction, identification, the
   attribution, the fine-tune and the before/after comparison, the ablation, folders);
-  `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)` and
-  `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings that
+  `evaluated_on(held_out)`, `needs_attribution()`, `identified_with(attribution)`,
+  `passes_dir()` and `fine_tuned_groups()` answer what the pipeline's stages ask of them together. Settings that
   name no selection rule (neither `identification.rule` nor `identification.rules`) select with
   `DEFAULT_RULES` side by side.
 - `load_settings(yaml_path, overrides, default_rules)`: defaults, then the YAML file, then dotted
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
+from sparcom.ablation.schema import PASSES
 from sparcom.ablation.settings import AblationSettings
 from sparcom.attribution.schema import ATTRIBUTION_RULES
 from sparcom.attribution.settings import AttributionSettings
@@ -77,6 +78,11 @@ class PipelineSettings(StrictModel):
         """These settings with identification reading the attribution store `attribution` (a copy)."""
         return self.model_copy(deep=True, update={"identification": self.identification.model_copy(
             update={"attribution": attribution})})
+
+    def passes_dir(self) -> Path:
+        """Where the pipeline's ablations keep their finished passes: one folder for every rule and
+        model of the work dir, so that a pass they share (the intact one) runs once."""
+        return Path(self.work_dir) / PASSES
 
     def fine_tuned_groups(self) -> list[str]:
         """The groups the tuned model was trained on, where the pipeline fine-tunes it by category."""

@@ -24,8 +24,10 @@ from sparcom.stages import result_key, run_report_written
 from tasks.caching import cached
 
 
-def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sparcom", model=None, dask=None) -> str:
-    """Where the passes run (`dask`) and how the model loads (`model`: a device map) change no number."""
+def _key(components, store, settings, extraction, cache_dir, out_dir, prefix="sparcom", model=None, dask=None,
+         passes_dir=None) -> str:
+    """Where the passes run (`dask`), how the model loads (`model`: a device map) and where
+    finished passes are kept (`passes_dir`, content-addressed) change no number."""
     evaluation = input_fingerprint(settings.eval_dataset or AUTHORED_DIR)
     return result_key("ablate", Path(components), Path(store), settings, extraction, evaluation, str(out_dir),
                       prefix)
@@ -46,16 +48,17 @@ def hold_out(dataset_dir: Path, fraction: float, seed: int, work_dir: Path) -> t
 @task(name="measure the ablation", **cached(_key))
 def measure_ablation(components: Path, store: Path, settings: AblationSettings, extraction: ExtractionSettings,
                      cache_dir: Path, out_dir: Path, prefix: str = "sparcom", model: ModelSettings | None = None,
-                     dask: DaskSettings | None = None) -> dict:
+                     dask: DaskSettings | None = None, passes_dir: Path | None = None) -> dict:
     """ablation.zarr and its report in `out_dir`, published as `<prefix>-ablation`; the progress
-    artifact counts the passes finished, on every worker of the cluster."""
+    artifact counts the passes finished, on every worker of the cluster. Finished passes are kept
+    in `passes_dir` (default `out_dir/passes`)."""
     artifact = create_progress_artifact(0.0, description="Ablation: passes over the held-out records, finished")
 
     def report(done: int, total: int) -> None:
         update_progress_artifact(artifact, 100.0 * done / total)
 
     path = run_ablation(components, store, settings, extraction, cache_dir, out_dir, on_progress=report, model=model,
-                        dask=dask)
+                        dask=dask, passes_dir=passes_dir)
     update_progress_artifact(artifact, 100.0)
     summary = report_ablation(path, out_dir)
     create_markdown_artifact(

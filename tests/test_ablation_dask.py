@@ -99,9 +99,15 @@ def test_pass_keys_name_what_decides_the_numbers(identified):
         pass_key(AblationPass.of("nll", "neurons", mask), inputs, "f" * 64, "torch.bfloat16"),
         pass_key(AblationPass.of("answers", "neurons", mask), inputs, "f" * 64, "torch.float32"),
         pass_key(AblationPass.of("nll", "neurons", mask.reshape(6, 24)), inputs, "f" * 64, "torch.float32"),
+        pass_key(AblationPass.of("nll", "neurons", mask, [0, 2]), inputs, "f" * 64, "torch.float32"),
+        pass_key(AblationPass.of("nll", "neurons", mask, [0, 3]), inputs, "f" * 64, "torch.float32"),
         intact,
     ]
     assert len({key, *changed}) == len(changed) + 1
+    # the records a pass measures, in any order
+    assert pass_key(AblationPass.of("nll", "neurons", mask, [2, 0]), inputs, "f" * 64, "torch.float32") == changed[-3]
+    with pytest.raises(ValueError, match="only NLL passes measure a part of the records"):
+        AblationPass.of("answers", "neurons", mask, [0])
     # K of an NLL pass is the scored response tokens; the decoded tokens do not change it
     assert key == pass_key(AblationPass.of("nll", "neurons", mask), PassInputs(records, [], 16, 64, EXTRACTION),
                            "f" * 64, "torch.float32")

@@ -52,6 +52,9 @@ def test_pipeline_ablates_base_and_tuned_components(tmp_path, prefect_harness, t
     assert summary["ablation"]["per_group"]["CODE"]["size"] == int(base.ablated_size.sel(ablated="CODE"))
     states = task_run_states(state.state_details.flow_run_id)
     assert [s for name, s in states.items() if name.startswith("measure the ablation")]
+    # every ablation of the run keeps its passes in the work dir's one folder, none beside its results
+    assert list((tmp_path / "work" / "passes").glob("*.json"))
+    assert not (run_dir / "passes").exists() and not (run_dir / "tuned" / "passes").exists()
     # The findings open the report, and the run's own artifact (no task's) carries them.
     assert report.split("\n## ")[1].startswith(FINDINGS.removeprefix("## ")) and report.count(FINDINGS) == 1
     assert summary["findings"]["verdicts"][summary["rule"]].startswith(f"`{summary['rule']}` (neurons): reproducible")

@@ -73,9 +73,28 @@ def test_stage_writes_the_spec_figures(tmp_path, identified, tiny_llama_dir, cac
         for evaluated in result.evaluated.values:
             assert abs(float(result.delta.sel(ablated=group, evaluated=evaluated))
                        - change[g, categories == evaluated].mean()) < 1e-9
-    # controls are never the set itself, and never leave the base pass unchanged
-    assert np.isfinite(result.nll_control.values).all()
+    # each control measured on its own group's records only (control_records: own), the rest NaN
+    for group in result.ablated.values:
+        own = categories == group
+        measured = result.nll_control.sel(ablated=group).values
+        assert np.isfinite(measured[..., own]).all() and np.isnan(measured[..., ~own]).all()
+        at = result.delta_control.sel(ablated=group)
+        assert np.isfinite(at.sel(evaluated=group)).all()
+        assert np.isnan(at.sel(evaluated=[e for e in result.evaluated.values if e != group])).all()
+    assert result.attrs["control_records"] == "own"
     assert (result.specificity_ci.sel(bound="low") <= result.specificity_ci.sel(bound="high")).all()
+
+    # control_records: all measures every record; on a group's own records the NLLs are those of
+    # the own-records pass (other batches: within float32 batching)
+    every = xr.open_zarr(run_ablation(components, store, AblationSettings(eval_dataset=held_out, control_records="all",
+                                                                          **FAST),
+                                      ExtractionSettings(max_batch_size=4), cache_dir, tmp_path / "all")).load()
+    assert np.isfinite(every.nll_control.values).all() and np.isfinite(every.delta_control.values).all()
+    for group in result.ablated.values:
+        own = categories == group
+        np.testing.assert_allclose(every.nll_control.sel(ablated=group).values[..., own],
+                                   result.nll_control.sel(ablated=group).values[..., own], atol=1e-4)
+    np.testing.assert_allclose(every.control_difference.values, result.control_difference.values, atol=1e-4)
 
 
 def test_overlap_is_refused_unless_asked(tmp_path, identified, cache_dir, sample_records):

@@ -16,6 +16,7 @@ from sparcom.ablation.fidelity import (
     choose_probes,
     fidelity_dataset,
     measures_fidelity,
+    probe_records,
     probe_sets,
     rank_correlation,
     sign_agreement,
@@ -85,12 +86,17 @@ def sets() -> dict[str, xr.DataArray]:
     return {g: xr.DataArray(m, dims=("layer", "neuron")) for g, m in zip(GROUPS, masks)}
 
 
-def measured(case: Constructed, settings: AblationSettings) -> xr.Dataset:
-    """The fidelity variables beside delta and ablated_size as the ablation writes them (computed here)."""
+def measured(case: Constructed, settings: AblationSettings, on: list[int] | None = None) -> xr.Dataset:
+    """The fidelity variables beside delta and ablated_size as the ablation writes them (computed
+    here), the probes measured on the records `on` (None: all), NaN on the others."""
     base = case.loss(np.ones((len(LAYERS), WIDTH)))
-    probes = probe_sets(case.estimates(), settings)
-    fidelity = fidelity_dataset(NEURONS, sets(), LABELS, EVALUATED, case.estimates(), base, probes,
-                                [case.nll_without(mask) for mask in probes], settings)
+    off_probe_records = np.ones(len(LABELS), dtype=bool)
+    off_probe_records[list(range(len(LABELS)) if on is None else on)] = False
+    probes = probe_sets(case.estimates().isel(instruction=list(np.flatnonzero(~off_probe_records))), settings)
+    probe_base = np.where(off_probe_records, np.nan, base)
+    fidelity = fidelity_dataset(NEURONS, sets(), LABELS, EVALUATED, case.estimates(), probes, probe_base,
+                                [np.where(off_probe_records, np.nan, case.nll_without(mask)) for mask in probes],
+                                settings)
     delta = [[float((case.nll_without(sets()[a].values) - base)[LABELS == e].mean()) for e in EVALUATED]
              for a in GROUPS]
     return fidelity.merge(xr.Dataset(
@@ -153,6 +159,37 @@ def test_a_quadratic_loss_is_not_and_the_figures_say_how_far():
     assert first["place"] == {"layer": LAYERS[places[0][0]], "neuron": places[0][1]}
 
 
+def test_the_probe_records_are_the_first_of_each_group():
+    # LABELS: CLS at 0-3, MATH at 4-7, QA at 8-10
+    assert probe_records(LABELS, 2) == [0, 1, 4, 5, 8, 9]
+    assert probe_records(LABELS, 3) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert probe_records(LABELS, 4) is None  # every record: the stage's own intact pass serves
+    assert probe_records(LABELS, None) is None
+
+
+def test_probes_on_a_part_of_the_records_compare_estimate_and_delta_there():
+    """Quadratic loss: the estimate and the delta of a probe differ from record to record, so the
+    means over the probe records differ from the means over all records."""
+    case = Constructed("quadratic", 2)
+    on = [0, 1, 4, 5, 8, 9]
+    dataset = measured(case, SETTINGS, on)
+    s = case.g.sum(axis=(1, 2))
+    base = case.loss(np.ones((len(LAYERS), WIDTH)))
+    for k, (layer, neuron) in enumerate(probe_places(dataset)):
+        mask = np.zeros((len(LAYERS), WIDTH), dtype=bool)
+        mask[layer, neuron] = True
+        assert float(dataset.probe_delta[k]) == pytest.approx(float((case.nll_without(mask) - base)[on].mean()))
+        assert float(dataset.probe_estimate[k]) == pytest.approx(float((-s * case.g[:, layer, neuron])[on].mean()),
+                                                                rel=1e-6)
+    off = np.setdiff1d(np.arange(len(LABELS)), on)
+    assert np.isnan(dataset.probe_nll.values[:, off]).all() and np.isfinite(dataset.probe_nll.values[:, on]).all()
+    assert np.isnan(dataset.probe_nll_base.values[off]).all()
+    # the sets' estimates still average every record of the evaluated group
+    own = (-s[:, None, None] * case.g * sets()["CLS"].values).sum(axis=(1, 2))[LABELS == "CLS"].mean()
+    assert float(dataset.set_estimate.sel(ablated="CLS", evaluated="CLS")) == pytest.approx(own, rel=1e-6)
+    assert "each estimated and measured on the same 6 records" in fidelity_markdown(fidelity_summary(dataset))
+
+
 def test_the_probes_are_the_strongest_of_both_signs():
     mean = np.array([5.0, -1.0, 4.0, 0.0, 3.0, -2.0, 2.0, 1.0, 0.5, -0.25, 6.0, 7.0])
     chosen = choose_probes(mean, 6, np.random.default_rng(0))
@@ -183,6 +220,10 @@ def test_when_fidelity_is_measured():
     assert not measures_fidelity("contrastive", AblationSettings())
     assert measures_fidelity("lape", AblationSettings(fidelity=True))
     assert not measures_fidelity("attribution", AblationSettings(fidelity=False))
+    # the comparison's tuned model: only where asked for
+    assert not measures_fidelity("attribution_contrastive", AblationSettings().for_tuned_model())
+    assert measures_fidelity("attribution_contrastive", AblationSettings(fidelity=True).for_tuned_model())
+    assert AblationSettings(seeds=3).for_tuned_model().seeds == 3
 
 
 def test_the_ablation_report_carries_the_section_only_when_measured():
@@ -234,7 +275,7 @@ def test_the_ablation_measures_fidelity_on_the_model(tmp_path, identified, tiny_
 
     work, store, components, held_out = identified
     settings = AblationSettings(eval_dataset=held_out, seeds=1, resamples=50, permutations=50, controls=["random"],
-                                max_response_tokens=3, fidelity=True, fidelity_probes=4)
+                                max_response_tokens=3, fidelity=True, fidelity_probes=4, fidelity_per_group=1)
     result = xr.open_zarr(run_ablation(components, store, settings, ExtractionSettings(max_batch_size=4),
                                        cache_dir, tmp_path)).load()
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
@@ -244,13 +285,17 @@ def test_the_ablation_measures_fidelity_on_the_model(tmp_path, identified, tiny_
     estimates = np.stack([alpha_reference(model, tokenizer, r, 3)[0] for r in records])
     scale = np.abs(estimates).max()
     assert result.sizes["probe"] == 4
+    # the probes' records: the first of each category
+    categories = result.category.values
+    on = [i for i in range(len(records)) if categories[i] not in categories[:i]]
+    assert len(on) < len(records)
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(result.probe_nll_base.values)), on)
     for k in range(4):
         place = (int(result.probe_layer[k]), int(result.probe_neuron[k]))  # tiny LLaMA: layers 0, 1, 2
-        measured = [alpha_reference(model, tokenizer, r, 3, off=place)[1] for r in records]
+        measured = [alpha_reference(model, tokenizer, records[i], 3, off=place)[1] for i in on]
         assert abs(float(result.probe_delta[k]) - np.mean(measured)) < 1e-4
-        assert abs(float(result.probe_estimate[k]) - estimates[:, place[0], place[1]].mean()) < 1e-4 * scale
+        assert abs(float(result.probe_estimate[k]) - estimates[on, place[0], place[1]].mean()) < 1e-4 * scale
     chosen = xr.open_zarr(components).isn.load()
-    categories = result.category.values
     for group in result.ablated.values:
         summed = (estimates * chosen.sel(group=group).values).sum(axis=(1, 2))
         for evaluated in result.evaluated.values:

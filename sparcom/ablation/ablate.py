@@ -17,13 +17,13 @@ groups' records, and more than control components of the same number, place and 
   parts saved under their hashes (the pipeline identifies on one and evaluates on the other).
 - `components_in(path)`: the components.zarr of an identification folder (or the path itself).
 - `find_store(components_path)`: the count store beside an identification folder of a work dir.
-- `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir)`: the
+- `run_ablation(components_path, store_path, settings, extraction, cache_dir, out_dir, passes_dir)`: the
   stage: checks, then one pass without ablation, one per group, one per group, control and
   seed; writes `out_dir/ablation.zarr` (docs/method.md section 6 names) and returns its path.
   With `settings.accuracy` the same passes again, greedy-decoding the records with a checkable
   answer (`sparcom.ablation.accuracy`), add the accuracy variables; where `measures_fidelity`,
-  single components switched off too, for the fidelity of the attribution estimates
-  (`sparcom.ablation.fidelity`). Its steps:
+  single components switched off too, on a few records of each group, for the fidelity of the
+  attribution estimates (`sparcom.ablation.fidelity`). Its steps:
   `fingerprinted_model` (the model to load, refused unless the components were found in its
   weights), `stage_passes` (every pass, by label: any other set switched off is one more
   `AblationPass`), `measured_passes` (each pass's values: finished ones from `out_dir/passes`,
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from sparcom.ablation.answers import CHECKS, reference_answer
 from sparcom.ablation.controls import CONTROLS, distinct_random_controls, overall_frequency
-from sparcom.ablation.fidelity import fidelity_dataset, measures_fidelity, probe_sets, record_estimates
+from sparcom.ablation.fidelity import fidelity_dataset, measures_fidelity, probe_records, probe_sets, record_estimates
 from sparcom.ablation.held_out import IdentificationTexts, identification_texts
 from sparcom.ablation.passes import AblationPass, FinishedPasses, PassInputs, measure_pass, pass_key, prepared
 from sparcom.ablation.schema import ABLATED, ABLATION, CONTROL, EVALUATED, INSTRUCTION, PASSES, SEED
@@ -238,6 +238,7 @@ def plan_ablation(components: xr.Dataset, store_path: Path, settings: AblationSe
                "family": family.name, "eval_source": source, "eval_dataset_hash": dataset_hash(records),
                "overlap": overlap, "near_duplicates": identified.near_duplicates(records),
                "identification_texts": identified.found_in or "", "allow_overlap": settings.allow_overlap, "seeds": settings.seeds,
+               "control_records": settings.control_records,
                "seed": settings.seed, "controls": list(settings.controls),
                "max_response_tokens": settings.max_response_tokens or 0, "resamples": settings.resamples,
                "permutations": settings.permutations, **(_accuracy_attrs(records, checkable, settings)
@@ -266,10 +267,14 @@ def run_ablation(
     on_progress: ProgressCallback | None = None,
     model: ModelSettings | None = None,
     dask: DaskSettings | None = None,
+    passes_dir: Path | None = None,
 ) -> Path:
     """Write `out_dir/ablation.zarr`. The model is the store's own unless `model_name` is given,
     and must have the components' weights fingerprint; `model` gives how it loads (device map,
-    revision). With `dask` the passes run on the cluster `extraction_cluster` chooses, if any."""
+    revision). With `dask` the passes run on the cluster `extraction_cluster` chooses, if any.
+    Finished passes are kept in `passes_dir` (default `out_dir/passes`): a folder shared by
+    several ablations (a run's rules) measures the passes they have in common once, e.g. the
+    intact pass of one model on one set of records."""
     from sparcom.ablation.accuracy import accuracy_dataset
 
     plan = plan_ablation(open_result(components_path), store_path, settings)
@@ -278,10 +283,14 @@ def run_ablation(
     if fidelity := measures_fidelity(plan.attrs.get("rule"), settings):
         estimates = record_estimates(to_load, plan.records, plan.family, settings.max_response_tokens, extraction,
                                      cache_dir)
-        probes = probe_sets(estimates, settings)
-        passes.update({("probe", k): AblationPass.of("nll", plan.family.name, p) for k, p in enumerate(probes)})
+        measured_on = probe_records(plan.labels, settings.fidelity_per_group)
+        probes = probe_sets(estimates if measured_on is None else estimates.isel({INSTRUCTION: measured_on}),
+                            settings)
+        passes["probe", "base"] = AblationPass.of("nll", plan.family.name, None, measured_on)
+        passes.update({("probe", k): AblationPass.of("nll", plan.family.name, p, measured_on)
+                       for k, p in enumerate(probes)})
     values = dict(zip(passes, measured_passes(list(passes.values()), pass_inputs(plan, settings, extraction),
-                                              to_load, extraction, cache_dir, Path(out_dir) / PASSES, dask,
+                                              to_load, extraction, cache_dir, Path(passes_dir or Path(out_dir) / PASSES), dask,
                                               on_progress)))
     base, nll_ablated, nll_control = gathered(values, "nll", plan, settings)
     controls = list(settings.controls)
@@ -291,8 +300,9 @@ def run_ablation(
         texts = gathered(values, "answers", plan, settings)
         dataset = dataset.merge(accuracy_dataset(plan.records, plan.labels, dataset[EVALUATED].values, *texts))
     if fidelity:
-        dataset = dataset.merge(fidelity_dataset(plan.family, plan.sets, plan.labels, dataset[EVALUATED].values, estimates,
-                                                 base, probes, [values["probe", k] for k in range(len(probes))], settings))
+        dataset = dataset.merge(fidelity_dataset(plan.family, plan.sets, plan.labels, dataset[EVALUATED].values,
+                                                 estimates, probes, values["probe", "base"],
+                                                 [values["probe", k] for k in range(len(probes))], settings))
     path = Path(out_dir) / ABLATION
     with building(path, ABLATION) as partial:  # never over a folder the tool did not write
         save_zarr(dataset, partial)
@@ -320,8 +330,9 @@ Label = tuple  # ("base", measure) | ("ablated", measure, group) | ("control", m
 
 
 def stage_passes(plan: AblationPlan, settings: AblationSettings) -> dict[Label, AblationPass]:
-    """Every pass of the stage: intact, each group's set off, each control of each seed off, for
-    the NLL and (with `settings.accuracy`) again for the answers. A group with an empty set has
+    """Every pass of the stage: intact, each group's set off, each control of each seed off (its
+    NLL on the group's own records with `control_records: own`), for the NLL and (with
+    `settings.accuracy`) again for the answers, of every record. A group with an empty set has
     no control: its pass is the intact one (`AblationPass.of` makes it so)."""
     family = plan.family.name
     passes = {}
@@ -331,7 +342,9 @@ def stage_passes(plan: AblationPlan, settings: AblationSettings) -> dict[Label, 
             passes["ablated", measure, group] = AblationPass.of(measure, family, plan.sets[group].values)
         for control, seed, group in product(settings.controls, range(settings.seeds), plan.groups):
             chosen = plan.controls.get((control, seed, group), plan.sets[group])
-            passes["control", measure, control, seed, group] = AblationPass.of(measure, family, chosen.values)
+            own = (np.flatnonzero(plan.labels == group)
+                   if measure == "nll" and settings.control_records == "own" and chosen.any() else None)
+            passes["control", measure, control, seed, group] = AblationPass.of(measure, family, chosen.values, own)
     return passes
 
 

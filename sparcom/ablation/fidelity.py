@@ -14,16 +14,21 @@ estimates computed there with the same scored response tokens K.
   the share of pairs with the same sign (zero is a sign of its own).
 - `record_estimates(model, records, family, max_response_tokens, extraction, cache_dir)`: the
   records' estimates (`sparcom.attribution.estimate.attribute_records`) on the model loaded here.
-- `probe_sets(estimates, settings)`: the probes as masks, each one more pass of the ablation
-  (`sparcom.ablation.passes`), run with the stage's own passes.
-- `fidelity_dataset(family, sets, labels, evaluated, estimates, base, probes, probe_nll, settings)`:
+- `probe_records(labels, per_group)`: the records the probes are measured and estimated on: the
+  first `per_group` of each group (None: all, `fidelity_per_group: null`).
+- `probe_sets(estimates, settings)`: the probes as masks, chosen on the probe records' estimates,
+  each one more pass of the ablation (`sparcom.ablation.passes`) over those records, run with the
+  stage's own passes.
+- `fidelity_dataset(family, sets, labels, evaluated, estimates, probes, probe_base, probe_nll, settings)`:
   the named variables (below) from the estimates and the probes' measured NLLs.
 
 Variables added to ablation.zarr (nats per token, as delta):
   set_estimate[ablated, evaluated]            estimate of delta[ablated, evaluated]
   probe_estimate[probe], probe_delta[probe]   each probe's mean estimate and measured mean
-                                              nll - nll_base over all evaluation records;
-  probe_nll[probe, instruction]               the NLLs measured with the probe switched off;
+                                              nll - probe_nll_base over the probe records;
+  probe_nll_base[instruction], probe_nll[probe, instruction]
+                                              the NLLs measured intact and with the probe
+                                              switched off (NaN off the probe records);
   probe_<dim>[probe]                          the probe's place (true layer index, then the
                                               family's other dims, e.g. probe_layer, probe_neuron)
   fidelity_rank_correlation, fidelity_sign_agreement: within the probes, each with `*_ci[bound]`,
@@ -54,9 +59,11 @@ PROBE_STREAM = 24
 MEANINGS = {  # each variable's `meaning` attribute in ablation.zarr
     "set_estimate": "mean over the evaluated group's records of the sum of the ablated set's attribution "
                     "estimates (nats per token): the first-order estimate of delta[ablated, evaluated]",
-    "probe_estimate": "a single component's attribution estimate, mean over all evaluation records",
-    "probe_delta": "measured nll - nll_base with that component alone switched off, mean over all evaluation records",
-    "probe_nll": "response NLL of each evaluation record with the probe switched off",
+    "probe_estimate": "a single component's attribution estimate, mean over the probe records",
+    "probe_delta": "measured probe_nll - probe_nll_base with that component alone switched off, mean over the "
+                   "probe records",
+    "probe_nll_base": "response NLL of each probe record intact, measured in the probes' batches (NaN off them)",
+    "probe_nll": "response NLL of each probe record with the probe switched off (NaN off the probe records)",
     "fidelity_rank_correlation": "Spearman's rho of probe_estimate and probe_delta over the probes",
     "fidelity_sign_agreement": "share of probes whose estimate and measured delta have the same sign",
 }
@@ -128,9 +135,22 @@ def _bootstrap_interval(x: np.ndarray, y: np.ndarray, figure: Callable[[np.ndarr
         return np.nanquantile(samples, [tail, 1 - tail])
 
 
+def probe_records(labels: np.ndarray, per_group: int | None) -> list[int] | None:
+    """Indices of the first `per_group` records of each group, in record order; None for all."""
+    if per_group is None:
+        return None
+    seen: dict[str, int] = {}
+    chosen = []
+    for index, label in enumerate(labels):
+        if seen.setdefault(str(label), 0) < per_group:
+            chosen.append(index)
+            seen[str(label)] += 1
+    return None if len(chosen) == len(labels) else chosen
+
+
 def probe_sets(estimates: xr.DataArray, settings: AblationSettings) -> list[np.ndarray]:
-    """The probes (`choose_probes` on the records' mean estimates, seeded by `settings.seed`), each
-    a boolean mask over the component dims with its one component switched off."""
+    """The probes (`choose_probes` on the given records' mean estimates, seeded by `settings.seed`),
+    each a boolean mask over the component dims with its one component switched off."""
     dims = [d for d in estimates.dims if d != INSTRUCTION]
     mean_estimate = estimates.transpose(INSTRUCTION, *dims).values.astype(np.float64).mean(axis=0)
     masks = []
@@ -142,19 +162,22 @@ def probe_sets(estimates: xr.DataArray, settings: AblationSettings) -> list[np.n
 
 
 def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], labels: np.ndarray, evaluated: Sequence[str],
-                     estimates: xr.DataArray, base: np.ndarray, probes: list[np.ndarray],
+                     estimates: xr.DataArray, probes: list[np.ndarray], probe_base: np.ndarray,
                      probe_nll: Sequence[np.ndarray], settings: AblationSettings) -> xr.Dataset:
     """The variables of the module docstring. `estimates[instruction, *component dims]` are the
-    records' estimates, `base` their intact NLLs, `sets` the groups' sets (in group order),
-    `probes` the masks of `probe_sets` and `probe_nll[probe, instruction]` the NLLs measured with
-    each switched off."""
+    records' estimates, `sets` the groups' sets (in group order), `probes` the masks of
+    `probe_sets`, `probe_base[instruction]` the intact NLLs of the probe records (NaN elsewhere:
+    which records are the probe records) and `probe_nll[probe, instruction]` the NLLs measured
+    with each switched off."""
     dims = [d for d in estimates.dims if d != INSTRUCTION]
     estimates = estimates.transpose(INSTRUCTION, *dims)
-    mean_estimate = estimates.values.astype(np.float64).mean(axis=0)
+    probe_base = np.asarray(probe_base, dtype=np.float64)
+    measured = np.isfinite(probe_base)
+    mean_estimate = estimates.values[measured].astype(np.float64).mean(axis=0)
     flat = np.array([int(np.flatnonzero(mask)[0]) for mask in probes], dtype=np.int64)
     estimate = mean_estimate.ravel()[flat]
-    nll = np.asarray(probe_nll, dtype=np.float64).reshape(len(probes), len(base))
-    delta = (nll - np.asarray(base)[None, :]).mean(axis=1)
+    nll = np.asarray(probe_nll, dtype=np.float64).reshape(len(probes), len(probe_base))
+    delta = (nll[:, measured] - probe_base[None, measured]).mean(axis=1)
     places = np.unravel_index(flat, mean_estimate.shape)
     coords = {f"{PROBE}_{dim}": (PROBE, (estimates[dim].values[place] if dim in estimates.coords else place)
                                  .astype(np.int64)) for dim, place in zip(dims, places)}
@@ -165,6 +188,7 @@ def fidelity_dataset(family: Family, sets: dict[str, xr.DataArray], labels: np.n
         "set_estimate": (set_estimates(estimates, sets, list(sets), labels, evaluated), MEANINGS["set_estimate"]),
         "probe_estimate": ((PROBE, estimate), MEANINGS["probe_estimate"]),
         "probe_delta": ((PROBE, delta), MEANINGS["probe_delta"]),
+        "probe_nll_base": ((INSTRUCTION, probe_base), MEANINGS["probe_nll_base"]),
         "probe_nll": (((PROBE, INSTRUCTION), nll), MEANINGS["probe_nll"]),
         "fidelity_rank_correlation": (rank_correlation(estimate, delta), MEANINGS["fidelity_rank_correlation"]),
         "fidelity_rank_correlation_ci": ((BOUND, interval["rank_correlation"]), "95% bootstrap interval over probes"),

@@ -1,16 +1,18 @@
 """The ablation's unit of work: one pass over the evaluation records with one set switched off
 (docs/method.md section 6), named by what decides its numbers, kept on disk once finished.
 
-- `AblationPass(measure, family, off)`: `measure` is `nll` (each record's response NLL) or
+- `AblationPass(measure, family, off, records)`: `measure` is `nll` (each record's response NLL) or
   `answers` (greedy-decoded answers of the records with a checkable answer, "" for the others);
   `off` the switched-off set of `family` (a boolean array over the family's dims), None for the
-  intact model. An empty set is the intact pass (`AblationPass.of`), so it runs once.
+  intact model; `records` the indices of the evaluation records an NLL pass measures (the others
+  are NaN), None for all. An empty set is the intact pass (`AblationPass.of`), so it runs once.
 - `PassInputs(records, checked, max_response_tokens, max_new_tokens, extraction)`: what every
   pass reads besides the model; `prepared(inputs, tokenizer)` tokenizes it once per model.
 - `pass_key(ablation_pass, inputs, fingerprint, dtype)`: the pass's name: the model fingerprint,
   the evaluation records (dataset hash), the measure, the switched-off set (family, shape and
-  bits), K (the scored response tokens, or the greedy-decoded new tokens), the dtype and the
-  batching that pads the records. Two passes with one key give the same numbers.
+  bits), the records measured where not all, K (the scored response tokens, or the
+  greedy-decoded new tokens), the dtype and the batching that pads the records. Two passes with
+  one key give the same numbers.
 - `measure_pass(loaded, ablation_pass, prepared, extraction)`: the pass on a loaded model.
 - `FinishedPasses(folder)`: finished passes as `<key>.json` in `folder` (written whole, then
   renamed, so a killed run leaves none half-written): `get(key)`, `put(key, values)`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -46,11 +49,15 @@ class AblationPass:
     measure: Measure
     family: str
     off: np.ndarray | None  # None: nothing switched off
+    records: tuple[int, ...] | None = None  # None: every evaluation record
 
     @classmethod
-    def of(cls, measure: Measure, family: str, off: np.ndarray | None) -> AblationPass:
+    def of(cls, measure: Measure, family: str, off: np.ndarray | None,
+           records: Sequence[int] | None = None) -> AblationPass:
+        if records is not None and measure != "nll":
+            raise ValueError("only NLL passes measure a part of the records: accuracy counts every record")
         off = None if off is None or not np.asarray(off).any() else np.asarray(off, dtype=bool)
-        return cls(measure, family, off)
+        return cls(measure, family, off, None if records is None else tuple(sorted(int(i) for i in records)))
 
     def set_digest(self) -> str | None:
         if self.off is None:
@@ -74,8 +81,10 @@ class PassInputs:
 
 def pass_key(ablation_pass: AblationPass, inputs: PassInputs, fingerprint: str, dtype: str) -> str:
     k = inputs.max_response_tokens if ablation_pass.measure == "nll" else inputs.max_new_tokens
+    # A pass of every record keeps the key it had before passes could measure a part of them.
+    part = () if ablation_pass.records is None else (list(ablation_pass.records),)
     return content_hash("ablation-pass", fingerprint, dataset_hash(inputs.records), ablation_pass.measure,
-                        ablation_pass.family, ablation_pass.set_digest(), k, str(dtype),
+                        ablation_pass.family, ablation_pass.set_digest(), *part, k, str(dtype),
                         inputs.checked if ablation_pass.measure == "answers" else None,
                         inputs.extraction.batch_tokens, inputs.extraction.max_batch_size,
                         inputs.extraction.max_padding)
@@ -96,7 +105,8 @@ def prepared(inputs: PassInputs, tokenizer) -> Prepared:
 
 
 def measure_pass(loaded: LoadedModel, ablation_pass: AblationPass, ready: Prepared, inputs: PassInputs) -> np.ndarray:
-    """Response NLLs (float64) or answers (object) per record, the set switched off during the pass."""
+    """Response NLLs (float64; NaN for the records the pass does not measure) or answers (object)
+    per record, the set switched off during the pass."""
     from contextlib import nullcontext
 
     from sparcom.ablation.accuracy import greedy_generate
@@ -106,7 +116,13 @@ def measure_pass(loaded: LoadedModel, ablation_pass: AblationPass, ready: Prepar
     off = nullcontext() if ablation_pass.off is None else Ablation(loaded.model, {ablation_pass.family: ablation_pass.off})
     with off:
         if ablation_pass.measure == "nll":
-            return response_nll(loaded.model, ready.responses, loaded.tokenizer, inputs.extraction, loaded.device)
+            if ablation_pass.records is None:
+                return response_nll(loaded.model, ready.responses, loaded.tokenizer, inputs.extraction, loaded.device)
+            rows = list(ablation_pass.records)
+            nll = np.full(len(inputs.records), np.nan)
+            nll[rows] = response_nll(loaded.model, [ready.responses[i] for i in rows], loaded.tokenizer,
+                                     inputs.extraction, loaded.device)
+            return nll
         texts = np.full(len(inputs.records), "", dtype=object)
         texts[inputs.checked] = greedy_generate(loaded.model, ready.prompts, loaded.tokenizer, inputs.extraction,
                                                 loaded.device, inputs.max_new_tokens)
@@ -129,7 +145,7 @@ class FinishedPasses:
     def put(self, key: str, values: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         kind = "answers" if values.dtype == object else "nll"
-        # json writes floats by repr, which reads back to the same float64
+        # json writes floats by repr (NaN as NaN), which reads back to the same float64
         text = json.dumps({"kind": kind, "values": [float(v) if kind == "nll" else str(v) for v in values]})
         partial = self.folder / f".{key}.{os.getpid()}.partial"
         partial.write_text(text)

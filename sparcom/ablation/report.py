@@ -294,6 +294,8 @@ def fidelity_summary(ablation: xr.Dataset) -> dict:
     return {
         "family": ablation.probe_estimate.attrs.get("family", ablation.attrs.get("family")),
         "per_group": per_group,
+        "probe_records": int(np.isfinite(ablation.probe_nll_base.values).sum()) if "probe_nll_base" in ablation
+        else ablation.sizes["instruction"],
         "rank_correlation": _with_interval(ablation.fidelity_rank_correlation, ablation.fidelity_rank_correlation_ci),
         "sign_agreement": _with_interval(ablation.fidelity_sign_agreement, ablation.fidelity_sign_agreement_ci),
         "probes": [{"place": {name.removeprefix("probe_"): int(ablation[name][k]) for name in places},
@@ -333,7 +335,8 @@ def fidelity_markdown(fidelity: dict) -> str:
               [[g, e["size"], _nats(e["own_estimate"]), _nats(e["own_delta"]), _nats(e["other_estimate"]),
                 _nats(e["other_delta"])] for g, e in fidelity["per_group"].items()]), "",
         f"{len(fidelity['probes'])} single {family} switched off one at a time (drawn with the seed from the "
-        f"strongest mean estimates, both signs): Spearman's rho = {_fmt(rho, 2)}, sign agreement = "
+        f"strongest mean estimates, both signs), each estimated and measured on the same "
+        f"{fidelity.get('probe_records', 'evaluation')} records: Spearman's rho = {_fmt(rho, 2)}, sign agreement = "
         f"{_fmt(fidelity['sign_agreement'], 2)} (95% bootstrap intervals over the probes): {verdict}.", "",
         table(["component", "estimate", "measured delta"],
               [[", ".join(f"{k} {v}" for k, v in p["place"].items()), _nats(p["estimate"]), _nats(p["delta"])]

@@ -17,7 +17,8 @@
   delta[ablated, evaluated] = mean over the evaluated group's records of nll - nll_base;
   records[evaluated]; delta_other[ablated] = mean over the records of the other groups that have
   components (h != g; evaluated categories without components are left out, reported apart);
-  delta_control[control, ablated, evaluated] (mean over seeds); the differences that decide
+  delta_control[control, ablated, evaluated] (mean over seeds; NaN where a control was not
+  measured on the evaluated group's records: only the own group's are compared); the differences that decide
   (docs/method.md section 6b): control_difference[control, g] = delta[g, g] - delta_control[control,
   g, g] with control_p_value and control_min_p (sign flips of g's per-record differences nll -
   mean over seeds of nll_control), specific_difference[g] = delta[g, g] - delta_other[g] with
@@ -202,11 +203,13 @@ def ablation_figures(
     records = xr.DataArray([int(np.sum(labels == e)) for e in evaluated], dims=EVALUATED,
                            coords={EVALUATED: evaluated})
     change = (nll - nll_base).assign_coords({ABLATED: groups})
-    change_control = (nll_control - nll_base).mean(SEED).assign_coords({ABLATED: groups})
+    change_control = (nll_control - nll_base).mean(SEED, skipna=False).assign_coords({ABLATED: groups})
     delta = xr.dot(change, mean, dim=INSTRUCTION)
-    delta_control = xr.dot(change_control, mean, dim=INSTRUCTION)
+    # A control measured on its group's own records only (`control_records: own`): NaN elsewhere.
+    unmeasured = xr.dot(change_control.isnull().astype(np.float64), mean, dim=INSTRUCTION) > 0
+    delta_control = xr.dot(change_control.fillna(0.0), mean, dim=INSTRUCTION).where(~unmeasured)
     boot_delta = xr.dot(change, boot, dim=INSTRUCTION)
-    boot_control = xr.dot(change_control, boot, dim=INSTRUCTION)
+    boot_control = xr.dot(change_control.fillna(0.0), boot, dim=INSTRUCTION).where(~unmeasured)
     other, boot_other = _others(delta, records, groups), _others(boot_delta, records, groups)
     result = xr.Dataset({
         "records": records,
