@@ -1,7 +1,8 @@
 """Shared fixtures: the default model's tokenizer, tiny random models built on it (`tiny_llama_dir`,
 `tiny_models` for every supported family), sample records, a tiny LLaMA's store and components
-(`identified`), the one Prefect test server (`prefect_harness`), and Dask pinned to two local
-workers at most; and the session's setup (Prefect server settings, torch threads).
+(`identified`), the one Prefect test server (`prefect_harness`), `no_model_loading` (a command
+must refuse bad input or output before any model loads), and Dask pinned to two local workers
+at most; and the session's setup (Prefect server settings, torch threads).
 
 Fixtures and session setup only: the helpers tests share are in tests/builders.py (inputs) and
 tests/references.py (independent computations), imported by module name (`from builders import
@@ -48,6 +49,19 @@ def few_dask_workers():
         cores = sparcom.core.cluster.usable_cores()
         patch.setattr(sparcom.core.cluster, "usable_cores", lambda: min(TEST_DASK_WORKERS, cores))
         yield
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: the command was to refuse before it."""
+    import sparcom.core.models
+    import sparcom.extraction.model_stage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load before the command's inputs and output are checked")
+
+    for module in (sparcom.core.models, sparcom.extraction.model_stage):  # `extract` and `attribute` load there
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 @pytest.fixture(scope="session")

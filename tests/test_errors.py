@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import sparcom.core.models
 import sparcom.extraction.model_stage
 from cli.app import app
 from sparcom.config import SettingsError, load_settings
@@ -18,15 +17,6 @@ from sparcom.curation.records import RecordError
 from builders import make_record
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model must not load before the inputs are checked")
-
-    for module in (sparcom.core.models, sparcom.extraction.model_stage):  # `extract` and `attribute` load there
-        monkeypatch.setattr(module, "load_model", refuse)
 
 
 @pytest.fixture

@@ -98,18 +98,7 @@ def test_curate_refuses_a_users_out_folder_before_any_work(users_folder, tmp_pat
 
 
 def test_identify_refuses_a_users_out_folder(users_folder, tmp_path):
-    from sparcom.extraction.store import create_store, finalize_store, write_shard
-
-    import numpy as np
-
-    records = [make_record(i, "QA", f"Question {i}") for i in range(4)]
-    store = tmp_path / "s.zarr"
-    create_store(store, records, {"act_count": (("layer", "neuron"), (2, 3))}, {"layer": [0, 1]}, 2, 8,
-                 {"extraction_key": "k"})
-    for shard in (0, 1):
-        write_shard(store, shard, {"token_count": np.full(2, 4, np.uint32),
-                                   "act_count": np.ones((2, 2, 3), np.uint32)})
-    finalize_store(store)
+    store = small_store(tmp_path / "s.zarr")
     before = folder_digest(users_folder)
     result = CliRunner().invoke(app, ["identify", "--store", str(store), "--out", str(users_folder),
                                       "--dask-workers", "1"])
@@ -131,18 +120,6 @@ def small_store(path: Path) -> Path:
                                   "act_count": np.ones((2, 2, 3), np.uint32)})
     finalize_store(path)
     return path
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    import sparcom.core.models
-    import sparcom.extraction.model_stage
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model must not load before the output is checked")
-
-    for module in (sparcom.core.models, sparcom.extraction.model_stage):  # `extract` and `attribute` load there
-        monkeypatch.setattr(module, "load_model", refuse)
 
 
 WRITING_COMMANDS = {  # command -> its arguments with OUT where the output goes

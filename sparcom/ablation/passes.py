@@ -116,9 +116,7 @@ def measure_pass(loaded: LoadedModel, ablation_pass: AblationPass, ready: Prepar
     off = nullcontext() if ablation_pass.off is None else Ablation(loaded.model, {ablation_pass.family: ablation_pass.off})
     with off:
         if ablation_pass.measure == "nll":
-            if ablation_pass.records is None:
-                return response_nll(loaded.model, ready.responses, loaded.tokenizer, inputs.extraction, loaded.device)
-            rows = list(ablation_pass.records)
+            rows = list(range(len(inputs.records)) if ablation_pass.records is None else ablation_pass.records)
             nll = np.full(len(inputs.records), np.nan)
             nll[rows] = response_nll(loaded.model, [ready.responses[i] for i in rows], loaded.tokenizer,
                                      inputs.extraction, loaded.device)
