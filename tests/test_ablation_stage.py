@@ -15,6 +15,7 @@ import xarray as xr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparcom.ablation.ablate import AblationInputError, find_store, run_ablation
+from sparcom.ablation.report import ablation_markdown, summarize_ablation
 from sparcom.ablation.settings import AblationSettings
 from sparcom.extraction.settings import ExtractionSettings
 from sparcom.identification.settings import IdentificationSettings
@@ -95,6 +96,10 @@ def test_stage_writes_the_spec_figures(tmp_path, identified, tiny_llama_dir, cac
         np.testing.assert_allclose(every.nll_control.sel(ablated=group).values[..., own],
                                    result.nll_control.sel(ablated=group).values[..., own], atol=1e-4)
     np.testing.assert_allclose(every.control_difference.values, result.control_difference.values, atol=1e-4)
+    # the report says where the controls were measured
+    said = "2 seeds, each measured on its own group's records"
+    assert said in ablation_markdown(summarize_ablation(result), plot=None)
+    assert "2 seeds. Decided" in ablation_markdown(summarize_ablation(every), plot=None)
 
 
 def test_overlap_is_refused_unless_asked(tmp_path, identified, cache_dir, sample_records):

@@ -202,13 +202,17 @@ def ablation_markdown(summary: dict, heading: str = SECTION, plot: str | None = 
     apart = (f" Evaluated categories without components, reported apart and never among the others: "
              f"{', '.join(summary['apart'])}." if summary.get("apart") else "")
     cap = summary.get("max_response_tokens") or 0
+    seeds = summary.get("seeds")
+    measured_on = (", each measured on its own group's records (all the causal test compares)"
+                   if summary.get("control_records") == "own" else "")
     lines = [
         heading, "",
         f"Each group's {family.replace('_', ' ')} (rule `{summary.get('rule')}`) switched off in turn; "
         f"measured: the mean response NLL of held-out records ({summary.get('eval_source')}"
         f"{f', first {cap} response tokens' if cap else ''}), teacher-forced after the prompt. "
         f"Delta = ablated - intact, in nats per token, with 95% bootstrap intervals over records; "
-        f"controls of the same size per layer, {summary.get('seeds')} seeds. Decided on differences: "
+        f"controls of the same size per layer, {seeds} {'seed' if seeds == 1 else 'seeds'}{measured_on}. "
+        f"Decided on differences: "
         f"own - control (one-sided sign-flip test of the per-record differences) and own - others "
         f"(one-sided two-sample permutation test, the group's records against the other groups'), "
         f"p Holm-adjusted across the groups, level {ALPHA}; a yes needs the adjusted p below it and the "
